@@ -1,0 +1,79 @@
+"""Looking into registered tasks and mixtures: their splits, sizes, metrics, raw text and examples.
+
+Used by `mtp tasks` and `mtp vocab`; it knows seqio, not torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import seqio
+
+
+def import_modules(modules: Sequence[str]) -> None:
+    """Import the built-in catalogue and each user module that registers tasks (`--module my_tasks`)."""
+    importlib.import_module("tasks")
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            raise ModuleNotFoundError(
+                f"--module {module}: cannot import it ({e}); is its directory on PYTHONPATH or the current one?"
+            ) from e
+
+
+def tasks_of(name: str) -> list[seqio.Task]:
+    """The tasks of a task or mixture name, with a clear error for an unknown name."""
+    try:
+        provider = seqio.get_mixture_or_task(name)
+    except ValueError as e:
+        known = sorted(seqio.TaskRegistry.names()) + sorted(seqio.MixtureRegistry.names())
+        raise ValueError(f"no task or mixture named {name!r}; registered: {', '.join(known)}") from e
+    return list(provider.tasks) if isinstance(provider, seqio.Mixture) else [provider]
+
+
+@dataclass(frozen=True)
+class TaskSummary:
+    name: str
+    splits: dict[str, int | None]
+    metrics: list[str]
+    missing_files: list[str]  # splits whose data files are not under the data directory
+
+
+def summarize(task: seqio.Task) -> TaskSummary:
+    """Splits with example counts (declared, or counted where not declared) and metric names."""
+    metric_names = [getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", repr(fn))
+                    for fn in task.metric_fns]
+    missing = []
+    for split in task.splits:
+        try:
+            task.source.files(split) if hasattr(task.source, "files") else None
+        except FileNotFoundError:
+            missing.append(split)
+    return TaskSummary(task.name, {s: task.num_input_examples(s) for s in task.splits}, metric_names, missing)
+
+
+def _is_tokenizer(fn) -> bool:
+    fn = getattr(fn, "func", fn)
+    return fn in (seqio.preprocessors.tokenize, seqio.preprocessors.tokenize_and_append_eos)
+
+
+def raw_texts(task: seqio.Task, split: str, max_examples: int | None = None) -> Iterator[str]:
+    """The text a task feeds its tokenizer (its `inputs` and `targets` strings), before tokenization.
+
+    Runs the task's preprocessors up to the tokenizer, so that a vocabulary is trained on what the model will read
+    (with prefixes such as `sst2 sentence:` and label words), not just on the raw files.
+    """
+    steps = list(task.preprocessors)
+    cut = next((i for i, p in enumerate(steps) if _is_tokenizer(p)), len(steps))
+    ds = task.source.get_dataset(split=split, shuffle=False)
+    for step in steps[:cut]:
+        ds = seqio.utils.add_kwargs_to_transform(step, sequence_length=None, output_features=task.output_features)(ds)
+    if max_examples is not None:
+        ds = ds.take(max_examples)
+    for ex in ds.as_numpy_iterator():
+        for key in ("inputs", "targets"):
+            if key in ex and key in task.output_features:
+                yield ex[key].decode("utf-8")
