@@ -25,7 +25,9 @@ def import_modules(modules: Sequence[str]) -> None:
 
 
 def tasks_of(name: str) -> list[seqio.Task]:
-    """The tasks of a task or mixture name, with a clear error for an unknown name."""
+    """The tasks of a task or mixture name (or of several, comma-separated), with a clear error for an unknown name."""
+    if "," in name:
+        return [task for part in name.split(",") if part.strip() for task in tasks_of(part.strip())]
     try:
         provider = seqio.get_mixture_or_task(name)
     except ValueError as e:

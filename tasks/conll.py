@@ -61,6 +61,8 @@ def parse_entities(text: str, tokens: Sequence[str]) -> tuple[list[Span], int]:
     invalid = 0
     cursor = 0
     for item in text.split(ENTITY_SEP.strip()):
+        if not item.strip():
+            continue  # "a ; ; b" or a trailing separator: nothing was claimed
         kind, sep, words = item.strip().partition(":")
         words_list = words.split()
         if not sep or kind.strip() not in NER_TYPES or not words_list:

@@ -1,0 +1,40 @@
+"""Shared fixtures: the real data in ../shared/data and one small vocabulary trained on it for the session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("MTP_DATA_DIR", REPO.parent / "shared" / "data")).resolve()
+os.environ["MTP_DATA_DIR"] = str(DATA_DIR)
+
+from mtplatform.tf_setup import configure_tensorflow  # noqa: E402
+
+configure_tensorflow()
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not (DATA_DIR / "glue").is_dir():
+        pytest.fail(f"the real data is not at {DATA_DIR}: set MTP_DATA_DIR to the shared data directory")
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def vocab_file(tmp_path_factory, data_dir) -> Path:
+    """A 4,000-id vocabulary trained on a sample of every kind of task text, used by the tasks through MTP_VOCAB."""
+    import tasks  # noqa: F401
+    from mtplatform import catalog
+    from mtplatform.vocab import train_vocabulary
+
+    def texts():
+        for name in ("glue_sst2", "glue_rte", "conll2003_ner", "squad_v1_devsplit", "span_corruption"):
+            (task,) = catalog.tasks_of(name)
+            yield from catalog.raw_texts(task, "train", max_examples=1500)
+
+    path = train_vocabulary(texts(), vocab_size=4000, output=tmp_path_factory.mktemp("vocab") / "test.model")
+    os.environ["MTP_VOCAB"] = str(path)
+    return path

@@ -1,0 +1,376 @@
+"""The task catalogue on the real data: sizes, formats equal to the t5 package's, and bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import seqio
+import tensorflow as tf
+from t5.data import preprocessors as t5p
+
+import tasks  # noqa: F401
+from mtplatform import catalog
+from tasks import glue
+from tasks.sources import DataFormatError, FileSource
+
+OFFICIAL_SIZES = {
+    "glue_sst2": {"train": 67349, "validation": 872},
+    "glue_cola": {"train": 8551, "validation": 1043},
+    "glue_mrpc": {"train": 3668, "validation": 408},
+    "glue_rte": {"train": 2490, "validation": 277},
+    "glue_stsb": {"train": 5749, "validation": 1500},
+    "glue_qnli": {"validation": 5463},
+    "glue_wnli": {"train": 635, "validation": 71},
+    "squad_v1": {"validation": 10570},
+    "conll2003_ner": {"train": 14041, "validation": 3250},
+}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_SIZES))
+def test_official_sizes(name, data_dir):
+    task = seqio.get_mixture_or_task(name)
+    for split, size in OFFICIAL_SIZES[name].items():
+        assert len(task.source.read_rows(split)) == size
+        assert task.num_input_examples(split) == size
+
+
+def test_every_task_declares_sizes():
+    for name in seqio.TaskRegistry.names():
+        task = seqio.get_mixture_or_task(name)
+        for split in task.splits:
+            assert task.num_input_examples(split) > 0, (name, split)
+
+
+def test_squad_devsplit_is_by_article(data_dir):
+    source = seqio.get_mixture_or_task("squad_v1_devsplit").source
+    train, validation = source.read_rows("train"), source.read_rows("validation")
+    assert len(train) + len(validation) == 10570
+    assert (len(train), len(validation)) == (9189, 1381)
+    assert not {r["title"] for r in train} & {r["title"] for r in validation}
+
+
+def _pretokenized(name: str, split: str, n: int | None = None) -> list[dict]:
+    task = seqio.get_mixture_or_task(name)
+    ds = task.get_dataset(None, split=split, shuffle=False, use_cached=False)
+    if n:
+        ds = ds.take(n)
+    return list(ds.as_numpy_iterator())
+
+
+def _t5_format(name: str, split: str) -> list[tuple[str, str]]:
+    """The t5 package's GLUE preprocessor applied to the same rows (in TFDS layout)."""
+    task = seqio.get_mixture_or_task(name)
+    config = glue._CONFIGS[glue.SPECS[name.removeprefix("glue_")].config]
+    prep = glue.glue_utils.get_glue_text_preprocessor(config)
+    ds = prep(task.source.get_dataset(split=split, shuffle=False))
+    return [(x["inputs"].decode(), x["targets"].decode()) for x in ds.as_numpy_iterator()]
+
+
+@pytest.mark.parametrize(
+    "name", ["glue_cola", "glue_sst2", "glue_mrpc", "glue_stsb", "glue_qnli", "glue_rte", "glue_wnli"])
+def test_glue_format_equals_t5(name, data_dir, vocab_file):
+    ours = [(x["inputs_pretokenized"].decode(), x["targets_pretokenized"].decode())
+            for x in _pretokenized(name, "validation")]
+    assert ours == _t5_format(name, "validation")
+
+
+def test_glue_format_by_hand(data_dir, vocab_file):
+    # Independent of t5: benchmark prefix, feature keys sorted by name, label names, STS-B rounded to 0.2.
+    rte = _pretokenized("glue_rte", "validation", 1)[0]
+    assert rte["inputs_pretokenized"].decode() == (
+        "rte sentence1: Dana Reeve, the widow of the actor Christopher Reeve, has died of lung cancer at age 44, "
+        "according to the Christopher Reeve Foundation. sentence2: Christopher Reeve had an accident."
+    )
+    assert rte["targets_pretokenized"] == b"not_entailment"
+    qnli = _pretokenized("glue_qnli", "validation", 1)[0]
+    assert qnli["inputs_pretokenized"].decode().startswith(
+        "qnli question: What came into force after the new constitution was herald? sentence: As of that day")
+    assert qnli["targets_pretokenized"] == b"entailment"
+    mrpc = _pretokenized("glue_mrpc", "train", 1)[0]
+    assert mrpc["inputs_pretokenized"].decode().startswith("mrpc sentence1: Amrozi accused his brother")
+    assert mrpc["targets_pretokenized"] == b"equivalent"
+    scores = [float(line.split("\t")[-1]) for line in
+              (data_dir / "glue/STS-B/dev.tsv").read_text().splitlines()[1:]]
+    stsb = _pretokenized("glue_stsb", "validation")
+    assert [x["targets_pretokenized"].decode() for x in stsb] == [f"{round(s * 5) / 5:.1f}" for s in scores]
+    cola = _pretokenized("glue_cola", "train", 2)
+    assert [x["targets_pretokenized"] for x in cola] == [b"acceptable", b"acceptable"]
+    assert cola[0]["inputs_pretokenized"].decode() == (
+        "cola sentence: Our friends won't buy this analysis, let alone the next one we propose.")
+
+
+def test_qnli_stray_quotes_are_text(data_dir):
+    rows = seqio.get_mixture_or_task("glue_qnli").source.read_rows("validation")
+    quoted = [r for r in rows if r["sentence"].startswith('"') or r["question"].startswith('"')]
+    assert len(quoted) >= 5
+    assert len(rows) == 5463
+
+
+MNLI_HEADER = ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t"
+               "sentence2_parse\tsentence1\tsentence2\tlabel1\tlabel2\tlabel3\tlabel4\tlabel5\tgold_label")
+
+
+def _write_glue(root, directory, name, lines):
+    path = root / "glue" / directory / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_mnli_and_qqp_readers_on_official_layout(tmp_path, monkeypatch, vocab_file):
+    monkeypatch.setenv("MTP_DATA_DIR", str(tmp_path))
+    _write_glue(tmp_path, "MNLI", "dev_matched.tsv", [
+        MNLI_HEADER,
+        '0\t31193\t31193n\tgovernment\t( ( x ) )\t( ( y ) )\t(ROOT x)\t(ROOT y)\tConceptually "cream" skimming '
+        'has two basic dimensions.\tProduct and geography are what make cream skimming work.\tneutral\tcontradiction'
+        '\tneutral\tneutral\tneutral\tneutral',
+        "1\t101457\t101457e\ttelephone\t( a )\t( b )\t(ROOT a)\t(ROOT b)\tyou know during the season\tYou lose the "
+        "things.\tentailment\tentailment\tentailment\tentailment\tentailment\tentailment",
+    ])
+    _write_glue(tmp_path, "QQP", "dev.tsv", [
+        "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate",
+        "201359\t303345\t303346\tWhy are African-Americans so beautiful?\tWhy are hispanics so beautiful?\t0",
+        "263843\t69383\t380476\tI want to pursue PhD in Computer Science?\tI handle social media?\t1",
+    ])
+    mnli = _pretokenized("glue_mnli", "validation")
+    assert [x["inputs_pretokenized"].decode() for x in mnli] == [
+        'mnli hypothesis: Product and geography are what make cream skimming work. premise: Conceptually "cream" '
+        "skimming has two basic dimensions.",
+        "mnli hypothesis: You lose the things. premise: you know during the season",
+    ]
+    assert [x["targets_pretokenized"] for x in mnli] == [b"neutral", b"entailment"]
+    assert [x["inputs_pretokenized"] for x in mnli] == [x[0].encode() for x in _t5_format("glue_mnli", "validation")]
+    qqp = _pretokenized("glue_qqp", "validation")
+    assert qqp[0]["inputs_pretokenized"].decode() == (
+        "qqp question1: Why are African-Americans so beautiful? question2: Why are hispanics so beautiful?")
+    assert [x["targets_pretokenized"] for x in qqp] == [b"not_duplicate", b"duplicate"]
+
+
+def test_missing_file_names_task_and_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("MTP_DATA_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"glue_rte.*'train'.*glue/RTE/train\.tsv"):
+        seqio.get_mixture_or_task("glue_rte").source.read_rows("train")
+
+
+def test_malformed_rows_name_file_and_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("MTP_DATA_DIR", str(tmp_path))
+    path = _write_glue(tmp_path, "RTE", "dev.tsv", [
+        "index\tsentence1\tsentence2\tlabel", "0\ta\tb\tentailment", "1\ta\tb", "2\ta\tb\tentailment"])
+    with pytest.raises(DataFormatError, match=rf"{path}:3: expected 4 tab-separated fields"):
+        seqio.get_mixture_or_task("glue_rte").source.read_rows("validation")
+    _write_glue(tmp_path, "RTE", "dev.tsv", ["index\tsentence1\tsentence2\tlabel", "0\ta\tb\tmaybe"])
+    with pytest.raises(DataFormatError, match=rf"{path}:2: label 'maybe'"):
+        seqio.get_mixture_or_task("glue_rte").source.read_rows("validation")
+    conll = tmp_path / "conll2003" / "eng.testa"
+    conll.parent.mkdir()
+    conll.write_text("-DOCSTART- -X- O O\n\nEU NNP I-NP I-ORG\nrejects VBZ\n")
+    with pytest.raises(DataFormatError, match=rf"{conll}:4: expected 4 space-separated fields"):
+        seqio.get_mixture_or_task("conll2003_ner").source.read_rows("validation")
+
+
+def test_unknown_split_and_task_are_named():
+    with pytest.raises(ValueError, match="glue_rte has no split 'dev'"):
+        seqio.get_mixture_or_task("glue_rte").source.files("dev")
+    with pytest.raises(ValueError, match="no task or mixture named 'glue_nope'"):
+        catalog.tasks_of("glue_nope")
+
+
+def test_text_corpus_quirks_are_read(data_dir):
+    source = seqio.get_mixture_or_task("span_corruption").source
+    files = source.files("train")
+    names = {f.name for f in files}
+    assert {"shakespeare-caesar.txt", "melville-moby_dick.txt", "valid.txt"} <= names
+    lines = [r["text"] for r in source.read_rows("train")]
+    assert not [line for line in lines if "\r" in line]
+    assert source.num_input_examples("train") == len(lines)
+    assert source.num_input_examples("validation") == len(source.read_rows("validation"))
+
+
+def test_every_task_tokenizes(data_dir, vocab_file):
+    lengths = {"inputs": 128, "targets": 128}
+    for name in sorted(seqio.TaskRegistry.names()):
+        task = seqio.get_mixture_or_task(name)
+        try:
+            task.source.files("train")
+        except FileNotFoundError:
+            continue  # MNLI, QQP, QNLI train and SQuAD train are not in the shared data
+        ex = next(task.get_dataset(lengths, split="train", shuffle=False, use_cached=False, seed=1)
+                  .as_numpy_iterator())
+        assert ex["targets"][-1] == 1 and 0 < len(ex["targets"]) <= 128, name  # ends with EOS
+        assert "inputs" in ex and len(ex["inputs"]) > 0, name
+
+
+# --- unsupervised objectives ---------------------------------------------------------------------------------
+
+
+def _vocab():
+    return seqio.get_mixture_or_task("span_corruption").output_features["targets"].vocabulary
+
+
+def test_span_corruption_density_and_sentinels(data_dir, vocab_file):
+    vocab = _vocab()
+    first_sentinel = vocab.vocab_size - 1  # <extra_id_0>
+    task = seqio.get_mixture_or_task("span_corruption")
+    ds = task.get_dataset({"inputs": 512, "targets": 114}, split="train", shuffle=False, use_cached=False, seed=3)
+    noise = total = n_spans = 0
+    for ex in ds.take(50).as_numpy_iterator():
+        inputs, targets = ex["inputs"][:-1].tolist(), ex["targets"][:-1].tolist()  # drop EOS
+        in_sent = [t for t in inputs if t > first_sentinel - 100]
+        tgt_sent = [t for t in targets if t > first_sentinel - 100]
+        n = len(in_sent)
+        assert n > 0 and in_sent == tgt_sent == list(range(first_sentinel, first_sentinel - n, -1))
+        assert targets[0] == first_sentinel
+        # Rebuild the original text: each input sentinel stands for the target span after the same sentinel.
+        spans, cur = {}, None
+        for t in targets:
+            if t in tgt_sent:
+                cur = t
+                spans[cur] = []
+            else:
+                spans[cur].append(t)
+        rebuilt = [tok for t in inputs for tok in (spans[t] if t in spans else [t])]
+        assert len(rebuilt) == len(inputs) - n + sum(len(s) for s in spans.values())
+        noise += sum(len(s) for s in spans.values())
+        total += len(rebuilt)
+        n_spans += n
+    assert noise / total == pytest.approx(0.15, abs=0.01)
+    assert noise / n_spans == pytest.approx(3.0, abs=0.3)  # mean noise span length
+
+
+def test_bert_mlm_80_10_10(data_dir, vocab_file):
+    mask = _vocab().vocab_size - 1
+    task = seqio.get_mixture_or_task("bert_mlm")
+    ds = task.get_dataset({"inputs": 256, "targets": 256}, split="train", shuffle=False, use_cached=False, seed=5)
+    counts = np.zeros(3)
+    n_tokens = 0
+    for ex in ds.take(200).as_numpy_iterator():
+        inputs, targets = ex["inputs"][:-1], ex["targets"][:-1]
+        assert len(inputs) == len(targets)  # the target is the original text, token for token
+        changed = inputs != targets
+        counts += [(inputs == mask).sum(), (changed & (inputs != mask)).sum(), 0]
+        n_tokens += len(inputs)
+    masked, randomised = counts[0] / n_tokens, counts[1] / n_tokens
+    assert masked == pytest.approx(0.15 * 0.8, abs=0.01)
+    assert randomised == pytest.approx(0.15 * 0.1, abs=0.006)
+
+
+def test_iid_denoising_and_prefix_lm(data_dir, vocab_file):
+    first_sentinel = _vocab().vocab_size - 1
+    lengths = {"inputs": 256, "targets": 256}
+    ex = next(seqio.get_mixture_or_task("iid_denoising").get_dataset(
+        lengths, split="train", shuffle=False, use_cached=False, seed=2).as_numpy_iterator())
+    assert ex["inputs"].tolist().count(first_sentinel) == 1 and ex["targets"][0] == first_sentinel
+    for ex in seqio.get_mixture_or_task("prefix_lm").get_dataset(
+            lengths, split="train", shuffle=False, use_cached=False, seed=2).take(5).as_numpy_iterator():
+        assert not (ex["inputs"] > first_sentinel - 100).any()  # plain prefix and continuation
+        assert len(ex["inputs"]) > 1 and len(ex["targets"]) > 1
+
+
+def test_user_text_tasks(tmp_path, vocab_file):
+    from tasks.unsupervised import register_text_tasks
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"line {i} of my own corpus with some words." for i in range(300)))
+    names = register_text_tasks("mycorpus", [str(corpus)])
+    try:
+        task = seqio.get_mixture_or_task("mycorpus_span_corruption")
+        assert task.num_input_examples("train") + task.num_input_examples("validation") == 300
+        ex = next(task.get_dataset({"inputs": 64, "targets": 32}, split="train", use_cached=False, shuffle=False)
+                  .as_numpy_iterator())
+        assert len(ex["inputs"]) > 10
+    finally:
+        for name in names:
+            seqio.TaskRegistry.remove(name)
+
+
+# --- vocabulary and CLI --------------------------------------------------------------------------------------
+
+
+def test_vocabulary_ids(vocab_file):
+    from mtplatform.vocab import vocabulary_from_file
+
+    vocab = vocabulary_from_file(vocab_file)
+    assert vocab.vocab_size == 4000
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(vocab_file))
+    assert (sp.pad_id(), sp.eos_id(), sp.unk_id(), sp.bos_id()) == (0, 1, 2, -1)
+    assert sp.get_piece_size() == 3900  # seqio appends the 100 sentinels
+    assert vocab.decode([3999]) == "<extra_id_0>" and vocab.decode([3900]) == "<extra_id_99>"
+    ids = vocab.encode("The sailors rode the breeze clear of the rocks.")
+    assert vocab.decode(ids) == "The sailors rode the breeze clear of the rocks."
+    assert _vocab().vocab_size == 4000  # the tasks use the configured file
+
+
+def test_missing_vocabulary_is_explained(tmp_path, monkeypatch):
+    from mtplatform.vocab import ConfiguredVocabulary
+
+    monkeypatch.setenv("MTP_VOCAB", str(tmp_path / "none.model"))
+    with pytest.raises(FileNotFoundError, match="mtp vocab train"):
+        ConfiguredVocabulary().encode("hello")
+
+
+def _mtp(*args, env_extra=None, cwd=None):
+    import os
+
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "mtplatform.cli", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd)
+
+
+def test_cli_tasks_list(data_dir):
+    out = _mtp("tasks", "list")
+    assert out.returncode == 0, out.stderr
+    lines = {line.split()[0]: line for line in out.stdout.splitlines() if line.strip()}
+    assert "train 67,349, validation 872" in lines["glue_sst2"]
+    assert "train 14,041, validation 3,250" in lines["conll2003_ner"]
+    assert "matthews_corrcoef" in lines["glue_cola"]
+    for name in ("glue_mnli", "glue_qqp", "squad_v1_devsplit", "span_corruption", "bert_mlm", "prefix_lm"):
+        assert name in lines
+
+
+def test_cli_vocab_train_then_show(tmp_path, data_dir):
+    model = tmp_path / "v.model"
+    out = _mtp("vocab", "train", "--mixture_or_task=glue_rte", "--vocab_size=1200", f"--output={model}")
+    assert out.returncode == 0, out.stderr
+    assert str(model) in out.stdout and model.is_file()
+    out = _mtp("tasks", "show", "--mixture_or_task=glue_rte", "--split=validation", env_extra={"MTP_VOCAB": str(model)})
+    assert out.returncode == 0, out.stderr
+    assert "inputs text:   rte sentence1: Dana Reeve" in out.stdout
+    assert "targets text:   not_entailment" in out.stdout
+
+
+def test_cli_bad_data_dir_is_explained(tmp_path):
+    out = _mtp("tasks", "show", "--mixture_or_task=glue_rte", env_extra={"MTP_DATA_DIR": str(tmp_path / "nowhere")})
+    assert out.returncode == 2
+    assert "MTP_DATA_DIR" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_readme_user_module_example(tmp_path, data_dir, vocab_file):
+    """The README's `--module` example, run as written."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = readme.split("<!-- my_tasks.py -->\n```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "my_tasks.py").write_text(code)
+    out = _mtp("tasks", "list", "--module", "my_tasks", cwd=tmp_path,
+               env_extra={"PYTHONPATH": str(tmp_path), "MTP_VOCAB": str(vocab_file)})
+    assert out.returncode == 0, out.stderr
+    assert "my_rte_yesno" in out.stdout and "train 2,490, validation 277" in out.stdout
+
+
+def test_file_source_counts_undeclared_splits(tmp_path, monkeypatch):
+    monkeypatch.setenv("MTP_DATA_DIR", str(tmp_path))
+    (tmp_path / "f.txt").write_text("a\nb\n")
+    source = FileSource("t", {"train": "f.txt"}, reader=lambda p, s: [{"text": x} for x in p.read_text().split()])
+    assert source.num_input_examples("train") == 2
+    assert isinstance(source.get_dataset("train"), tf.data.Dataset)
+
+
+def test_t5_glue_preprocessor_is_the_one_used():
+    # Guard against silently drifting from t5's formatting: the GLUE tasks' first step is t5's preprocessor.
+    step = seqio.get_mixture_or_task("glue_rte").preprocessors[0]
+    assert step.func is t5p.glue and step.keywords["benchmark_name"] == "rte"
