@@ -1,8 +1,15 @@
-"""The `mtp` command: tasks, vocab (and the training commands as they land).
+"""The `mtp` command.
 
     mtp tasks list [--module my_tasks]
     mtp tasks show --mixture_or_task=glue_sst2 [--split=validation] [--n=2]
     mtp vocab train --mixture_or_task=glue_sst2 --vocab_size=8000 --output=vocab/mtp.model
+    mtp train    --gin_file=gin/models/small.gin --gin_file=gin/runs/pretrain.gin --gin.MODEL_DIR="'/tmp/run'" ...
+    mtp finetune --gin_file=gin/models/small.gin --gin_file=gin/runs/finetune.gin --gin.INITIAL_CHECKPOINT_PATH=...
+    mtp eval     --gin_file=gin/runs/eval.gin --gin.CHECKPOINT_PATH="'/tmp/run'" --gin.MIXTURE_OR_TASK_NAME=...
+    mtp infer    --gin_file=gin/runs/infer.gin --gin.CHECKPOINT_PATH=... --gin.OUTPUT_FILE="'/tmp/preds.jsonl'"
+
+Gin overrides follow t5x: `--gin.NAME=VALUE` binds NAME (a macro or `configurable.param`) to a Python literal,
+after all --gin_file files. The resolved config is saved as MODEL_DIR/config.gin.
 """
 
 from __future__ import annotations
@@ -44,26 +51,96 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output", required=True, help="path of the .model file to write")
     train.add_argument("--split", default="train")
     train.add_argument("--max_examples_per_task", type=int, default=None)
+
+    for name, help_text in (("train", "pretrain or train on a task or mixture (resumes from MODEL_DIR)"),
+                            ("finetune", "fine-tune INITIAL_CHECKPOINT_PATH with a fresh optimizer"),
+                            ("eval", "evaluate a checkpoint with the tasks' metrics"),
+                            ("infer", "write predictions as JSON lines")):
+        cmd = commands.add_parser(name, help=help_text)
+        _add_module_flag(cmd)
+        cmd.add_argument("--gin_file", action="append", default=[], help="gin file; repeatable, read in order")
+        cmd.add_argument("--gin_search_path", action="append", default=[], help="extra directory for gin includes")
     return parser
 
 
+GIN_DIR = Path(__file__).resolve().parents[1] / "gin"
+
+
+def parse_gin(files: list[str], overrides: list[str], search_paths: list[str]) -> None:
+    """Read gin files, then `--gin.NAME=VALUE` overrides (t5x style)."""
+    import gin
+
+    import mtplatform.evaluate  # noqa: F401  (registers the configurables the run files bind)
+    import mtplatform.settings  # noqa: F401
+    import mtplatform.train  # noqa: F401
+
+    for path in [*search_paths, str(GIN_DIR), str(GIN_DIR.parent), "."]:
+        gin.add_config_file_search_path(path)
+    bindings = []
+    for item in overrides:
+        if not item.startswith("--gin."):
+            raise ValueError(f"unrecognised argument {item!r} (gin overrides are --gin.NAME=VALUE)")
+        name, sep, value = item[len("--gin."):].partition("=")
+        if not sep:
+            raise ValueError(f"{item!r}: a gin override needs a value, as in --gin.TRAIN_STEPS=1000")
+        bindings.append(f"{name} = {value}")
+    gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
+    _check_required_macros()
+
+
+def _check_required_macros() -> None:
+    """Name every run-file macro still bound to %gin.REQUIRED (gin itself would pass a bare sentinel on)."""
+    import gin
+
+    missing = []
+    for line in gin.config_str().splitlines():
+        name, sep, value = line.partition(" = ")
+        if sep and name.strip().isupper() and value.strip() == "%gin.REQUIRED":
+            missing.append(name.strip())
+    if missing:
+        flags = " ".join(f"--gin.{m}=..." for m in missing)
+        raise ValueError(f"required setting(s) not given: {', '.join(missing)} (pass {flags})")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if extra and args.command not in ("train", "finetune", "eval", "infer"):
+        build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
     configure_tensorflow()
     from mtplatform import catalog
 
     try:
         catalog.import_modules(args.module)
+        if args.command in ("train", "finetune", "eval", "infer"):
+            parse_gin(args.gin_file, extra, args.gin_search_path)
+            return _run(args.command)
         if args.command == "tasks" and args.tasks_command == "list":
             return _tasks_list()
         if args.command == "tasks" and args.tasks_command == "show":
             return _tasks_show(args)
         if args.command == "vocab" and args.vocab_command == "train":
             return _vocab_train(args)
-    except (FileNotFoundError, ValueError, ModuleNotFoundError) as e:
+    except (FileNotFoundError, ValueError, ModuleNotFoundError, OSError) as e:
         print(f"mtp: error: {e}", file=sys.stderr)
         return 2
     raise AssertionError(f"unhandled command {args}")
+
+
+def _run(command: str) -> int:
+    from mtplatform import evaluate, train
+
+    if command in ("train", "finetune"):
+        result = train.train(finetune=command == "finetune")
+        print(f"trained to step {result['step']}" + (f", loss {result['loss']:.4f}" if "loss" in result else "")
+              + f"; checkpoints, metrics.jsonl and TensorBoard logs in {result['model_dir']}")
+    elif command == "eval":
+        metrics, path = evaluate.evaluate_checkpoint()
+        for task, values in metrics.items():
+            print(f"{task}: " + ", ".join(f"{k} {v:.2f}" for k, v in values.items()))
+        print(f"wrote {path}")
+    else:
+        print(f"wrote {evaluate.infer()}")
+    return 0
 
 
 def _tasks_list() -> int:

@@ -1,0 +1,190 @@
+"""Evaluation: seqio's `Evaluator` with predictions decoded by our model.
+
+seqio does the bookkeeping (caching the eval examples with their indices, decoding tokens to text, the task's
+postprocessor and metric functions); we only supply `predict_fn`, which batches the converted features and calls
+`T5.generate`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import gin
+import seqio
+import tensorflow as tf
+import torch
+
+from mtplatform import precision as precision_lib
+from mtplatform.model import T5
+
+
+def make_predict_fn(model: T5, batch_size: int, max_decode_length: int, num_beams: int = 1,
+                    precision: str = "fp32", device: torch.device | str = "cpu"):
+    """seqio `predict_fn`: (index, features) dataset -> [(index, generated token ids)]."""
+
+    def predict_fn(ds: tf.data.Dataset, *unused) -> list[tuple[int, list[int]]]:
+        was_training = model.training
+        model.eval()
+        out: list[tuple[int, list[int]]] = []
+        try:
+            for indices, features in ds.batch(batch_size).as_numpy_iterator():
+                enc = torch.from_numpy(features["encoder_input_tokens"]).to(device)
+                with precision_lib.autocast(precision, device):
+                    tokens = model.generate(enc, max_length=max_decode_length, num_beams=num_beams)
+                out.extend(zip(indices.tolist(), tokens.cpu().tolist(), strict=True))
+        finally:
+            model.train(was_training)
+        return out
+
+    return predict_fn
+
+
+def evaluate(model: T5, mixture_or_task_name: str, *, split: str = "validation",
+             task_feature_lengths: Mapping[str, int] | None = None, num_examples: int | None = None,
+             batch_size: int = 32, max_decode_length: int = 64, num_beams: int = 1, precision: str = "fp32",
+             device: torch.device | str = "cpu", step: int | None = None) -> dict[str, dict[str, float]]:
+    """Metrics per task ({task: {metric: value}}) for every task of a mixture that has metrics and `split`."""
+    tasks = seqio.get_subtasks(seqio.get_mixture_or_task(mixture_or_task_name))
+    scored = [t for t in tasks if t.metric_fns and split in t.splits]
+    if not scored:
+        return {}
+    evaluator = seqio.Evaluator(
+        mixture_or_task_name=mixture_or_task_name,
+        feature_converter=seqio.EncDecFeatureConverter(pack=False),
+        eval_split=split,
+        use_cached=False,
+        sequence_length=dict(task_feature_lengths) if task_feature_lengths else None,
+        num_examples=num_examples,
+        async_compute_metrics=False,
+    )
+    predict_fn = make_predict_fn(model, batch_size, max_decode_length, num_beams, precision, device)
+    future, _ = evaluator.evaluate(compute_metrics=True, step=step, predict_fn=predict_fn)
+    results = future.result()
+    return {task: {k: _scalar(v) for k, v in metrics.items()} for task, metrics in results.items()}
+
+
+def _scalar(value) -> float:
+    return float(getattr(value, "value", value))
+
+
+def write_metrics(metrics: Mapping[str, Mapping[str, float]], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+
+
+def _model_from(checkpoint_path: str | Path, device) -> tuple[T5, int, Path]:
+    from mtplatform import checkpoints
+    from mtplatform import model as model_lib
+
+    ckpt = checkpoints.resolve(checkpoint_path)
+    step = json.loads((ckpt / "meta.json").read_text())["step"]
+    return model_lib.load(ckpt / "model.safetensors").to(device).eval(), step, ckpt
+
+
+@gin.configurable
+def evaluate_checkpoint(
+    checkpoint_path: str = gin.REQUIRED,
+    mixture_or_task_name: str = gin.REQUIRED,
+    task_feature_lengths: Mapping[str, int] | None = None,
+    split: str = "validation",
+    output_dir: str | None = None,
+    num_examples: int | None = None,
+    batch_size: int = 32,
+    max_decode_length: int = 64,
+    num_beams: int = 1,
+    precision: str = "auto",
+) -> tuple[dict, Path]:
+    """Evaluate a checkpoint; write `metrics.json` and TensorBoard scalars to `output_dir`
+    (default: `<model dir>/eval_<split>`). Returns (metrics, metrics file)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, step, ckpt = _model_from(checkpoint_path, device)
+    precision = precision_lib.resolve(precision, device)
+    metrics = evaluate(model, mixture_or_task_name, split=split, task_feature_lengths=task_feature_lengths,
+                       num_examples=num_examples, batch_size=batch_size, max_decode_length=max_decode_length,
+                       num_beams=num_beams, precision=precision, device=device, step=step)
+    out = Path(output_dir) if output_dir else ckpt.parent / f"eval_{split}"
+    write_metrics({"step": step, "checkpoint": str(ckpt), "metrics": metrics}, out / "metrics.json")
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(out / "tensorboard")) as tb:
+        for task, values in metrics.items():
+            for k, v in values.items():
+                tb.add_scalar(f"eval/{task}/{k}", v, step)
+    return metrics, out / "metrics.json"
+
+
+@gin.configurable
+def infer(
+    checkpoint_path: str = gin.REQUIRED,
+    output_file: str = gin.REQUIRED,
+    mixture_or_task_name: str | None = None,
+    input_file: str | None = None,
+    split: str = "validation",
+    task_feature_lengths: Mapping[str, int] | None = None,
+    num_examples: int | None = None,
+    batch_size: int = 32,
+    max_decode_length: int = 64,
+    num_beams: int = 1,
+    precision: str = "auto",
+) -> Path:
+    """Predictions as JSON lines {task, input, target, prediction}: for a task's (or mixture's) split, or for the
+    lines of `input_file` (then tokenized with the first task's vocabulary when a task is named, else the
+    configured one)."""
+    from tqdm import tqdm
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, _, _ = _model_from(checkpoint_path, device)
+    precision = precision_lib.resolve(precision, device)
+    rows: list[dict] = []
+    if input_file:
+        vocab = (seqio.get_mixture_or_task(mixture_or_task_name).output_features["inputs"].vocabulary
+                 if mixture_or_task_name else _configured_vocabulary())
+        lines = [line.rstrip("\n") for line in open(input_file, encoding="utf-8") if line.strip()]
+        max_in = (task_feature_lengths or {}).get("inputs", 512)
+        for start in tqdm(range(0, len(lines), batch_size), desc="infer", unit="batch"):
+            chunk = lines[start:start + batch_size]
+            ids = [vocab.encode(text)[: max_in - 1] + [1] for text in chunk]
+            enc = torch.zeros(len(ids), max(map(len, ids)), dtype=torch.long)
+            for i, row in enumerate(ids):
+                enc[i, : len(row)] = torch.tensor(row)
+            with precision_lib.autocast(precision, device):
+                out = model.generate(enc.to(device), max_length=max_decode_length, num_beams=num_beams)
+            for text, tokens in zip(chunk, out.cpu().tolist(), strict=True):
+                rows.append({"input": text, "prediction": vocab.decode(tokens)})
+    elif mixture_or_task_name:
+        for task in seqio.get_subtasks(seqio.get_mixture_or_task(mixture_or_task_name)):
+            if split not in task.splits:
+                continue
+            ds = task.get_dataset(task_feature_lengths, split=split, shuffle=False, use_cached=False)
+            if num_examples:
+                ds = ds.take(num_examples)
+            examples = list(ds.as_numpy_iterator())
+            vocab = task.output_features["targets"].vocabulary
+            for start in tqdm(range(0, len(examples), batch_size), desc=f"infer {task.name}", unit="batch"):
+                chunk = examples[start:start + batch_size]
+                enc = torch.zeros(len(chunk), max(len(e["inputs"]) for e in chunk), dtype=torch.long)
+                for i, e in enumerate(chunk):
+                    enc[i, : len(e["inputs"])] = torch.from_numpy(e["inputs"]).long()
+                with precision_lib.autocast(precision, device):
+                    out = model.generate(enc.to(device), max_length=max_decode_length, num_beams=num_beams)
+                for e, tokens in zip(chunk, out.cpu().tolist(), strict=True):
+                    rows.append({"task": task.name,
+                                 "input": e.get("inputs_pretokenized", b"").decode("utf-8"),
+                                 "target": e.get("targets_pretokenized", b"").decode("utf-8"),
+                                 "prediction": vocab.decode(tokens)})
+    else:
+        raise ValueError("infer needs MIXTURE_OR_TASK_NAME or INPUT_FILE")
+    path = Path(output_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def _configured_vocabulary() -> seqio.Vocabulary:
+    from mtplatform.vocab import ConfiguredVocabulary
+
+    return ConfiguredVocabulary()

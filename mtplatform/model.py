@@ -1,0 +1,594 @@
+"""A T5 encoder-decoder in one file: packed training, key/value-cached decoding, Hugging Face weight mapping.
+
+The model consumes the batches of seqio's `EncDecFeatureConverter` as they are: `encoder_input_tokens`,
+`decoder_input_tokens`, `decoder_target_tokens`, `decoder_loss_weights`, and, when packed, `*_segment_ids` and
+`*_positions`. With segment ids, attention never crosses examples (encoder self-attention, decoder self-attention and
+cross-attention), and relative positions come from the positions, so a packed batch computes exactly what its
+examples would unpacked.
+
+Two architectures, as in the T5 papers and Hugging Face's `T5ForConditionalGeneration`:
+- T5 1.0: ReLU feed-forward, output projection tied to the input embedding, decoder output scaled by d_model**-0.5;
+- T5 1.1: gated-GELU feed-forward, separate output projection, no scaling.
+Both use RMSNorm without bias or mean, pre-norm residual blocks, attention without 1/sqrt(d) scaling (T5 folds it
+into the initialisation), and a bucketed relative position bias computed in the first layer of each stack and
+shared by the others. Attention goes through `F.scaled_dot_product_attention` with the position bias and the
+segment/padding mask folded into one additive mask.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import gin
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@gin.configurable
+@dataclass
+class T5Config:
+    vocab_size: int = 32128
+    d_model: int = 512
+    d_kv: int = 64
+    d_ff: int = 1024
+    num_layers: int = 8
+    num_decoder_layers: int | None = None  # None: as many as the encoder
+    num_heads: int = 6
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    dropout_rate: float = 0.0
+    layer_norm_epsilon: float = 1e-6
+    feed_forward: str = "gated-gelu"  # "gated-gelu" (T5 1.1) or "relu" (T5 1.0)
+    tie_word_embeddings: bool = False  # True for T5 1.0: tied output projection, scaled decoder output
+    pad_id: int = 0
+    eos_id: int = 1
+    decoder_start_id: int = 0
+
+    def __post_init__(self):
+        if self.num_decoder_layers is None:
+            self.num_decoder_layers = self.num_layers
+        if self.feed_forward not in ("gated-gelu", "relu"):
+            raise ValueError(
+                f"T5Config.feed_forward={self.feed_forward!r}: use 'gated-gelu' (T5 1.1) or 'relu' (T5 1.0)")
+
+
+# --- building blocks --------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """T5's layer norm: scale only, no mean subtraction, no bias; computed in float32."""
+
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(self.weight.dtype)
+
+
+def relative_position_bucket(relative_position: Tensor, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> Tensor:
+    """T5's buckets of `key_position - query_position`: exact for small distances, logarithmic up to max_distance."""
+    buckets = torch.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets += (relative_position > 0).long() * num_buckets
+        relative_position = relative_position.abs()
+    else:
+        relative_position = -torch.clamp(relative_position, max=0)
+    max_exact = num_buckets // 2
+    is_small = relative_position < max_exact
+    log_ratio = torch.log(relative_position.float() / max_exact) / math.log(max_distance / max_exact)
+    large = max_exact + (log_ratio * (num_buckets - max_exact)).long()
+    large = torch.clamp(large, max=num_buckets - 1)
+    return buckets + torch.where(is_small, relative_position, large)
+
+
+class RelativePositionBias(nn.Module):
+    """Per-head bias from bucketed relative positions; one per stack, shared by its layers."""
+
+    def __init__(self, cfg: T5Config, bidirectional: bool):
+        super().__init__()
+        self.embedding = nn.Embedding(cfg.relative_attention_num_buckets, cfg.num_heads)
+        self.bidirectional = bidirectional
+        self.num_buckets = cfg.relative_attention_num_buckets
+        self.max_distance = cfg.relative_attention_max_distance
+
+    def forward(self, query_positions: Tensor, key_positions: Tensor) -> Tensor:
+        """(B|1, Lq) and (B|1, Lk) positions -> (B|1, heads, Lq, Lk) float32 bias."""
+        relative = key_positions[:, None, :] - query_positions[:, :, None]
+        buckets = relative_position_bucket(relative, self.bidirectional, self.num_buckets, self.max_distance)
+        return self.embedding(buckets).permute(0, 3, 1, 2).float()
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        inner = cfg.num_heads * cfg.d_kv
+        self.q = nn.Linear(cfg.d_model, inner, bias=False)
+        self.k = nn.Linear(cfg.d_model, inner, bias=False)
+        self.v = nn.Linear(cfg.d_model, inner, bias=False)
+        self.o = nn.Linear(inner, cfg.d_model, bias=False)
+        self.heads, self.d_kv, self.dropout = cfg.num_heads, cfg.d_kv, cfg.dropout_rate
+
+    def split(self, x: Tensor) -> Tensor:
+        return x.view(x.shape[0], x.shape[1], self.heads, self.d_kv).transpose(1, 2)
+
+    def forward(self, x: Tensor, bias: Tensor, kv: Tensor | None = None,
+                cache: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """Attend from `x` to `kv` (default `x`) or to cached (keys, values); `bias` is the additive mask."""
+        q = self.split(self.q(x))
+        if cache is not None:
+            k, v = cache
+        else:
+            src = x if kv is None else kv
+            k, v = self.split(self.k(src)), self.split(self.v(src))
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self.dropout if self.training else 0.0, scale=1.0
+        )
+        return self.o(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        self.gated = cfg.feed_forward == "gated-gelu"
+        if self.gated:
+            self.wi_0 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+            self.wi_1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        else:
+            self.wi = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.gated:
+            h = F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x)
+        else:
+            h = F.relu(self.wi(x))
+        return self.wo(self.dropout(h))
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.attn = Attention(cfg)
+        self.ff_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.ff = FeedForward(cfg)
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+
+    def forward(self, x: Tensor, bias: Tensor) -> Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), bias))
+        return x + self.dropout(self.ff(self.ff_norm(x)))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        self.self_attn_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.self_attn = Attention(cfg)
+        self.cross_attn_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.cross_attn = Attention(cfg)
+        self.ff_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.ff = FeedForward(cfg)
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+
+    def forward(self, x: Tensor, self_bias: Tensor, memory: Tensor | None, cross_bias: Tensor,
+                self_cache: tuple[Tensor, Tensor] | None = None,
+                cross_cache: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        x = x + self.dropout(self.self_attn(self.self_attn_norm(x), self_bias, cache=self_cache))
+        x = x + self.dropout(self.cross_attn(self.cross_attn_norm(x), cross_bias, kv=memory, cache=cross_cache))
+        return x + self.dropout(self.ff(self.ff_norm(x)))
+
+
+def _mask_to_bias(allowed: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Boolean (B, Lq, Lk) -> additive (B, 1, Lq, Lk): 0 where allowed, a large negative number elsewhere.
+
+    Not -inf: a fully masked row (a padding query) then gets uniform weights instead of NaNs.
+    """
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min)[:, None]
+
+
+# --- the model --------------------------------------------------------------------------------------------------
+
+
+class T5(nn.Module):
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        self.cfg = cfg
+        self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.encoder_bias = RelativePositionBias(cfg, bidirectional=True)
+        self.encoder = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.num_layers))
+        self.encoder_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.decoder_bias = RelativePositionBias(cfg, bidirectional=False)
+        self.decoder = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.num_decoder_layers))
+        self.decoder_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m: nn.Module) -> None:
+        """Mesh TensorFlow / t5x initialisation: unit-variance embeddings, fan-in scaling of the projections."""
+        c = self.cfg
+        if isinstance(m, nn.Embedding) and m is self.shared:
+            nn.init.normal_(m.weight, std=1.0)
+        elif isinstance(m, RelativePositionBias):
+            nn.init.normal_(m.embedding.weight, std=c.d_model**-0.5)
+        elif isinstance(m, Attention):
+            nn.init.normal_(m.q.weight, std=(c.d_model * c.d_kv) ** -0.5)
+            nn.init.normal_(m.k.weight, std=c.d_model**-0.5)
+            nn.init.normal_(m.v.weight, std=c.d_model**-0.5)
+            nn.init.normal_(m.o.weight, std=(c.num_heads * c.d_kv) ** -0.5)
+        elif isinstance(m, FeedForward):
+            for w in ([m.wi_0, m.wi_1] if m.gated else [m.wi]):
+                nn.init.normal_(w.weight, std=c.d_model**-0.5)
+            nn.init.normal_(m.wo.weight, std=c.d_ff**-0.5)
+        elif m is self.lm_head:  # t5x's fan-in scaling; HF's std 1.0 starts T5 1.1 at a loss of ~30
+            nn.init.normal_(m.weight, std=c.d_model**-0.5)
+
+    # -- forward --
+
+    def encode(self, tokens: Tensor, segment_ids: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
+        """Encoder states (B, L, d_model). Without segment ids, padding (id 0) is masked out."""
+        segments = segment_ids if segment_ids is not None else (tokens != self.cfg.pad_id).int()
+        if positions is None:
+            positions = torch.arange(tokens.shape[1], device=tokens.device)[None]
+        allowed = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] != 0)
+        bias = self.encoder_bias(positions, positions) + _mask_to_bias(allowed)
+        x = self.dropout(self.shared(tokens))
+        for block in self.encoder:
+            x = block(x, bias)
+        return self.dropout(self.encoder_norm(x))
+
+    def decode(self, tokens: Tensor, memory: Tensor, encoder_tokens: Tensor,
+               segment_ids: Tensor | None = None, positions: Tensor | None = None,
+               encoder_segment_ids: Tensor | None = None) -> Tensor:
+        """Logits (B, L, vocab) for decoder inputs `tokens` attending causally and to `memory`."""
+        length = tokens.shape[1]
+        if positions is None:
+            positions = torch.arange(length, device=tokens.device)[None]
+        causal = torch.ones(length, length, dtype=torch.bool, device=tokens.device).tril()[None]
+        enc_segments = (encoder_segment_ids if encoder_segment_ids is not None
+                        else (encoder_tokens != self.cfg.pad_id).int())
+        if segment_ids is not None:
+            self_allowed = causal & (segment_ids[:, :, None] == segment_ids[:, None, :])
+            cross_allowed = segment_ids[:, :, None] == enc_segments[:, None, :]
+        else:
+            self_allowed = causal
+            cross_allowed = (enc_segments[:, None, :] != 0).expand(-1, length, -1)
+        self_bias = self.decoder_bias(positions, positions) + _mask_to_bias(self_allowed)
+        cross_bias = _mask_to_bias(cross_allowed)
+        x = self.dropout(self.shared(tokens))
+        for block in self.decoder:
+            x = block(x, self_bias, memory, cross_bias)
+        return self._logits(self.dropout(self.decoder_norm(x)))
+
+    def _logits(self, x: Tensor) -> Tensor:
+        if self.lm_head is None:
+            return F.linear(x * self.cfg.d_model**-0.5, self.shared.weight)
+        return self.lm_head(x)
+
+    def forward(self, encoder_input_tokens: Tensor, decoder_input_tokens: Tensor,
+                encoder_segment_ids: Tensor | None = None, encoder_positions: Tensor | None = None,
+                decoder_segment_ids: Tensor | None = None, decoder_positions: Tensor | None = None,
+                **unused: Tensor) -> Tensor:
+        """Logits for a batch of `EncDecFeatureConverter` features (extra features such as targets are ignored)."""
+        memory = self.encode(encoder_input_tokens, encoder_segment_ids, encoder_positions)
+        return self.decode(decoder_input_tokens, memory, encoder_input_tokens, decoder_segment_ids,
+                           decoder_positions, encoder_segment_ids)
+
+    def loss(self, batch: dict[str, Tensor], z_loss: float = 0.0,
+             forward: nn.Module | None = None) -> tuple[Tensor, Tensor]:
+        """(sum of weighted token losses, sum of weights): the trainer divides, after summing over micro-batches
+        and processes, so that the loss is normalised per target token however the batch is split.
+
+        The token loss is cross-entropy plus `z_loss * logsumexp(logits)**2` (PaLM/t5x's z-loss) when z_loss > 0.
+        `forward` is a wrapper of this model to call instead (DistributedDataParallel, torch.compile).
+        """
+        logits = (forward or self)(**batch).float()
+        targets = batch["decoder_target_tokens"]
+        weights = batch.get("decoder_loss_weights")
+        if weights is None:
+            weights = (targets != self.cfg.pad_id).to(logits.dtype)
+        weights = weights.to(logits.dtype)
+        token_loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten().long(), reduction="none")
+        if z_loss:
+            token_loss = token_loss + z_loss * torch.logsumexp(logits, dim=-1).flatten().square()
+        return (token_loss * weights.flatten()).sum(), weights.sum()
+
+    # -- decoding --
+
+    @torch.no_grad()
+    def generate(self, encoder_input_tokens: Tensor, max_length: int = 64, num_beams: int = 1,
+                 length_penalty: float = 1.0) -> Tensor:
+        """Decode (B, ≤max_length) token ids, stopping at EOS (kept), padded with 0 after it.
+
+        Greedy for num_beams=1; otherwise beam search scoring finished hypotheses by
+        sum log-prob / length**length_penalty (length counts generated tokens, EOS included).
+        """
+        memory = self.encode(encoder_input_tokens)
+        if num_beams == 1:
+            return self._greedy(memory, encoder_input_tokens, max_length)
+        return self._beam_search(memory, encoder_input_tokens, max_length, num_beams, length_penalty)
+
+    def _start_cache(self, memory: Tensor, encoder_tokens: Tensor, max_length: int) -> dict:
+        """Per-layer cross-attention keys/values (computed once) and empty self-attention key/value buffers."""
+        b, dtype = memory.shape[0], memory.dtype
+        shape = (b, self.cfg.num_heads, max_length, self.cfg.d_kv)
+        cross = [(blk.cross_attn.split(blk.cross_attn.k(memory)), blk.cross_attn.split(blk.cross_attn.v(memory)))
+                 for blk in self.decoder]
+        keys = [torch.zeros(shape, dtype=cross[0][0].dtype, device=memory.device) for _ in self.decoder]
+        values = [torch.zeros_like(k) for k in keys]
+        enc_valid = encoder_tokens != self.cfg.pad_id
+        return {"cross": cross, "k": keys, "v": values, "cross_bias": _mask_to_bias(enc_valid[:, None, :], dtype)}
+
+    def _step(self, token: Tensor, t: int, cache: dict) -> Tensor:
+        """Logits (B, vocab) for decoder input `token` (B,) at position t, updating the cache."""
+        x = self.shared(token[:, None])
+        pos = torch.arange(t + 1, device=token.device)[None]
+        self_bias = self.decoder_bias(pos[:, -1:], pos)
+        for i, blk in enumerate(self.decoder):
+            h = blk.self_attn_norm(x)
+            cache["k"][i][:, :, t] = blk.self_attn.split(blk.self_attn.k(h))[:, :, 0]
+            cache["v"][i][:, :, t] = blk.self_attn.split(blk.self_attn.v(h))[:, :, 0]
+            x = x + blk.self_attn(h, self_bias, cache=(cache["k"][i][:, :, : t + 1], cache["v"][i][:, :, : t + 1]))
+            x = x + blk.cross_attn(blk.cross_attn_norm(x), cache["cross_bias"], cache=cache["cross"][i])
+            x = x + blk.ff(blk.ff_norm(x))
+        return self._logits(self.decoder_norm(x))[:, 0].float()
+
+    def _greedy(self, memory: Tensor, encoder_tokens: Tensor, max_length: int) -> Tensor:
+        b = memory.shape[0]
+        cache = self._start_cache(memory, encoder_tokens, max_length)
+        token = torch.full((b,), self.cfg.decoder_start_id, dtype=torch.long, device=memory.device)
+        done = torch.zeros(b, dtype=torch.bool, device=memory.device)
+        out = []
+        for t in range(max_length):
+            token = self._step(token, t, cache).argmax(-1)
+            token = token.masked_fill(done, self.cfg.pad_id)
+            out.append(token)
+            done |= token == self.cfg.eos_id
+            if done.all():
+                break
+        return torch.stack(out, 1)
+
+    def _beam_search(self, memory: Tensor, encoder_tokens: Tensor, max_length: int, num_beams: int,
+                     length_penalty: float) -> Tensor:
+        b, k, eos = memory.shape[0], num_beams, self.cfg.eos_id
+        memory = memory.repeat_interleave(k, 0)
+        cache = self._start_cache(memory, encoder_tokens.repeat_interleave(k, 0), max_length)
+        device = memory.device
+        seqs = torch.zeros(b * k, 0, dtype=torch.long, device=device)
+        scores = torch.full((b, k), -math.inf, device=device)
+        scores[:, 0] = 0.0  # all beams start identical: keep one alive so the first step has distinct candidates
+        token = torch.full((b * k,), self.cfg.decoder_start_id, dtype=torch.long, device=device)
+        finished: list[list[tuple[float, Tensor]]] = [[] for _ in range(b)]
+        for t in range(max_length):
+            logp = F.log_softmax(self._step(token, t, cache), -1).view(b, k, -1)
+            vocab = logp.shape[-1]
+            cand = (scores[:, :, None] + logp).view(b, -1)
+            top_scores, top_idx = cand.topk(2 * k, dim=1)
+            beam_idx, tok_idx = top_idx // vocab, top_idx % vocab
+            next_scores = torch.full((b, k), -math.inf, device=device)
+            next_beam = torch.zeros(b, k, dtype=torch.long, device=device)
+            next_tok = torch.full((b, k), self.cfg.pad_id, dtype=torch.long, device=device)
+            for i in range(b):
+                n = 0
+                for s, bi, ti in zip(top_scores[i].tolist(), beam_idx[i].tolist(), tok_idx[i].tolist(), strict=True):
+                    if s == -math.inf:
+                        break
+                    if ti == eos or t == max_length - 1:
+                        seq = torch.cat([seqs[i * k + bi], seqs.new_tensor([ti])])
+                        finished[i].append((s / (t + 1) ** length_penalty, seq))
+                    else:
+                        next_scores[i, n], next_beam[i, n], next_tok[i, n] = s, bi, ti
+                        n += 1
+                    if n == k:
+                        break
+            if all(self._beams_done(finished[i], next_scores[i], t + 1, k, length_penalty) for i in range(b)):
+                break
+            flat = (next_beam + torch.arange(b, device=device)[:, None] * k).flatten()
+            seqs = torch.cat([seqs[flat], next_tok.flatten()[:, None]], 1)
+            for i in range(len(self.decoder)):
+                cache["k"][i] = cache["k"][i][flat]
+                cache["v"][i] = cache["v"][i][flat]
+            scores, token = next_scores, next_tok.flatten()
+        best = [max(f, key=lambda x: x[0])[1] for f in finished]
+        out = torch.full((b, max(len(s) for s in best)), self.cfg.pad_id, dtype=torch.long, device=device)
+        for i, s in enumerate(best):
+            out[i, : len(s)] = s
+        return out
+
+    @staticmethod
+    def _beams_done(finished: list, running: Tensor, length: int, k: int, length_penalty: float) -> bool:
+        """Done when k hypotheses are finished and no running beam can still beat the worst of the best k.
+
+        Log-probs only fall as a sequence grows, so with length_penalty >= 0 a running beam's normalised score can
+        at best reach running / max_len**lp; we use the current length, which is exact for lp = 0 and safe for lp > 0
+        only once scores are negative, as they are.
+        """
+        if len(finished) < k:
+            return bool(torch.isinf(running).all())
+        kth = sorted((s for s, _ in finished), reverse=True)[k - 1]
+        best_running = running.max().item()
+        return best_running == -math.inf or best_running / length**length_penalty <= kth
+
+    # -- accounting --
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.shared.weight.numel() + (self.lm_head.weight.numel() if self.lm_head is not None else 0)
+        return n
+
+    def training_flops(self, inputs_length: int, targets_length: int) -> float:
+        """Approximate FLOPs of one training step (forward + backward) for one example of these lengths.
+
+        6 FLOPs per parameter per token for the matrix products (encoder weights see the input tokens, decoder
+        weights and the output projection see the target tokens) plus the attention score and mixing products
+        (6 * 2 * heads * d_kv per query-key pair), in the style of nanoGPT's MFU estimate.
+        """
+        c = self.cfg
+        inner = c.num_heads * c.d_kv
+        ff = (3 if c.feed_forward == "gated-gelu" else 2) * c.d_model * c.d_ff
+        enc_layer = 4 * c.d_model * inner + ff
+        dec_layer = 8 * c.d_model * inner + ff
+        matmul = 6 * (c.num_layers * enc_layer * inputs_length
+                      + c.num_decoder_layers * dec_layer * targets_length
+                      + c.d_model * c.vocab_size * targets_length)
+        attention = 6 * 2 * inner * (c.num_layers * inputs_length**2
+                                     + c.num_decoder_layers * (targets_length**2 + targets_length * inputs_length))
+        return float(matmul + attention)
+
+
+# --- saving, loading, Hugging Face ------------------------------------------------------------------------------
+
+
+def save(model: T5, path: str | Path) -> None:
+    """Weights as safetensors with the config in the metadata."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
+              metadata={"mtplatform_config": json.dumps(asdict(model.cfg))})
+
+
+def load(path: str | Path, map_location: str = "cpu") -> T5:
+    """A model saved by `save`."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if "mtplatform_config" not in meta:
+        raise ValueError(f"{path}: not an mtplatform model file (no mtplatform_config metadata)")
+    model = T5(T5Config(**json.loads(meta["mtplatform_config"])))
+    model.load_state_dict(load_file(str(path), device=map_location))
+    return model
+
+
+# (Hugging Face name, our name); {i} is a layer index, {p} a projection. First match wins, so the relative bias,
+# which lives in layer 0 of each HF stack, comes before the generic attention names.
+_NAMES = [
+    ("shared.weight", "shared.weight"),
+    ("lm_head.weight", "lm_head.weight"),
+    ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "encoder_bias.embedding.weight"),
+    ("decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "decoder_bias.embedding.weight"),
+    ("encoder.block.{i}.layer.0.SelfAttention.{p}.weight", "encoder.{i}.attn.{p}.weight"),
+    ("encoder.block.{i}.layer.0.layer_norm.weight", "encoder.{i}.attn_norm.weight"),
+    ("encoder.block.{i}.layer.1.DenseReluDense.{p}.weight", "encoder.{i}.ff.{p}.weight"),
+    ("encoder.block.{i}.layer.1.layer_norm.weight", "encoder.{i}.ff_norm.weight"),
+    ("encoder.final_layer_norm.weight", "encoder_norm.weight"),
+    ("decoder.block.{i}.layer.0.SelfAttention.{p}.weight", "decoder.{i}.self_attn.{p}.weight"),
+    ("decoder.block.{i}.layer.0.layer_norm.weight", "decoder.{i}.self_attn_norm.weight"),
+    ("decoder.block.{i}.layer.1.EncDecAttention.{p}.weight", "decoder.{i}.cross_attn.{p}.weight"),
+    ("decoder.block.{i}.layer.1.layer_norm.weight", "decoder.{i}.cross_attn_norm.weight"),
+    ("decoder.block.{i}.layer.2.DenseReluDense.{p}.weight", "decoder.{i}.ff.{p}.weight"),
+    ("decoder.block.{i}.layer.2.layer_norm.weight", "decoder.{i}.ff_norm.weight"),
+    ("decoder.final_layer_norm.weight", "decoder_norm.weight"),
+]
+
+
+def _rename(name: str, to_ours: bool) -> str | None:
+    for hf, ours in _NAMES:
+        src, dst = (hf, ours) if to_ours else (ours, hf)
+        pattern = re.escape(src).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>\w+)")
+        match = re.fullmatch(pattern, name)
+        if match:
+            return dst.format(**match.groupdict())
+    return None
+
+
+_HF_ALIASES = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight"}  # the shared embedding again
+
+
+def config_from_hf(hf: dict) -> T5Config:
+    """Our config from a Hugging Face T5 `config.json` dict."""
+    proj = hf.get("feed_forward_proj", "relu")
+    if proj not in ("relu", "gated-gelu"):
+        raise ValueError(f"feed_forward_proj={proj!r} is not supported (relu for T5 1.0, gated-gelu for T5 1.1)")
+    return T5Config(
+        vocab_size=hf["vocab_size"], d_model=hf["d_model"], d_kv=hf["d_kv"], d_ff=hf["d_ff"],
+        num_layers=hf["num_layers"], num_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"],
+        num_heads=hf["num_heads"], relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
+        relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
+        dropout_rate=hf.get("dropout_rate", 0.1), layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6),
+        feed_forward=proj, tie_word_embeddings=hf.get("tie_word_embeddings", True),
+        pad_id=hf.get("pad_token_id", 0), eos_id=hf.get("eos_token_id", 1),
+        decoder_start_id=hf.get("decoder_start_token_id", 0),
+    )
+
+
+def config_to_hf(cfg: T5Config) -> dict:
+    return {
+        "architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "is_encoder_decoder": True,
+        "vocab_size": cfg.vocab_size, "d_model": cfg.d_model, "d_kv": cfg.d_kv, "d_ff": cfg.d_ff,
+        "num_layers": cfg.num_layers, "num_decoder_layers": cfg.num_decoder_layers, "num_heads": cfg.num_heads,
+        "relative_attention_num_buckets": cfg.relative_attention_num_buckets,
+        "relative_attention_max_distance": cfg.relative_attention_max_distance,
+        "dropout_rate": cfg.dropout_rate, "layer_norm_epsilon": cfg.layer_norm_epsilon,
+        "feed_forward_proj": cfg.feed_forward, "tie_word_embeddings": cfg.tie_word_embeddings,
+        "pad_token_id": cfg.pad_id, "eos_token_id": cfg.eos_id, "decoder_start_token_id": cfg.decoder_start_id,
+    }
+
+
+def from_hf_state_dict(state: dict[str, Tensor], cfg: T5Config) -> T5:
+    """Our model holding the weights of a `T5ForConditionalGeneration` state dict."""
+    model = T5(cfg)
+    ours = {}
+    for name, tensor in state.items():
+        if name in _HF_ALIASES or (name == "lm_head.weight" and cfg.tie_word_embeddings):
+            continue
+        target = _rename(name, to_ours=True)
+        if target is None:
+            raise ValueError(f"Hugging Face parameter {name!r} has no counterpart in mtplatform's T5")
+        ours[target] = tensor
+    missing = set(model.state_dict()) - set(ours)
+    if missing:
+        raise ValueError(f"the Hugging Face weights lack {sorted(missing)}")
+    model.load_state_dict(ours)
+    return model
+
+
+def to_hf_state_dict(model: T5) -> dict[str, Tensor]:
+    """Our weights under `T5ForConditionalGeneration`'s names (lm_head included even when tied)."""
+    out = {_rename(name, to_ours=False): t.detach().clone().contiguous() for name, t in model.state_dict().items()}
+    if model.lm_head is None:
+        out["lm_head.weight"] = out["shared.weight"].clone()
+    return out
+
+
+def load_hf(directory: str | Path) -> T5:
+    """Our model from a local Hugging Face T5 directory (`config.json` + `model.safetensors` or
+    `pytorch_model.bin`): how a user fine-tunes a real pretrained T5 they have on disk."""
+    directory = Path(directory)
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file}: a Hugging Face T5 directory needs its config.json")
+    cfg = config_from_hf(json.loads(config_file.read_text()))
+    if (directory / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        state = load_file(str(directory / "model.safetensors"))
+    elif (directory / "pytorch_model.bin").is_file():
+        state = torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{directory}: no model.safetensors or pytorch_model.bin")
+    return from_hf_state_dict(state, cfg)
+
+
+def export_hf(model: T5, directory: str | Path) -> None:
+    """Write a directory that `T5ForConditionalGeneration.from_pretrained` loads."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config_to_hf(model.cfg), indent=2))
+    save_file(to_hf_state_dict(model), str(directory / "model.safetensors"), metadata={"format": "pt"})

@@ -1,0 +1,260 @@
+"""The model: Hugging Face parity both ways, greedy equal to `generate`, packed equal to unpacked, decoding."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import gin
+import pytest
+import seqio
+import torch
+from transformers import T5Config as HFConfig
+from transformers import T5ForConditionalGeneration
+
+from mtplatform import model as M
+
+VERSIONS = {"t5_1_0": ("relu", True), "t5_1_1": ("gated-gelu", False)}
+
+
+def _hf(version: str, vocab: int = 300, seed: int = 0) -> T5ForConditionalGeneration:
+    proj, tie = VERSIONS[version]
+    torch.manual_seed(seed)
+    cfg = HFConfig(vocab_size=vocab, d_model=64, d_kv=16, d_ff=128, num_layers=3, num_decoder_layers=2, num_heads=4,
+                   feed_forward_proj=proj, tie_word_embeddings=tie, dropout_rate=0.0, decoder_start_token_id=0)
+    return T5ForConditionalGeneration(cfg).eval()
+
+
+def _inputs(vocab: int = 300, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    enc = torch.randint(2, vocab, (3, 20), generator=g)
+    enc[1, 14:] = 0  # padding
+    dec = torch.randint(2, vocab, (3, 9), generator=g)
+    dec[:, 0] = 0
+    return enc, dec
+
+
+def _hf_logits(hf, enc, dec):
+    with torch.no_grad():
+        return hf(input_ids=enc, attention_mask=(enc != 0).long(), decoder_input_ids=dec).logits
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_hf_weights_give_hf_logits(version):
+    hf = _hf(version)
+    ours = M.from_hf_state_dict(hf.state_dict(), M.config_from_hf(hf.config.to_dict())).eval()
+    enc, dec = _inputs()
+    with torch.no_grad():
+        got = ours(enc, dec)
+    torch.testing.assert_close(got, _hf_logits(hf, enc, dec), atol=1e-4, rtol=0)
+    assert ours.num_params() == sum(p.numel() for p in hf.parameters())
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_exported_model_loads_in_transformers(version, tmp_path):
+    proj, tie = VERSIONS[version]
+    torch.manual_seed(3)
+    ours = M.T5(M.T5Config(vocab_size=300, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                           feed_forward=proj, tie_word_embeddings=tie)).eval()
+    M.export_hf(ours, tmp_path)
+    hf = T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    enc, dec = _inputs()
+    with torch.no_grad():
+        want = ours(enc, dec)
+    torch.testing.assert_close(_hf_logits(hf, enc, dec), want, atol=1e-4, rtol=0)
+    # and back: a Hugging Face directory on disk loads into ours
+    hf.save_pretrained(tmp_path / "hf")
+    again = M.load_hf(tmp_path / "hf").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(enc, dec), want, atol=1e-5, rtol=0)
+
+
+def test_hf_mapping_rejects_foreign_weights():
+    hf = _hf("t5_1_1")
+    state = dict(hf.state_dict())
+    state["encoder.block.0.layer.0.SelfAttention.q.bias"] = torch.zeros(64)
+    with pytest.raises(ValueError, match="q.bias"):
+        M.from_hf_state_dict(state, M.config_from_hf(hf.config.to_dict()))
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_greedy_equals_transformers_generate(version):
+    hf = _hf(version, seed=4)
+    ours = M.from_hf_state_dict(hf.state_dict(), M.config_from_hf(hf.config.to_dict())).eval()
+    enc, _ = _inputs(seed=5)
+    want = hf.generate(input_ids=enc, attention_mask=(enc != 0).long(), max_new_tokens=15, do_sample=False,
+                       num_beams=1)[:, 1:]  # drop the decoder start token
+    got = ours.generate(enc, max_length=15)
+    assert got.tolist() == want.tolist()
+
+
+def test_greedy_stops_at_eos_and_pads():
+    hf = _hf("t5_1_1", vocab=40, seed=6)
+    ours = M.from_hf_state_dict(hf.state_dict(), M.config_from_hf(hf.config.to_dict())).eval()
+    with torch.no_grad():  # make EOS likely after a few tokens by boosting its output row
+        ours.lm_head.weight[1] += 0.3 * ours.lm_head.weight.norm(dim=1).mean()
+    enc, _ = _inputs(vocab=40, seed=7)
+    out = ours.generate(enc, max_length=30)
+    assert out.shape[1] <= 30
+    for row in out.tolist():
+        if 1 in row:
+            assert all(t == 0 for t in row[row.index(1) + 1:])
+
+
+def _sequence_logprob(model, enc_row, seq):
+    dec = torch.tensor([[0, *seq[:-1]]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(enc_row[None], dec).float(), -1)[0]
+    return sum(logp[i, t].item() for i, t in enumerate(seq))
+
+
+def test_beam_search_finds_the_best_sequence_exhaustively():
+    # Vocabulary of 6 and 3 steps: with beams >= all prefixes, beam search is exhaustive search.
+    torch.manual_seed(8)
+    ours = M.T5(M.T5Config(vocab_size=6, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2)).eval()
+    enc = torch.tensor([[3, 4, 5, 2], [5, 5, 2, 0]])
+    out = ours.generate(enc, max_length=3, num_beams=36, length_penalty=0.0)
+    for i in range(2):
+        best_score, best = -math.inf, None
+        for seq in itertools.product(range(6), repeat=3):
+            seq = list(seq)
+            if 1 in seq:
+                seq = seq[: seq.index(1) + 1]
+            score = _sequence_logprob(ours, enc[i], seq)
+            if score > best_score + 1e-9:
+                best_score, best = score, seq
+        got = [t for t in out[i].tolist()]
+        got = got[: got.index(1) + 1] if 1 in got else got[:3]
+        assert _sequence_logprob(ours, enc[i], got) == pytest.approx(best_score, abs=1e-5)
+        assert got == best
+
+
+def test_one_beam_is_greedy():
+    hf = _hf("t5_1_0", seed=9)
+    ours = M.from_hf_state_dict(hf.state_dict(), M.config_from_hf(hf.config.to_dict())).eval()
+    enc, _ = _inputs(seed=10)
+    greedy = ours.generate(enc, max_length=10)
+    beam = ours._beam_search(ours.encode(enc), enc, 10, 1, 1.0)
+    for g, b in zip(greedy.tolist(), beam.tolist(), strict=True):
+        g = g[: g.index(1) + 1] if 1 in g else g
+        b = b[: b.index(1) + 1] if 1 in b else b
+        assert g == b
+
+
+# --- packing -----------------------------------------------------------------------------------------------------
+
+
+def _converted(examples, pack: bool, lengths):
+    ds = seqio.EncDecFeatureConverter(pack=pack)(examples, lengths)
+    rows = list(ds.as_numpy_iterator())
+    return {k: torch.tensor([r[k] for r in rows]) for k in rows[0]}
+
+
+def _rte_examples(n: int):
+    task = seqio.get_mixture_or_task("glue_rte")
+    return task.get_dataset({"inputs": 96, "targets": 8}, split="validation", shuffle=False,
+                            use_cached=False).take(n)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_packed_loss_equals_unpacked(version, vocab_file):
+    import tasks  # noqa: F401
+
+    proj, tie = VERSIONS[version]
+    torch.manual_seed(11)
+    model = M.T5(M.T5Config(vocab_size=4000, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                            feed_forward=proj, tie_word_embeddings=tie)).eval()
+    examples = _rte_examples(12)
+    lengths = {"inputs": 96, "targets": 8}
+    packed = _converted(examples, True, {"inputs": 256, "targets": 24})
+    unpacked = _converted(examples, False, lengths)
+    assert packed["encoder_segment_ids"].max() > 1 and len(packed["encoder_input_tokens"]) < 12
+    with torch.no_grad():
+        loss_p, w_p = model.loss(packed)
+        loss_u, w_u = model.loss(unpacked)
+    assert w_p.item() == w_u.item() > 0
+    assert abs(loss_p.item() / w_p.item() - loss_u.item() / w_u.item()) < 1e-5
+
+
+def test_attention_never_crosses_segments(vocab_file):
+    import tasks  # noqa: F401
+
+    torch.manual_seed(12)
+    model = M.T5(M.T5Config(vocab_size=4000, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)).eval()
+    packed = _converted(_rte_examples(6), True, {"inputs": 256, "targets": 24})
+    row = 0
+    seg_e, seg_d = packed["encoder_segment_ids"][row], packed["decoder_segment_ids"][row]
+    assert seg_e.max() >= 2
+    changed = {k: v.clone() for k, v in packed.items()}
+    # Replace every token of segment 2 in both encoder and decoder inputs.
+    changed["encoder_input_tokens"][row][seg_e == 2] = 7
+    changed["decoder_input_tokens"][row][(seg_d == 2) & (changed["decoder_input_tokens"][row] != 0)] = 7
+    with torch.no_grad():
+        a, b = model(**packed)[row], model(**changed)[row]
+    others = (seg_d != 2) & (seg_d != 0)
+    torch.testing.assert_close(a[others], b[others], atol=1e-6, rtol=0)
+    assert (a[seg_d == 2] - b[seg_d == 2]).abs().max() > 1e-3
+
+
+def test_bf16_autocast_trains_on_cpu():
+    torch.manual_seed(13)
+    model = M.T5(M.T5Config(vocab_size=500, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4))
+    enc, dec = _inputs(vocab=500)
+    batch = {"encoder_input_tokens": enc, "decoder_input_tokens": dec,
+             "decoder_target_tokens": torch.roll(dec, -1, 1), "decoder_loss_weights": torch.ones(dec.shape)}
+    with torch.no_grad():
+        fp32 = model.loss(batch)[0].item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, weight = model.loss(batch)
+    assert math.isfinite(loss.item()) and loss.item() == pytest.approx(fp32, rel=0.03)
+    (loss / weight).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_z_loss_and_loss_weights():
+    torch.manual_seed(14)
+    model = M.T5(M.T5Config(vocab_size=500, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2)).eval()
+    enc, dec = _inputs(vocab=500)
+    weights = torch.ones(dec.shape)
+    weights[:, 5:] = 0
+    batch = {"encoder_input_tokens": enc, "decoder_input_tokens": dec, "decoder_target_tokens": dec,
+             "decoder_loss_weights": weights}
+    with torch.no_grad():
+        plain, w = model.loss(batch)
+        with_z, _ = model.loss(batch, z_loss=1e-4)
+        batch["decoder_target_tokens"] = dec.clone()
+        batch["decoder_target_tokens"][:, 5:] = 3  # masked positions do not count
+        same, _ = model.loss(batch)
+    assert w.item() == 15
+    assert with_z.item() > plain.item()
+    assert same.item() == pytest.approx(plain.item())
+
+
+def test_save_load_roundtrip(tmp_path):
+    torch.manual_seed(15)
+    model = M.T5(M.T5Config(vocab_size=300, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
+                            feed_forward="relu", tie_word_embeddings=True)).eval()
+    M.save(model, tmp_path / "m.safetensors")
+    again = M.load(tmp_path / "m.safetensors").eval()
+    enc, dec = _inputs()
+    assert again.cfg == model.cfg
+    with torch.no_grad():
+        torch.testing.assert_close(again(enc, dec), model(enc, dec), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name,params", [("small", 76_961_152), ("base", 247_577_856), ("tiny", None),
+                                         ("t5_1_0_small", 60_506_624)])
+def test_model_gin_files(name, params):
+    from pathlib import Path
+
+    gin.clear_config()
+    gin.parse_config_file(str(Path(__file__).resolve().parents[1] / "gin" / "models" / f"{name}.gin"))
+    try:
+        cfg = M.T5Config(vocab_size=32128)
+        model = M.T5(cfg)
+        if params is not None:
+            assert model.num_params() == params  # the published sizes of t5-v1_1-{small,base} and t5-small
+        flops = model.training_flops(512, 114)
+        assert flops > 6 * model.num_params(non_embedding=True) * 114
+    finally:
+        gin.clear_config()

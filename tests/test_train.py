@@ -1,0 +1,188 @@
+"""Training: exact resume, atomic checkpoints, the CLI commands, fine-tuning, evaluation, two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import gin
+import pytest
+import seqio
+
+import tasks  # noqa: F401
+from mtplatform import checkpoints, data
+from mtplatform import train as train_lib
+
+REPO = Path(__file__).resolve().parents[1]
+LENGTHS = {"inputs": 64, "targets": 16}
+MIXTURE = "test_rte_and_span_corruption"
+
+if MIXTURE not in seqio.MixtureRegistry.names():
+    seqio.MixtureRegistry.add(MIXTURE, [("glue_rte", 1.0), ("span_corruption", 1.0)])
+
+
+def _train(model_dir: Path, steps: int, dropout: float = 0.1, **overrides) -> dict:
+    gin.clear_config()
+    gin.parse_config_files_and_bindings(
+        [str(REPO / "gin/models/tiny.gin")],
+        [f"T5Config.dropout_rate = {dropout}", "make_optimizer.name = 'adafactor'", "learning_rate.warmup_steps = 10"])
+    try:
+        kwargs = dict(model_dir=str(model_dir), mixture_or_task_name=MIXTURE, task_feature_lengths=LENGTHS,
+                      train_steps=steps, batch_size=4, checkpoint_every=4, log_every=1, progress=False,
+                      precision="fp32")
+        kwargs.update(overrides)
+        return train_lib.train(**kwargs)
+    finally:
+        gin.clear_config()
+
+
+def _losses(model_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (model_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_resume_gives_identical_losses(tmp_path, vocab_file):
+    _train(tmp_path / "once", 8)
+    _train(tmp_path / "twice", 4)
+    assert checkpoints.all_steps(tmp_path / "twice") == [4]
+    _train(tmp_path / "twice", 8)
+    once, twice = _losses(tmp_path / "once"), _losses(tmp_path / "twice")
+    assert sorted(once) == sorted(twice) == list(range(1, 9))
+    assert [once[s] for s in range(1, 9)] == [twice[s] for s in range(1, 9)]  # bit for bit, fp32, dropout on
+    assert once[8] < once[1]
+
+
+def test_keep_last_checkpoints_and_ignore_partial(tmp_path, vocab_file):
+    model_dir = tmp_path / "run"
+    _train(model_dir, 12, keep_checkpoints=2)
+    assert checkpoints.all_steps(model_dir) == [8, 12]
+    # A crash while writing leaves only a temporary directory: it is never read.
+    partial = checkpoints.temporary_dir(model_dir, 16)
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"truncated")
+    assert checkpoints.latest(model_dir) == model_dir / "checkpoint_12"
+    _train(model_dir, 16, keep_checkpoints=2)
+    assert checkpoints.all_steps(model_dir) == [12, 16]
+    assert not list(model_dir.glob(".tmp-*"))
+    ckpt = model_dir / "checkpoint_16"
+    assert {p.name for p in ckpt.iterdir()} >= {"model.safetensors", "train_state.pt", "data_rank0", "config.gin",
+                                                 "meta.json"}
+
+
+def test_saved_data_position_does_not_grow_with_steps(tmp_path, vocab_file):
+    ds = data.train_dataset(mixture_or_task_name=MIXTURE, task_feature_lengths=LENGTHS, batch_size=4)
+    it = data.BatchIterator(ds)
+    next(it)
+    it.save(tmp_path / "early")
+    for _ in range(60):
+        next(it)
+    it.save(tmp_path / "late")
+    expected = [next(it) for _ in range(3)]
+    size = {d: sum(f.stat().st_size for f in (tmp_path / d).iterdir()) for d in ("early", "late")}
+    assert size["late"] < 1.5 * size["early"] + 4096  # a position, not a replay log
+    again = data.BatchIterator(
+        data.train_dataset(mixture_or_task_name=MIXTURE, task_feature_lengths=LENGTHS, batch_size=4))
+    again.restore(tmp_path / "late")
+    for want in expected:
+        got = next(again)
+        assert all((got[k] == want[k]).all() for k in want)
+
+
+def test_bad_batch_size_is_explained(tmp_path, vocab_file):
+    with pytest.raises(ValueError, match="BATCH_SIZE=6 must be a multiple"):
+        _train(tmp_path / "x", 2, batch_size=6, grad_accum_steps=4)
+
+
+def test_grad_accumulation_matches_large_batch(tmp_path, vocab_file):
+    # Same global batch of 4 from the same stream: one micro-batch of 4 or 2 x 2 gives the same per-token loss.
+    _train(tmp_path / "full", 2, dropout=0.0)
+    _train(tmp_path / "accum", 2, dropout=0.0, grad_accum_steps=2)
+    full, accum = _losses(tmp_path / "full"), _losses(tmp_path / "accum")
+    assert full[1] == pytest.approx(accum[1], rel=1e-5)
+
+
+def _mtp(*args, cwd=REPO, env_extra=None, timeout=600):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "mtplatform.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+
+
+def _cli_train(command, model_dir, steps, *extra):
+    run_file = "finetune" if command == "finetune" else "pretrain"
+    return _mtp(command, "--gin_file=gin/models/tiny.gin", f"--gin_file=gin/runs/{run_file}.gin",
+                "--gin.MIXTURE_OR_TASK_NAME='glue_rte'", f"--gin.TRAIN_STEPS={steps}",
+                f"--gin.MODEL_DIR='{model_dir}'",
+                "--gin.BATCH_SIZE=8", "--gin.TASK_FEATURE_LENGTHS={'inputs': 128, 'targets': 8}",
+                "--gin.train.checkpoint_every=20", "--gin.train.log_every=5", *extra)
+
+
+def test_cli_train_resume_finetune_eval_infer(tmp_path, vocab_file):
+    run = tmp_path / "pretrain"
+    out = _cli_train("train", run, 20)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert checkpoints.all_steps(run) == [20] and (run / "metrics.jsonl").is_file()
+    assert "TRAIN_STEPS = 20" in (run / "config.gin").read_text()
+    out = _cli_train("train", run, 40)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"resuming from {run / 'checkpoint_20'}" in out.stderr
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [5, 10, 15, 20, 25, 30, 35, 40]
+
+    ft = tmp_path / "finetune"
+    out = _cli_train("finetune", ft, 60, f"--gin.INITIAL_CHECKPOINT_PATH='{run}'")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "fine-tuning from" in out.stderr and "(step 40)" in out.stderr
+    assert checkpoints.all_steps(ft) == [60]  # counted as t5x does: from 40 to 60
+    assert [json.loads(x)["step"] for x in (ft / "metrics.jsonl").read_text().splitlines()] == [45, 50, 55, 60]
+
+    out = _mtp("eval", "--gin_file=gin/runs/eval.gin", f"--gin.CHECKPOINT_PATH='{ft}'",
+               "--gin.MIXTURE_OR_TASK_NAME='glue_rte'", "--gin.evaluate_checkpoint.max_decode_length=4")
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((ft / "eval_validation" / "metrics.json").read_text())
+    assert metrics["step"] == 60 and 0 <= metrics["metrics"]["glue_rte"]["accuracy"] <= 100
+    assert "glue_rte: accuracy" in out.stdout
+
+    preds = tmp_path / "preds.jsonl"
+    out = _mtp("infer", "--gin_file=gin/runs/infer.gin", f"--gin.CHECKPOINT_PATH='{ft}'",
+               "--gin.MIXTURE_OR_TASK_NAME='glue_rte'", f"--gin.OUTPUT_FILE='{preds}'",
+               "--gin.infer.num_examples=5", "--gin.infer.max_decode_length=4")
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert len(rows) == 5 and rows[0]["input"].startswith("rte sentence1: Dana Reeve")
+    assert rows[0]["target"] == "not_entailment" and isinstance(rows[0]["prediction"], str)
+
+
+def test_cli_reports_missing_required_setting(tmp_path, vocab_file):
+    out = _mtp("train", "--gin_file=gin/models/tiny.gin", "--gin_file=gin/runs/pretrain.gin",
+               "--gin.MIXTURE_OR_TASK_NAME='glue_rte'", f"--gin.MODEL_DIR='{tmp_path}'")
+    assert out.returncode != 0
+    assert "TRAIN_STEPS" in out.stderr
+
+
+def test_two_processes_match_one(tmp_path, vocab_file):
+    """torchrun with 2 CPU processes (gloo), each reading its own shard, against one process, same global batch."""
+    # A stable optimiser setting, so that the two curves differ only by the data each process reads.
+    common = ["--gin_file=gin/models/tiny.gin", "--gin_file=gin/runs/pretrain.gin",
+              "--gin.MIXTURE_OR_TASK_NAME='glue_sst2'", "--gin.TRAIN_STEPS=16", "--gin.BATCH_SIZE=16",
+              "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 8}", "--gin.train.log_every=4",
+              "--gin.train.checkpoint_every=8", "--gin.make_optimizer.name='adamw'",
+              "--gin.learning_rate.name='constant'", "--gin.learning_rate.base=0.003",
+              "--gin.learning_rate.warmup_steps=0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    out = _mtp("train", *common, f"--gin.MODEL_DIR='{one}'")
+    assert out.returncode == 0, out.stderr[-3000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                          "-m", "mtplatform.cli", "train", *common, f"--gin.MODEL_DIR='{two}'"],
+                         capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "2 process(es)" in out.stderr
+    assert checkpoints.all_steps(two) == [8, 16]
+    assert {p.name for p in (two / "checkpoint_16").iterdir()} >= {"data_rank0", "data_rank1"}
+    a, b = _losses(one), _losses(two)
+    assert sorted(a) == sorted(b) == [4, 8, 12, 16]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=0.1), (step, a, b)
+    assert b[16] < 0.5 * b[4]
