@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in (("train", "pretrain or train on a task or mixture (resumes from MODEL_DIR)"),
                             ("finetune", "fine-tune INITIAL_CHECKPOINT_PATH with a fresh optimizer"),
                             ("eval", "evaluate a checkpoint with the tasks' metrics"),
-                            ("infer", "write predictions as JSON lines")):
+                            ("infer", "write predictions as JSON lines"),
+                            ("experiment", "pretrain, fine-tune each task, evaluate; write results.md/json")):
         cmd = commands.add_parser(name, help=help_text)
         _add_module_flag(cmd)
         cmd.add_argument("--gin_file", action="append", default=[], help="gin file; repeatable, read in order")
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 GIN_DIR = Path(__file__).resolve().parents[1] / "gin"
+GIN_COMMANDS = ("train", "finetune", "eval", "infer", "experiment")
 
 
 def parse_gin(files: list[str], overrides: list[str], search_paths: list[str]) -> None:
@@ -71,6 +73,7 @@ def parse_gin(files: list[str], overrides: list[str], search_paths: list[str]) -
     import gin
 
     import mtplatform.evaluate  # noqa: F401  (registers the configurables the run files bind)
+    import mtplatform.experiment  # noqa: F401
     import mtplatform.settings  # noqa: F401
     import mtplatform.train  # noqa: F401
 
@@ -104,14 +107,14 @@ def _check_required_macros() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args, extra = build_parser().parse_known_args(argv)
-    if extra and args.command not in ("train", "finetune", "eval", "infer"):
+    if extra and args.command not in GIN_COMMANDS:
         build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
     configure_tensorflow()
     from mtplatform import catalog
 
     try:
         catalog.import_modules(args.module)
-        if args.command in ("train", "finetune", "eval", "infer"):
+        if args.command in GIN_COMMANDS:
             parse_gin(args.gin_file, extra, args.gin_search_path)
             return _run(args.command)
         if args.command == "tasks" and args.tasks_command == "list":
@@ -133,6 +136,12 @@ def _run(command: str) -> int:
         result = train.train(finetune=command == "finetune")
         print(f"trained to step {result['step']}" + (f", loss {result['loss']:.4f}" if "loss" in result else "")
               + f"; checkpoints, metrics.jsonl and TensorBoard logs in {result['model_dir']}")
+    elif command == "experiment":
+        from mtplatform import experiment
+
+        results = experiment.experiment()
+        print(experiment.results_markdown(results))
+        print(f"wrote {results['experiment_dir']}/results.md and results.json")
     elif command == "eval":
         metrics, path = evaluate.evaluate_checkpoint()
         for task, values in metrics.items():

@@ -30,9 +30,11 @@ def make_predict_fn(model: T5, batch_size: int, max_decode_length: int, num_beam
         out: list[tuple[int, list[int]]] = []
         try:
             for indices, features in ds.batch(batch_size).as_numpy_iterator():
-                enc = torch.from_numpy(features["encoder_input_tokens"]).to(device)
+                enc = torch.tensor(features["encoder_input_tokens"]).to(device)
                 with precision_lib.autocast(precision, device):
                     tokens = model.generate(enc, max_length=max_decode_length, num_beams=num_beams)
+                # seqio stacks all predictions into one array: give every row the same length (0 = pad after EOS).
+                tokens = torch.nn.functional.pad(tokens, (0, max_decode_length - tokens.shape[1]))
                 out.extend(zip(indices.tolist(), tokens.cpu().tolist(), strict=True))
         finally:
             model.train(was_training)

@@ -216,6 +216,15 @@ class T5(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout_rate)
         self.apply(self._init_weights)
 
+    def set_dropout(self, rate: float) -> None:
+        """Change the dropout rate everywhere (fine-tuning adds dropout to a model pretrained without)."""
+        self.cfg.dropout_rate = rate
+        for m in self.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = rate
+            elif isinstance(m, Attention):
+                m.dropout = rate
+
     def _init_weights(self, m: nn.Module) -> None:
         """Mesh TensorFlow / t5x initialisation: unit-variance embeddings, fan-in scaling of the projections."""
         c = self.cfg

@@ -140,6 +140,7 @@ def train(
     batch_size: int = gin.REQUIRED,
     initial_checkpoint_path: str | None = None,
     finetune: bool = False,
+    dropout_rate: float | None = None,
     grad_accum_steps: int = 1,
     clip_grad_norm: float | None = 1.0,
     precision: str = "auto",
@@ -154,7 +155,11 @@ def train(
     eval_max_decode_length: int = 32,
     progress: bool = True,
 ) -> dict:
-    """Train until `train_steps` (resuming from MODEL_DIR if it holds a checkpoint); return the last logged values."""
+    """Train until `train_steps` (resuming from MODEL_DIR if it holds a checkpoint); return the last logged values.
+
+    `dropout_rate`, when given, overrides the rate of a restored model (T5 fine-tunes with 0.1 what it pretrained
+    without dropout); a fresh model takes its rate from `T5Config`.
+    """
     ctx, device = setup_distributed()
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -181,6 +186,8 @@ def train(
     else:
         model, step = model_lib.T5(model_lib.T5Config(vocab_size=vocab_size)), 0
         source = "from scratch"
+    if dropout_rate is not None:
+        model.set_dropout(dropout_rate)
     model.to(device).train()
     optimizer = optim.make_optimizer(model.parameters())
     if optimizer_state is not None:
