@@ -461,11 +461,12 @@ class T5(nn.Module):
 # --- saving, loading, Hugging Face ------------------------------------------------------------------------------
 
 
-def save(model: T5, path: str | Path) -> None:
-    """Weights as safetensors with the config in the metadata."""
+def save(model: T5, path: str | Path, state_dict: dict[str, Tensor] | None = None) -> None:
+    """Weights as safetensors with the config in the metadata (`state_dict`: a gathered one, under FSDP)."""
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
+    state = model.state_dict() if state_dict is None else state_dict
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path),
               metadata={"mtplatform_config": json.dumps(asdict(model.cfg))})
 
 

@@ -52,6 +52,14 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], name: str = "adafactor"
     raise ValueError(f"make_optimizer.name={name!r}: use 'adafactor', 'adamw' or 'adamw_scale'")
 
 
+def make_optimizer_name() -> str:
+    """The optimizer `make_optimizer` will build under the current gin bindings."""
+    try:
+        return gin.query_parameter("make_optimizer.name")
+    except ValueError:  # not bound: the default
+        return "adafactor"
+
+
 @gin.configurable
 def learning_rate(step: int, total_steps: int, name: str = "rsqrt", base: float = 1.0,
                   warmup_steps: int = 10_000) -> float:

@@ -70,6 +70,54 @@ def setup_distributed() -> tuple[Distributed, torch.device]:
     return Distributed(rank, world, local), device
 
 
+def wrap_model(model: model_lib.T5, ctx: Distributed, fsdp: bool) -> torch.nn.Module:
+    """The module to run forward through: the model itself, DDP over it, or the model sharded in place by FSDP2
+    (`fully_shard` per encoder/decoder block, then the root), whose parameters then become DTensor shards."""
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in [*model.encoder, *model.decoder]:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    if ctx.world > 1:
+        return torch.nn.parallel.DistributedDataParallel(model)
+    return model
+
+
+def gradient_sync(wrapped: torch.nn.Module, ctx: Distributed, fsdp: bool, enabled: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
+    if fsdp:
+        wrapped.set_requires_gradient_sync(enabled)
+        return nullcontext()
+    if ctx.world > 1 and not enabled:
+        return wrapped.no_sync()
+    return nullcontext()
+
+
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool) -> tuple[dict, dict]:
+    """Unsharded model and optimizer state dicts (a collective under FSDP: every process must call it)."""
+    if not fsdp:
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, fsdp: bool) -> None:
+    if not fsdp:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
 def vocab_size_for(mixture_or_task_name: str) -> int:
     """The task vocabulary's size rounded up to a multiple of 128 (as T5's 32,100 -> 32,128), for fast matmuls."""
     provider = seqio.get_mixture_or_task(mixture_or_task_name)
@@ -141,6 +189,7 @@ def train(
     initial_checkpoint_path: str | None = None,
     finetune: bool = False,
     dropout_rate: float | None = None,
+    fsdp: bool = False,
     grad_accum_steps: int = 1,
     clip_grad_norm: float | None = 1.0,
     precision: str = "auto",
@@ -158,7 +207,9 @@ def train(
     """Train until `train_steps` (resuming from MODEL_DIR if it holds a checkpoint); return the last logged values.
 
     `dropout_rate`, when given, overrides the rate of a restored model (T5 fine-tunes with 0.1 what it pretrained
-    without dropout); a fresh model takes its rate from `T5Config`.
+    without dropout); a fresh model takes its rate from `T5Config`. `fsdp` shards parameters, gradients and optimizer
+    state over the processes (FSDP2) instead of replicating them (DDP), for models that do not fit one device;
+    checkpoints are gathered to the same unsharded files either way.
     """
     ctx, device = setup_distributed()
     model_dir = Path(model_dir)
@@ -169,7 +220,7 @@ def train(
         raise ValueError(f"BATCH_SIZE={batch_size} must be a multiple of processes ({ctx.world}) x "
                          f"grad_accum_steps ({grad_accum_steps})")
     vocab_size = vocab_size_for(mixture_or_task_name)
-    torch.manual_seed(seed + ctx.rank)
+    torch.manual_seed(seed)  # the same initial weights on every process (FSDP shards them without a broadcast)
 
     resume = checkpoints.latest(model_dir)
     optimizer_state = None
@@ -189,10 +240,19 @@ def train(
     if dropout_rate is not None:
         model.set_dropout(dropout_rate)
     model.to(device).train()
+    if fsdp and ctx.world == 1:
+        raise ValueError("train.fsdp = True needs more than one process (start with torchrun --nproc_per_node=N)")
+    if fsdp and eval_every:
+        raise ValueError("train.eval_every is not supported with train.fsdp (evaluation decodes on one process); "
+                         "evaluate the checkpoints with `mtp eval`")
+    if fsdp and optim.make_optimizer_name() == "adafactor":
+        raise ValueError("make_optimizer.name = 'adafactor' does not support FSDP's sharded (DTensor) parameters; "
+                         "use 'adamw' or 'adamw_scale' with train.fsdp = True")
+    wrapped = wrap_model(model, ctx, fsdp)
+    torch.manual_seed(seed + ctx.rank)  # dropout masks differ between processes
     optimizer = optim.make_optimizer(model.parameters())
     if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if ctx.world > 1 else model
+        load_optimizer(model, optimizer, optimizer_state, fsdp)
 
     stream = data.BatchIterator(data.train_dataset(
         mixture_or_task_name=mixture_or_task_name, task_feature_lengths=task_feature_lengths,
@@ -220,9 +280,10 @@ def train(
         ctx.barrier()
         stream.save(tmp / f"data_rank{ctx.rank}")
         rng = _gather_rng(ctx)
+        model_state, optimizer_state = full_state(model, optimizer, fsdp)
         if ctx.main:
-            model_lib.save(model, tmp / "model.safetensors")
-            torch.save({"step": at_step, "optimizer": optimizer.state_dict(), "rng": rng}, tmp / "train_state.pt")
+            model_lib.save(model, tmp / "model.safetensors", model_state)
+            torch.save({"step": at_step, "optimizer": optimizer_state, "rng": rng}, tmp / "train_state.pt")
             (tmp / "meta.json").write_text(json.dumps({"step": at_step, "world_size": ctx.world}))
             (tmp / "config.gin").write_text(config_text)
             checkpoints.commit(model_dir, at_step, keep_checkpoints)
@@ -246,16 +307,19 @@ def train(
         loss_sum = 0.0
         for i, batch in enumerate(micro):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            sync = ddp.no_sync() if ctx.world > 1 and i < len(micro) - 1 else nullcontext()
+            sync = gradient_sync(wrapped, ctx, fsdp, enabled=i == len(micro) - 1)
             with sync, precision_lib.autocast(precision, device):
-                loss, _ = model.loss(batch, z_loss=z_loss, forward=ddp)
-                # DDP averages gradients over processes; scale so the result is the gradient of sum / total weight.
+                loss, _ = model.loss(batch, z_loss=z_loss, forward=wrapped)
+                # DDP and FSDP average gradients over processes; scale so that the result is the gradient of
+                # (sum of token losses) / (total weight) over the global batch.
                 (loss * ctx.world / max(total_weight, 1.0)).backward()
             loss_sum += loss.item()
             tokens_since += int(sum((batch[k] != 0).sum().item() for k in ("encoder_input_tokens",
                                                                            "decoder_target_tokens")))
-        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm).item()
-                     if clip_grad_norm else float("nan"))
+        grad_norm = float("nan")
+        if clip_grad_norm:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+            grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # DTensor under FSDP
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1

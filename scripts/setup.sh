@@ -15,9 +15,10 @@ echo "setup: creating $VENV (first run: a few minutes; TensorFlow, jax and torch
 "$PYTHON" -m venv "$VENV"
 "$VENV/bin/pip" install -q --upgrade pip
 # torch==2.13.0 (in the lock) is the CPU build on our machines; see README for GPU machines.
-"$VENV/bin/pip" install -q -r requirements.lock
 # seqio-nightly / tfds-nightly: empty aliases for the pinned seqio / tensorflow-datasets (see their pyproject.toml).
-"$VENV/bin/pip" install -q --no-deps ./third_party/aliases/seqio-nightly ./third_party/aliases/tfds-nightly
+# They go in the same resolve as the lock: otherwise pip satisfies t5's requirement with the real nightlies, which
+# overwrite the seqio and tensorflow_datasets modules (and removing them later deletes those modules).
+"$VENV/bin/pip" install -q -r requirements.lock ./third_party/aliases/seqio-nightly ./third_party/aliases/tfds-nightly
 "$VENV/bin/pip" install -q --no-deps -e .
 "$VENV/bin/pip" check
 echo "$stamp" > "$VENV/.mtp-stamp"

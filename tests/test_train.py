@@ -161,8 +161,16 @@ def test_cli_reports_missing_required_setting(tmp_path, vocab_file):
     assert "TRAIN_STEPS" in out.stderr
 
 
+def _torchrun(*args, port: int):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={port}", "-m", "mtplatform.cli", "train", *args],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+
+
 def test_two_processes_match_one(tmp_path, vocab_file):
-    """torchrun with 2 CPU processes (gloo), each reading its own shard, against one process, same global batch."""
+    """torchrun with 2 CPU processes (gloo), each reading its own shard, against one process, same global batch;
+    then FSDP on the same 2 processes, stopped and resumed, against DDP."""
     # A stable optimiser setting, so that the two curves differ only by the data each process reads.
     common = ["--gin_file=gin/models/tiny.gin", "--gin_file=gin/runs/pretrain.gin",
               "--gin.MIXTURE_OR_TASK_NAME='glue_sst2'", "--gin.TRAIN_STEPS=16", "--gin.BATCH_SIZE=16",
@@ -173,10 +181,7 @@ def test_two_processes_match_one(tmp_path, vocab_file):
     one, two = tmp_path / "one", tmp_path / "two"
     out = _mtp("train", *common, f"--gin.MODEL_DIR='{one}'")
     assert out.returncode == 0, out.stderr[-3000:]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-                          "-m", "mtplatform.cli", "train", *common, f"--gin.MODEL_DIR='{two}'"],
-                         capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    out = _torchrun(*common, f"--gin.MODEL_DIR='{two}'", port=29533)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "2 process(es)" in out.stderr
     assert checkpoints.all_steps(two) == [8, 16]
@@ -186,6 +191,18 @@ def test_two_processes_match_one(tmp_path, vocab_file):
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=0.1), (step, a, b)
     assert b[16] < 0.5 * b[4]
+
+    # FSDP: the same processes, data and math as DDP with sharded parameters; 8 steps, stop, resume to 16.
+    fsdp = tmp_path / "fsdp"
+    half = [arg if not arg.startswith("--gin.TRAIN_STEPS") else "--gin.TRAIN_STEPS=8" for arg in common]
+    out = _torchrun(*half, "--gin.train.fsdp=True", f"--gin.MODEL_DIR='{fsdp}'", port=29534)
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = _torchrun(*common, "--gin.train.fsdp=True", f"--gin.MODEL_DIR='{fsdp}'", port=29535)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resuming from" in out.stderr
+    c = _losses(fsdp)
+    for step in b:
+        assert c[step] == pytest.approx(b[step], rel=1e-4), (step, b, c)
 
 
 def test_eval_during_training_logs_task_metrics(tmp_path, vocab_file):
