@@ -139,6 +139,14 @@ def infer(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, _, _ = _model_from(checkpoint_path, device)
     precision = precision_lib.resolve(precision, device)
+
+    def decode(inputs: list[list[int]]) -> list[list[int]]:
+        enc = torch.zeros(len(inputs), max(map(len, inputs)), dtype=torch.long)  # 0 = padding
+        for i, ids in enumerate(inputs):
+            enc[i, : len(ids)] = torch.tensor(ids)
+        with precision_lib.autocast(precision, device):
+            return model.generate(enc.to(device), max_length=max_decode_length, num_beams=num_beams).cpu().tolist()
+
     rows: list[dict] = []
     if input_file:
         vocab = (seqio.get_mixture_or_task(mixture_or_task_name).output_features["inputs"].vocabulary
@@ -147,13 +155,8 @@ def infer(
         max_in = (task_feature_lengths or {}).get("inputs", 512)
         for start in tqdm(range(0, len(lines), batch_size), desc="infer", unit="batch"):
             chunk = lines[start:start + batch_size]
-            ids = [vocab.encode(text)[: max_in - 1] + [1] for text in chunk]
-            enc = torch.zeros(len(ids), max(map(len, ids)), dtype=torch.long)
-            for i, row in enumerate(ids):
-                enc[i, : len(row)] = torch.tensor(row)
-            with precision_lib.autocast(precision, device):
-                out = model.generate(enc.to(device), max_length=max_decode_length, num_beams=num_beams)
-            for text, tokens in zip(chunk, out.cpu().tolist(), strict=True):
+            out = decode([vocab.encode(text)[: max_in - 1] + [1] for text in chunk])
+            for text, tokens in zip(chunk, out, strict=True):
                 rows.append({"input": text, "prediction": vocab.decode(tokens)})
     elif mixture_or_task_name:
         for task in seqio.get_subtasks(seqio.get_mixture_or_task(mixture_or_task_name)):
@@ -166,12 +169,8 @@ def infer(
             vocab = task.output_features["targets"].vocabulary
             for start in tqdm(range(0, len(examples), batch_size), desc=f"infer {task.name}", unit="batch"):
                 chunk = examples[start:start + batch_size]
-                enc = torch.zeros(len(chunk), max(len(e["inputs"]) for e in chunk), dtype=torch.long)
-                for i, e in enumerate(chunk):
-                    enc[i, : len(e["inputs"])] = torch.from_numpy(e["inputs"]).long()
-                with precision_lib.autocast(precision, device):
-                    out = model.generate(enc.to(device), max_length=max_decode_length, num_beams=num_beams)
-                for e, tokens in zip(chunk, out.cpu().tolist(), strict=True):
+                out = decode([e["inputs"].tolist() for e in chunk])
+                for e, tokens in zip(chunk, out, strict=True):
                     rows.append({"task": task.name,
                                  "input": e.get("inputs_pretokenized", b"").decode("utf-8"),
                                  "target": e.get("targets_pretokenized", b"").decode("utf-8"),

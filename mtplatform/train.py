@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -276,7 +277,8 @@ def train(
     def save(at_step: int) -> None:
         tmp = checkpoints.temporary_dir(model_dir, at_step)
         if ctx.main:
-            tmp.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a crash while writing this step before
+            tmp.mkdir(parents=True)
         ctx.barrier()
         stream.save(tmp / f"data_rank{ctx.rank}")
         rng = _gather_rng(ctx)

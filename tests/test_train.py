@@ -153,6 +153,15 @@ def test_cli_train_resume_finetune_eval_infer(tmp_path, vocab_file):
     assert len(rows) == 5 and rows[0]["input"].startswith("rte sentence1: Dana Reeve")
     assert rows[0]["target"] == "not_entailment" and isinstance(rows[0]["prediction"], str)
 
+    inputs = tmp_path / "inputs.txt"
+    inputs.write_text("rte sentence1: The cat sat. sentence2: A cat sat.\n\nrte sentence1: It rains. sentence2: Dry.\n")
+    out = _mtp("infer", "--gin_file=gin/runs/infer.gin", f"--gin.CHECKPOINT_PATH='{ft}/checkpoint_60'",
+               f"--gin.INPUT_FILE='{inputs}'", f"--gin.OUTPUT_FILE='{preds}'", "--gin.infer.max_decode_length=4")
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert [r["input"] for r in rows] == ["rte sentence1: The cat sat. sentence2: A cat sat.",
+                                          "rte sentence1: It rains. sentence2: Dry."]
+
 
 def test_cli_reports_missing_required_setting(tmp_path, vocab_file):
     out = _mtp("train", "--gin_file=gin/models/tiny.gin", "--gin_file=gin/runs/pretrain.gin",
