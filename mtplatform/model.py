@@ -418,11 +418,10 @@ class T5(nn.Module):
 
     @staticmethod
     def _beams_done(finished: list, running: Tensor, length: int, k: int, length_penalty: float) -> bool:
-        """Done when k hypotheses are finished and no running beam can still beat the worst of the best k.
-
-        Log-probs only fall as a sequence grows, so with length_penalty >= 0 a running beam's normalised score can
-        at best reach running / max_len**lp; we use the current length, which is exact for lp = 0 and safe for lp > 0
-        only once scores are negative, as they are.
+        """Done when k hypotheses are finished and the best running beam, normalised at the current length, cannot
+        beat the k-th best of them: Hugging Face's rule with early_stopping=False. Exact for length_penalty = 0
+        (log-probs only fall as a sequence grows); for length_penalty > 0 a longer beam could still gain from the
+        larger divisor, so it is a heuristic there, as in transformers.
         """
         if len(finished) < k:
             return bool(torch.isinf(running).all())
