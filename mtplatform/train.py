@@ -35,6 +35,7 @@ import torch.distributed as dist
 from mtplatform import checkpoints, data, evaluate, optim
 from mtplatform import model as model_lib
 from mtplatform import precision as precision_lib
+from mtplatform.tf_setup import configure_tensorflow
 
 
 @dataclass
@@ -212,6 +213,7 @@ def train(
     state over the processes (FSDP2) instead of replicating them (DDP), for models that do not fit one device;
     checkpoints are gathered to the same unsharded files either way.
     """
+    configure_tensorflow()  # before the input pipeline's first op; a no-op when the CLI already did it
     ctx, device = setup_distributed()
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
