@@ -49,9 +49,10 @@ def summarize(task: seqio.Task) -> TaskSummary:
     metric_names = [getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", repr(fn))
                     for fn in task.metric_fns]
     missing = []
-    for split in task.splits:
+    files = getattr(task.source, "files", None)  # our FileSource; other seqio sources cannot tell
+    for split in task.splits if files else ():
         try:
-            task.source.files(split) if hasattr(task.source, "files") else None
+            files(split)
         except FileNotFoundError:
             missing.append(split)
     return TaskSummary(task.name, {s: task.num_input_examples(s) for s in task.splits}, metric_names, missing)

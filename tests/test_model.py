@@ -6,6 +6,7 @@ import itertools
 import math
 
 import gin
+import numpy as np
 import pytest
 import seqio
 import torch
@@ -147,7 +148,7 @@ def test_one_beam_is_greedy():
 def _converted(examples, pack: bool, lengths):
     ds = seqio.EncDecFeatureConverter(pack=pack)(examples, lengths)
     rows = list(ds.as_numpy_iterator())
-    return {k: torch.tensor([r[k] for r in rows]) for k in rows[0]}
+    return {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in rows[0]}
 
 
 def _rte_examples(n: int):
