@@ -53,10 +53,11 @@ def experiment(
                             train_steps=pretrain_steps + finetune_steps,  # t5x counting: steps continue
                             initial_checkpoint_path=str(pretrain_dir), finetune=True)
         ckpt = checkpoints.latest(task_dir)
-        model = model_lib.load(ckpt / "model.safetensors").eval()
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model = model_lib.load(ckpt / "model.safetensors").to(device).eval()
         metrics = evaluate.evaluate(model, task, split=eval_split, num_examples=eval_num_examples,
                                     max_decode_length=eval_max_decode_length,
-                                    device=torch.device("cpu"), step=pretrain_steps + finetune_steps)
+                                    device=device, step=pretrain_steps + finetune_steps)
         results["tasks"][task] = {"metrics": metrics.get(task, {}), "model_dir": str(task_dir),
                                   **_first_last_loss(task_dir)}
         print(f"experiment: {task}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.get(task, {}).items()),
