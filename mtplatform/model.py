@@ -181,11 +181,9 @@ class DecoderBlock(nn.Module):
         self.ff = FeedForward(cfg)
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
-    def forward(self, x: Tensor, self_bias: Tensor, memory: Tensor | None, cross_bias: Tensor,
-                self_cache: tuple[Tensor, Tensor] | None = None,
-                cross_cache: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        x = x + self.dropout(self.self_attn(self.self_attn_norm(x), self_bias, cache=self_cache))
-        x = x + self.dropout(self.cross_attn(self.cross_attn_norm(x), cross_bias, kv=memory, cache=cross_cache))
+    def forward(self, x: Tensor, self_bias: Tensor, memory: Tensor, cross_bias: Tensor) -> Tensor:
+        x = x + self.dropout(self.self_attn(self.self_attn_norm(x), self_bias))
+        x = x + self.dropout(self.cross_attn(self.cross_attn_norm(x), cross_bias, kv=memory))
         return x + self.dropout(self.ff(self.ff_norm(x)))
 
 
@@ -341,7 +339,11 @@ class T5(nn.Module):
         return {"cross": cross, "k": keys, "v": values, "cross_bias": _mask_to_bias(enc_valid[:, None, :], dtype)}
 
     def _step(self, token: Tensor, t: int, cache: dict) -> Tensor:
-        """Logits (B, vocab) for decoder input `token` (B,) at position t, updating the cache."""
+        """Logits (B, vocab) for decoder input `token` (B,) at position t, updating the cache.
+
+        Each layer is `DecoderBlock.forward` for one position, attending to cached keys/values (no dropout: decoding
+        runs in eval mode).
+        """
         x = self.shared(token[:, None])
         pos = torch.arange(t + 1, device=token.device)[None]
         self_bias = self.decoder_bias(pos[:, -1:], pos)

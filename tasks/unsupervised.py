@@ -88,11 +88,13 @@ def text_source(name: str, patterns: Sequence[str]) -> FileSource:
 def register_text_tasks(prefix: str, patterns: Sequence[str]) -> list[str]:
     """Register every objective over the text files matching `patterns` as `<prefix>_<objective>`; return names."""
     names = []
+    # One source for all objectives: its lines are read (and counted, for rate functions) once, not per objective.
+    source = text_source(f"{prefix or 'unsupervised'} text tasks ({', '.join(patterns)})", patterns)
     for objective, steps in OBJECTIVES.items():
         name = f"{prefix}_{objective}" if prefix else objective
         seqio.TaskRegistry.add(
             name,
-            source=text_source(name, patterns),
+            source=source,
             preprocessors=[*_TEXT_TO_TARGETS, *steps, seqio.preprocessors.append_eos_after_trim],
             output_features=OUTPUT_FEATURES,
             metric_fns=[],
