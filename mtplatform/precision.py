@@ -3,17 +3,32 @@
 On a CPU with AMX or AVX512-BF16, bf16 matrix products run several times faster than fp32. Without them (AVX2-only
 CPUs, e.g. many AMD EPYC machines) PyTorch emulates bf16 and a T5 training step runs ~30x *slower* than in fp32, so
 `precision="auto"` picks fp32 there.
+
+`MTP_NATIVE_BF16=native` (or `not-native`) forces the answer of `native_bf16()`, so that anyone can run the test
+suite, or a run, as the other kind of machine would: `auto` then resolves as it would there (bf16 on a machine
+without native bf16 is emulated: correct, only slow).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
+NATIVE_BF16_ENV = "MTP_NATIVE_BF16"
+_FORCED = {"native": True, "1": True, "true": True, "yes": True,
+           "not-native": False, "not native": False, "0": False, "false": False, "no": False}
+
 
 def native_bf16(device: torch.device | str = "cpu") -> bool:
-    """True where bf16 matrix products are done in hardware."""
+    """True where bf16 matrix products are done in hardware (or where `MTP_NATIVE_BF16` says so)."""
+    forced = os.environ.get(NATIVE_BF16_ENV, "").strip().lower()
+    if forced:
+        if forced not in _FORCED:
+            raise ValueError(f"{NATIVE_BF16_ENV}={os.environ[NATIVE_BF16_ENV]!r}: use 'native' or 'not-native' "
+                             "(or unset it to detect the hardware)")
+        return _FORCED[forced]
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()

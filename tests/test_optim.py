@@ -52,8 +52,18 @@ def test_adamw_scale_step_is_parameter_rms_scaled():
     assert (0.1 - small.detach()).mean().item() == pytest.approx(0.001, rel=1e-3)
 
 
-def test_precision_auto():
-    assert precision.resolve("auto") in ("fp32", "bf16")
-    assert precision.resolve("auto") == ("bf16" if precision.native_bf16() else "fp32")
+def test_precision_auto(monkeypatch):
+    monkeypatch.delenv(precision.NATIVE_BF16_ENV, raising=False)
+    detected = precision.native_bf16()
+    assert precision.resolve("auto") == ("bf16" if detected else "fp32")
     with pytest.raises(ValueError, match="precision='fp16'"):
         precision.resolve("fp16")
+    # MTP_NATIVE_BF16 makes any machine answer as the other kind would.
+    for value, native in (("native", True), ("not-native", False), ("1", True), ("0", False)):
+        monkeypatch.setenv(precision.NATIVE_BF16_ENV, value)
+        assert precision.native_bf16() is native
+        assert precision.resolve("auto") == ("bf16" if native else "fp32")
+        assert precision.resolve("fp32") == "fp32"  # an explicit precision is never overridden
+    monkeypatch.setenv(precision.NATIVE_BF16_ENV, "sometimes")
+    with pytest.raises(ValueError, match="MTP_NATIVE_BF16='sometimes'"):
+        precision.native_bf16()
