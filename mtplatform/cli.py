@@ -7,6 +7,7 @@
     mtp finetune --gin_file=gin/models/small.gin --gin_file=gin/runs/finetune.gin --gin.INITIAL_CHECKPOINT_PATH=...
     mtp eval     --gin_file=gin/runs/eval.gin --gin.CHECKPOINT_PATH="'/tmp/run'" --gin.MIXTURE_OR_TASK_NAME=...
     mtp infer    --gin_file=gin/runs/infer.gin --gin.CHECKPOINT_PATH=... --gin.OUTPUT_FILE="'/tmp/preds.jsonl'"
+    mtp mixture show span_corruption_and_glue [--gin.mixing.strategy="'temperature'" --gin.mixing.temperature=2.0]
 
 Gin overrides follow t5x: `--gin.NAME=VALUE` binds NAME (a macro or `configurable.param`) to a Python literal,
 after all --gin_file files. The resolved config is saved as MODEL_DIR/config.gin.
@@ -52,6 +53,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--split", default="train")
     train.add_argument("--max_examples_per_task", type=int, default=None)
 
+    mixture = commands.add_parser("mixture", help="a mixture's rates, expected and measured shares")
+    mixture_cmd = mixture.add_subparsers(dest="mixture_command", required=True)
+    mshow = mixture_cmd.add_parser("show", help="rates, expected and measured shares, epochs per run (--gin. too)")
+    _add_module_flag(mshow)
+    mshow.add_argument("name", help="mixture (or task) name")
+    mshow.add_argument("--gin_file", action="append", default=[], help="run gin file (lengths, steps, batch, mixing)")
+    mshow.add_argument("--gin_search_path", action="append", default=[])
+    mshow.add_argument("--steps", type=int, help="training steps (default: TRAIN_STEPS from the gin files)")
+    mshow.add_argument("--batch_size", type=int, help="global batch (default: BATCH_SIZE from the gin files)")
+    mshow.add_argument("--examples", type=int, default=4000, help="examples to draw from the pipeline")
+    mshow.add_argument("--inputs_length", type=int, help="default: TASK_FEATURE_LENGTHS from gin, else 512")
+    mshow.add_argument("--targets_length", type=int, help="default: TASK_FEATURE_LENGTHS from gin, else 114")
+    mshow.add_argument("--no_pack", action="store_true", help="measure without packing")
+    mshow.add_argument("--plot", help="also write a PNG bar chart of configured against measured shares here")
+
     for name, help_text in (("train", "pretrain or train on a task or mixture (resumes from MODEL_DIR)"),
                             ("finetune", "fine-tune INITIAL_CHECKPOINT_PATH with a fresh optimizer"),
                             ("eval", "evaluate a checkpoint with the tasks' metrics"),
@@ -66,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 GIN_DIR = Path(__file__).resolve().parents[1] / "gin"
 GIN_COMMANDS = ("train", "finetune", "eval", "infer", "experiment")
+ACCEPTS_GIN = (*GIN_COMMANDS, "mixture")
 
 
 def parse_gin(files: list[str], overrides: list[str], search_paths: list[str]) -> None:
@@ -88,7 +105,9 @@ def parse_gin(files: list[str], overrides: list[str], search_paths: list[str]) -
             raise ValueError(f"{item!r}: a gin override needs a value, as in --gin.TRAIN_STEPS=1000")
         bindings.append(f"{name} = {value}")
     gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
-    _check_required_macros()
+    from mtplatform import mixing
+
+    mixing.register_declared()
 
 
 def _check_required_macros() -> None:
@@ -107,7 +126,7 @@ def _check_required_macros() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args, extra = build_parser().parse_known_args(argv)
-    if extra and args.command not in GIN_COMMANDS:
+    if extra and args.command not in ACCEPTS_GIN:
         build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
     configure_tensorflow()
     from mtplatform import catalog
@@ -116,7 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         catalog.import_modules(args.module)
         if args.command in GIN_COMMANDS:
             parse_gin(args.gin_file, extra, args.gin_search_path)
+            _check_required_macros()
             return _run(args.command)
+        if args.command == "mixture":
+            parse_gin(args.gin_file, extra, args.gin_search_path)
+            return _mixture_show(args)
         if args.command == "tasks" and args.tasks_command == "list":
             return _tasks_list()
         if args.command == "tasks" and args.tasks_command == "show":
@@ -124,9 +147,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "vocab" and args.vocab_command == "train":
             return _vocab_train(args)
     except (FileNotFoundError, ValueError, ModuleNotFoundError, OSError) as e:
-        print(f"mtp: error: {e}", file=sys.stderr)
+        print(f"mtp: error: {_without_gin_context(e)}", file=sys.stderr)
         return 2
     raise AssertionError(f"unhandled command {args}")
+
+
+def _without_gin_context(error: Exception) -> str:
+    """The error's own message: gin appends "In call to configurable ..." lines that name no culprit."""
+    return str(error).split("\n  In call to configurable")[0]
 
 
 def _run(command: str) -> int:
@@ -149,6 +177,32 @@ def _run(command: str) -> int:
         print(f"wrote {path}")
     else:
         print(f"wrote {evaluate.infer()}")
+    return 0
+
+
+def _gin_macro(name: str, default=None):
+    """A macro's value from the parsed gin files (None when unbound or still %gin.REQUIRED)."""
+    import gin
+
+    try:
+        value = gin.query_parameter(f"%{name}")
+    except ValueError:
+        return default
+    return value if isinstance(value, int | dict) else default
+
+
+def _mixture_show(args: argparse.Namespace) -> int:
+    from mtplatform import mixture_view
+
+    lengths = dict(_gin_macro("TASK_FEATURE_LENGTHS") or {"inputs": 512, "targets": 114})
+    lengths["inputs"] = args.inputs_length or lengths["inputs"]
+    lengths["targets"] = args.targets_length or lengths["targets"]
+    steps, batch = args.steps or _gin_macro("TRAIN_STEPS"), args.batch_size or _gin_macro("BATCH_SIZE")
+    resolved, measured = mixture_view.measure(args.name, lengths, args.examples, pack=not args.no_pack,
+                                              budget_examples=steps * batch if steps and batch else None)
+    print(mixture_view.table(resolved, measured, steps, batch))
+    if args.plot:
+        print(f"wrote {mixture_view.plot(resolved, measured, args.plot)}")
     return 0
 
 

@@ -13,12 +13,80 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import gin
+import numpy as np
 import seqio
 import tensorflow as tf
 import torch
 
+from mtplatform import mixing
 
-@gin.configurable(denylist=["shard_index", "num_shards"])
+TASK_IDS = "decoder_task_ids"  # per target token: 1 + the index of its example's task in `task_names`; 0 = padding
+
+
+class TaskIdFeatureConverter(seqio.EncDecFeatureConverter):
+    """seqio's encoder-decoder converter, carrying each target token's task through packing as `decoder_task_ids`.
+
+    seqio refuses pass-through features when packing; a task feature (`targets_task`, as long as `targets`) is
+    packed like the targets themselves, so it stays aligned with them in packed and unpacked batches alike.
+    """
+
+    TASK_FEATURES = {**seqio.EncDecFeatureConverter.TASK_FEATURES,
+                     "targets_task": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32)}
+    MODEL_FEATURES = {**seqio.EncDecFeatureConverter.MODEL_FEATURES,
+                      TASK_IDS: seqio.FeatureConverter.FeatureSpec(dtype=tf.int32)}
+
+    def __call__(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
+        return super().__call__(ds, {**task_feature_lengths, "targets_task": task_feature_lengths["targets"]})
+
+    def _convert_example(self, features: Mapping[str, tf.Tensor]) -> Mapping[str, tf.Tensor]:
+        return {**super()._convert_example(features), TASK_IDS: features["targets_task"]}
+
+    def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, int]) -> Mapping[str, int]:
+        lengths = super().get_model_feature_lengths(task_feature_lengths)
+        return {**lengths, TASK_IDS: lengths["decoder_target_tokens"]}
+
+
+def _with_task_id(ds: tf.data.Dataset, task_id: int) -> tf.data.Dataset:
+    def add(ex):
+        return {"inputs": ex["inputs"], "targets": ex["targets"],
+                "targets_task": tf.fill(tf.shape(ex["targets"]), tf.constant(task_id, tf.int32))}
+
+    return ds.map(add, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def mixed_examples(
+    mixture_or_task_name: str,
+    task_feature_lengths: Mapping[str, int],
+    split: str = "train",
+    seed: int | None = 0,
+    shard_info: seqio.ShardInfo | None = None,
+    budget_examples: float | None = None,
+) -> tuple[tf.data.Dataset, mixing.Resolved]:
+    """An endless shuffled stream of a task's or mixture's examples, each tagged with its task, and the rates used.
+
+    For a mixture this is what `seqio.Mixture.get_dataset` does (one dataset per task, the same seed for each,
+    `sample_from_datasets` by rate), with two differences that need the task of each example: the task id is
+    added before sampling, and the rates are resolved once (`mixing.resolve`), dropping tasks without data where
+    configured. Task ids follow `resolved.rates` (sorted by name, as seqio orders a mixture's tasks).
+    """
+    provider = seqio.get_mixture_or_task(mixture_or_task_name)
+    resolved = mixing.resolve(provider, budget_examples)
+    datasets = []
+    for task_id, name in enumerate(resolved.rates, start=1):
+        task = seqio.get_mixture_or_task(name)
+        if split not in task.splits:
+            raise ValueError(f"task {name} (in {mixture_or_task_name}) has no {split!r} split; it has {task.splits}")
+        ds = task.get_dataset(dict(task_feature_lengths), split=split, use_cached=False, shuffle=True, seed=seed,
+                              shard_info=shard_info, num_epochs=None)
+        datasets.append(_with_task_id(ds, task_id))
+    if len(datasets) == 1:
+        return datasets[0], resolved
+    weights = list(resolved.rates.values())
+    mixed = tf.data.Dataset.sample_from_datasets(datasets, weights=weights, seed=seed, stop_on_empty_dataset=True)
+    return mixed, resolved
+
+
+@gin.configurable(denylist=["shard_index", "num_shards", "budget_examples"])
 def train_dataset(
     mixture_or_task_name: str = gin.REQUIRED,
     task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
@@ -28,23 +96,35 @@ def train_dataset(
     seed: int = 0,
     shard_index: int = 0,
     num_shards: int = 1,
-) -> tf.data.Dataset:
-    """An endless, shuffled, packed stream of batches of `batch_size` rows for shard `shard_index` of `num_shards`.
+    budget_examples: float | None = None,
+) -> tuple[tf.data.Dataset, mixing.Resolved]:
+    """An endless, shuffled, packed stream of batches of `batch_size` rows for shard `shard_index` of `num_shards`,
+    and the mixture's resolved rates (its task names give the meaning of `decoder_task_ids`).
 
     Each shard (one per training process) reads its own part of every task's source (seqio `ShardInfo`).
     """
-    ds = seqio.get_dataset(
-        mixture_or_task_name,
-        task_feature_lengths=dict(task_feature_lengths),
-        dataset_split=split,
-        shuffle=True,
-        num_epochs=None,
-        feature_converter=seqio.EncDecFeatureConverter(pack=pack),
-        shard_info=seqio.ShardInfo(index=shard_index, num_shards=num_shards) if num_shards > 1 else None,
-        use_cached=False,
-        seed=seed,
-    )
-    return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    shard_info = seqio.ShardInfo(index=shard_index, num_shards=num_shards) if num_shards > 1 else None
+    ds, resolved = mixed_examples(mixture_or_task_name, task_feature_lengths, split, seed, shard_info,
+                                  budget_examples)
+    ds = TaskIdFeatureConverter(pack=pack)(ds, dict(task_feature_lengths))
+    return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE), resolved
+
+
+def count_by_task(task_ids: np.ndarray, positions: np.ndarray | None, num_tasks: int) -> tuple[np.ndarray, np.ndarray]:
+    """(examples, target tokens) per task id 0..num_tasks in a batch of `decoder_task_ids` (id 0 is padding).
+
+    An example starts where its target's position is 0 (packed batches carry positions; unpacked rows start at
+    column 0).
+    """
+    task_ids = np.asarray(task_ids)
+    if positions is None:
+        starts = np.zeros_like(task_ids, dtype=bool)
+        starts[:, 0] = True
+    else:
+        starts = np.asarray(positions) == 0
+    tokens = np.bincount(task_ids.ravel(), minlength=num_tasks + 1)
+    examples = np.bincount(task_ids[starts & (task_ids > 0)].ravel(), minlength=num_tasks + 1)
+    return examples, tokens
 
 
 class BatchIterator(Iterator[dict[str, torch.Tensor]]):

@@ -43,7 +43,7 @@ def experiment(
     results: dict = {
         "experiment_dir": str(root),
         "pretrain": {"mixture": pretrain_mixture, "model_dir": str(pretrain_dir), "steps": pretrain_steps,
-                     **_first_last_loss(pretrain_dir)},
+                     "shares": mixture_shares(pretrain_dir), **_first_last_loss(pretrain_dir)},
         "tasks": {},
     }
     for task in finetune_tasks:
@@ -73,6 +73,17 @@ def _first_last_loss(model_dir: Path) -> dict[str, float]:
     return {"first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"]} if rows else {}
 
 
+def mixture_shares(model_dir: Path) -> dict[str, dict[str, float]]:
+    """Per task of a run: the configured share of examples (mixture.json) and the share it trained on (the
+    cumulative per-task example counts of its last metrics.jsonl row)."""
+    report = json.loads((model_dir / "mixture.json").read_text())
+    rows = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
+    seen = {t: rows[-1].get(f"task/{t}/examples", 0.0) for t in report["tasks"]} if rows else {}
+    total = sum(seen.values()) or 1.0
+    return {t: {"configured": v["share"], "measured": seen.get(t, 0.0) / total, "examples": seen.get(t, 0.0)}
+            for t, v in report["tasks"].items()}
+
+
 def results_markdown(results: dict) -> str:
     pre = results["pretrain"]
     lines = [
@@ -80,6 +91,11 @@ def results_markdown(results: dict) -> str:
         "",
         f"Pretraining on `{pre['mixture']}` for {pre['steps']} steps: loss {pre.get('first_loss', float('nan')):.3f}"
         f" -> {pre.get('last_loss', float('nan')):.3f}.",
+        "",
+        "| task in the pretraining mixture | configured share | share trained on (examples) |",
+        "|---|---:|---:|",
+        *(f"| `{t}` | {v['configured']:.1%} | {v['measured']:.1%} ({v['examples']:,.0f}) |"
+          for t, v in pre.get("shares", {}).items()),
         "",
         "| task | metrics | fine-tuning loss (first -> last) |",
         "|---|---|---|",

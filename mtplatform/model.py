@@ -293,10 +293,9 @@ class T5(nn.Module):
         return self.decode(decoder_input_tokens, memory, encoder_input_tokens, decoder_segment_ids,
                            decoder_positions, encoder_segment_ids)
 
-    def loss(self, batch: dict[str, Tensor], z_loss: float = 0.0,
-             forward: nn.Module | None = None) -> tuple[Tensor, Tensor]:
-        """(sum of weighted token losses, sum of weights): the trainer divides, after summing over micro-batches
-        and processes, so that the loss is normalised per target token however the batch is split.
+    def token_losses(self, batch: dict[str, Tensor], z_loss: float = 0.0,
+                     forward: nn.Module | None = None) -> tuple[Tensor, Tensor]:
+        """(loss of every target token, its weight), both (B, T) in float32; padding has weight 0.
 
         The token loss is cross-entropy plus `z_loss * logsumexp(logits)**2` (PaLM/t5x's z-loss) when z_loss > 0.
         `forward` is a wrapper of this model to call instead (DistributedDataParallel, torch.compile).
@@ -305,12 +304,18 @@ class T5(nn.Module):
         targets = batch["decoder_target_tokens"]
         weights = batch.get("decoder_loss_weights")
         if weights is None:
-            weights = (targets != self.cfg.pad_id).to(logits.dtype)
-        weights = weights.to(logits.dtype)
+            weights = targets != self.cfg.pad_id
         token_loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten().long(), reduction="none")
         if z_loss:
             token_loss = token_loss + z_loss * torch.logsumexp(logits, dim=-1).flatten().square()
-        return (token_loss * weights.flatten()).sum(), weights.sum()
+        return token_loss.view(targets.shape), weights.to(logits.dtype)
+
+    def loss(self, batch: dict[str, Tensor], z_loss: float = 0.0,
+             forward: nn.Module | None = None) -> tuple[Tensor, Tensor]:
+        """(sum of weighted token losses, sum of weights): the trainer divides, after summing over micro-batches
+        and processes, so that the loss is normalised per target token however the batch is split."""
+        token_loss, weights = self.token_losses(batch, z_loss, forward)
+        return (token_loss * weights).sum(), weights.sum()
 
     # -- decoding --
 

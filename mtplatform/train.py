@@ -32,7 +32,7 @@ import seqio
 import torch
 import torch.distributed as dist
 
-from mtplatform import checkpoints, data, evaluate, optim
+from mtplatform import checkpoints, data, evaluate, mixing, optim
 from mtplatform import model as model_lib
 from mtplatform import precision as precision_lib
 from mtplatform.tf_setup import configure_tensorflow
@@ -55,9 +55,15 @@ class Distributed:
     def sum(self, value: float) -> float:
         if self.world == 1:
             return value
-        t = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(t)
-        return t.item()
+        return self.sum_tensor(torch.tensor([value], dtype=torch.float64)).item()
+
+    def sum_tensor(self, values: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum over processes of a CPU tensor (moved to the GPU for nccl, which reduces only there)."""
+        if self.world == 1:
+            return values
+        on = values.cuda() if dist.get_backend() == "nccl" else values
+        dist.all_reduce(on)
+        return on.cpu()
 
 
 def setup_distributed() -> tuple[Distributed, torch.device]:
@@ -181,6 +187,256 @@ class Logger:
             self._tb.close()
 
 
+class TaskMeter:
+    """Per-task figures of a run: examples and target tokens seen (cumulative, over all processes) and the loss
+    summed over each task's target tokens since the last log. Its state is saved with each checkpoint, so that a
+    resumed run reports exactly what an uninterrupted one would."""
+
+    def __init__(self, names: list[str], state: dict | None = None):
+        self.names = names
+        n = len(names) + 1  # id 0 is padding
+        self.examples, self.tokens = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+        self.window_loss, self.window_tokens = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+        if state:
+            for key in ("examples", "tokens", "window_loss", "window_tokens"):
+                by_name = state[key]
+                getattr(self, key)[1:] = torch.tensor([by_name.get(t, 0.0) for t in names], dtype=torch.float64)
+
+    def step_counts(self, batch: dict[str, torch.Tensor], token_loss: torch.Tensor) -> torch.Tensor:
+        """This process's (examples, tokens, loss sum) per task id in one micro-batch, stacked (3, n)."""
+        ids = batch[data.TASK_IDS].flatten().long()
+        n = len(self.names) + 1
+        positions = batch.get("decoder_positions")
+        starts = positions == 0 if positions is not None else torch.arange(batch[data.TASK_IDS].shape[1]) == 0
+        starts = (starts & (batch[data.TASK_IDS] > 0)).flatten()
+        out = torch.zeros(3, n, dtype=torch.float64)
+        out[0].index_add_(0, ids[starts], torch.ones(int(starts.sum()), dtype=torch.float64))
+        out[1].index_add_(0, ids, (ids > 0).double())
+        out[2].index_add_(0, ids, token_loss.detach().flatten().double().cpu() * (ids > 0).double())
+        return out
+
+    def add(self, counts: torch.Tensor) -> None:
+        """Add one step's (examples, tokens, loss sum), already summed over processes."""
+        self.examples += counts[0]
+        self.tokens += counts[1]
+        self.window_tokens += counts[1]
+        self.window_loss += counts[2]
+
+    def log_values(self, new_window: bool = True) -> dict[str, float]:
+        """Figures for metrics.jsonl; then a new loss window, if `new_window`."""
+        values: dict[str, float] = {}
+        for i, task in enumerate(self.names, start=1):
+            values[f"task/{task}/examples"] = self.examples[i].item()
+            values[f"task/{task}/target_tokens"] = self.tokens[i].item()
+            if self.window_tokens[i] > 0:
+                values[f"task/{task}/loss"] = (self.window_loss[i] / self.window_tokens[i]).item()
+        if new_window:
+            self.window_loss.zero_()
+            self.window_tokens.zero_()
+        return values
+
+    def state(self) -> dict:
+        return {key: {t: getattr(self, key)[i].item() for i, t in enumerate(self.names, start=1)}
+                for key in ("examples", "tokens", "window_loss", "window_tokens")}
+
+
+def task_weight_vector(names: list[str], weights: dict[str, float] | None) -> torch.Tensor | None:
+    """Loss weight per task id (id 0, padding, weighs 0), or None when every task weighs 1."""
+    if not weights:
+        return None
+    unknown = sorted(set(weights) - set(names))
+    if unknown:
+        raise ValueError(f"train.task_loss_weights names {', '.join(unknown)}, not a task of this run "
+                         f"({', '.join(names)})")
+    for task, w in weights.items():
+        if not (math.isfinite(w) and w >= 0):
+            raise ValueError(f"train.task_loss_weights[{task!r}] = {w!r}: weights must be finite and >= 0")
+    return torch.tensor([0.0] + [float(weights.get(t, 1.0)) for t in names])
+
+
+def loss_weights(batch: dict[str, torch.Tensor], task_weights: torch.Tensor | None) -> torch.Tensor:
+    """Each target token's weight in the loss: the converter's (1, 0 for padding) times its task's weight."""
+    if task_weights is None:
+        return batch["decoder_loss_weights"]
+    return batch["decoder_loss_weights"] * task_weights[batch[data.TASK_IDS].long()]
+
+
+@dataclass
+class Restored:
+    """Where a run starts: the model, its step, and (when resuming) the optimizer, RNG and logging state."""
+
+    model: model_lib.T5
+    step: int
+    source: str
+    checkpoint: Path | None = None
+    state: dict | None = None
+
+
+def restore_or_init(model_dir: Path, vocab_size: int, initial_checkpoint_path: str | None,
+                    finetune: bool) -> Restored:
+    """Resume MODEL_DIR's latest checkpoint, else start from INITIAL_CHECKPOINT_PATH, else from scratch."""
+    resume = checkpoints.latest(model_dir)
+    if resume is not None:
+        state = torch.load(resume / "train_state.pt", map_location="cpu", weights_only=False)
+        return Restored(model_lib.load(resume / "model.safetensors"), state["step"], f"resuming from {resume}",
+                        resume, state)
+    if initial_checkpoint_path:
+        model, step = load_initial_weights(initial_checkpoint_path, vocab_size)
+        return Restored(model, step, f"{'fine-tuning' if finetune else 'starting'} from {initial_checkpoint_path} "
+                                     f"(step {step})")
+    if finetune:
+        raise ValueError("mtp finetune needs INITIAL_CHECKPOINT_PATH (a checkpoint or a Hugging Face T5 directory)")
+    return Restored(model_lib.T5(model_lib.T5Config(vocab_size=vocab_size)), 0, "from scratch")
+
+
+def _check_settings(fsdp: bool, ctx: Distributed, eval_every: int) -> None:
+    if fsdp and ctx.world == 1:
+        raise ValueError("train.fsdp = True needs more than one process (start with torchrun --nproc_per_node=N)")
+    if fsdp and eval_every:
+        raise ValueError("train.eval_every is not supported with train.fsdp (evaluation decodes on one process); "
+                         "evaluate the checkpoints with `mtp eval`")
+    if fsdp and optim.make_optimizer_name() == "adafactor":
+        raise ValueError("make_optimizer.name = 'adafactor' does not support FSDP's sharded (DTensor) parameters; "
+                         "use 'adamw' or 'adamw_scale' with train.fsdp = True")
+
+
+def mixture_report(resolved: mixing.Resolved) -> dict:
+    """What `MODEL_DIR/mixture.json` records: the strategy, each task's size, rate and share, and dropped tasks."""
+    return {"mixture": resolved.mixture, "settings": {k: v for k, v in vars(resolved.settings).items()},
+            "tasks": {t: {"size": resolved.sizes[t], "rate": resolved.rates[t], "share": share}
+                      for t, share in resolved.shares.items()},
+            "dropped": resolved.dropped}
+
+
+def _config_text(resolved: mixing.Resolved) -> str:
+    """The resolved gin config, with the tasks a mixture dropped for want of data as comments."""
+    dropped = [f"# mixture {resolved.mixture}: dropped {task}: {why}\n" for task, why in resolved.dropped.items()]
+    return "".join(dropped) + gin.config_str()
+
+
+@dataclass
+class Run:
+    """Everything a training run holds between steps (what `setup` builds and `train_step` and `save` use)."""
+
+    ctx: Distributed
+    device: torch.device
+    precision: str
+    model_dir: Path
+    model: model_lib.T5
+    wrapped: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    stream: data.BatchIterator
+    resolved: mixing.Resolved
+    meter: TaskMeter
+    task_weights: torch.Tensor | None
+    step: int
+    first_step: int  # where this run (not this attempt) began: UniMax's budget counts from there
+    losses_since_log: list[float]
+    config_text: str
+    fsdp: bool
+
+
+def setup(model_dir: Path, mixture_or_task_name: str, task_feature_lengths: dict[str, int], train_steps: int,
+          batch_size: int, per_rank: int, initial_checkpoint_path: str | None, finetune: bool,
+          dropout_rate: float | None, fsdp: bool, precision: str, pack: bool, seed: int,
+          task_loss_weights: dict[str, float] | None, ctx: Distributed, device: torch.device) -> Run:
+    """Model, optimizer and data stream, from MODEL_DIR's latest checkpoint (exactly where it stopped), an initial
+    checkpoint, or scratch; writes config.gin and mixture.json."""
+    torch.manual_seed(seed)  # the same initial weights on every process (FSDP shards them without a broadcast)
+    start = restore_or_init(model_dir, vocab_size_for(mixture_or_task_name), initial_checkpoint_path, finetune)
+    model, state = start.model, start.state or {}
+    first_step = state.get("first_step", start.step)
+    if dropout_rate is not None:
+        model.set_dropout(dropout_rate)
+    model.to(device).train()
+    wrapped = wrap_model(model, ctx, fsdp)
+    torch.manual_seed(seed + ctx.rank)  # dropout masks differ between processes
+    optimizer = optim.make_optimizer(model.parameters())
+    if "optimizer" in state:
+        load_optimizer(model, optimizer, state["optimizer"], fsdp)
+
+    dataset, resolved = data.train_dataset(
+        mixture_or_task_name=mixture_or_task_name, task_feature_lengths=task_feature_lengths, batch_size=per_rank,
+        pack=pack, seed=seed, shard_index=ctx.rank, num_shards=ctx.world,
+        budget_examples=(train_steps - first_step) * batch_size)
+    stream = data.BatchIterator(dataset)
+    if start.checkpoint is not None:
+        stream.restore(start.checkpoint / f"data_rank{ctx.rank}")
+        rng = state["rng"]
+        if isinstance(rng, list) and len(rng) != ctx.world:
+            raise ValueError(f"{start.checkpoint} was written by {len(rng)} processes; resume it with as many, "
+                             f"not {ctx.world}")
+        _set_rng_state(rng[ctx.rank] if isinstance(rng, list) else rng)
+    names = list(resolved.rates)
+    run = Run(ctx, device, precision, model_dir, model, wrapped, optimizer, stream, resolved,
+              TaskMeter(names, state.get("tasks")), task_weight_vector(names, task_loss_weights), start.step,
+              first_step, list(state.get("losses_since_log", [])), _config_text(resolved), fsdp)
+    if ctx.main:
+        (model_dir / "config.gin").write_text(run.config_text)
+        (model_dir / "mixture.json").write_text(json.dumps(mixture_report(resolved), indent=2) + "\n")
+        for task, why in resolved.dropped.items():
+            print(f"mtp: mixture {resolved.mixture}: dropped {task} ({why})", file=sys.stderr)
+        print(f"mtp: {model.num_params():,} parameters, {precision}, {ctx.world} process(es), global batch "
+              f"{batch_size} ({per_rank} x {batch_size // per_rank // ctx.world} accumulation per process); "
+              f"{start.source}", file=sys.stderr)
+    return run
+
+
+def train_step(run: Run, lr: float, grad_accum_steps: int, z_loss: float,
+               clip_grad_norm: float | None) -> tuple[float, float, int]:
+    """One optimizer step over `grad_accum_steps` micro-batches: (loss, gradient norm, non-padding tokens)."""
+    ctx, device = run.ctx, run.device
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    micro = [next(run.stream) for _ in range(grad_accum_steps)]
+    weights = [loss_weights(b, run.task_weights) for b in micro]
+    total_weight = ctx.sum(sum(w.sum().item() for w in weights))
+    loss_sum, tokens = 0.0, 0
+    counts = torch.zeros(3, len(run.meter.names) + 1, dtype=torch.float64)
+    for i, cpu_batch in enumerate(micro):
+        batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
+        sync = gradient_sync(run.wrapped, ctx, run.fsdp, enabled=i == len(micro) - 1)
+        with sync, precision_lib.autocast(run.precision, device):
+            token_loss, _ = run.model.token_losses(batch, z_loss=z_loss, forward=run.wrapped)
+            loss = (token_loss * weights[i].to(device)).sum()
+            # DDP and FSDP average gradients over processes; scale so that the result is the gradient of
+            # (sum of token losses) / (total weight) over the global batch.
+            (loss * ctx.world / max(total_weight, 1.0)).backward()
+        loss_sum += loss.item()
+        counts += run.meter.step_counts(cpu_batch, token_loss)
+        tokens += int(sum((cpu_batch[k] != 0).sum().item() for k in ("encoder_input_tokens",
+                                                                      "decoder_target_tokens")))
+    run.meter.add(ctx.sum_tensor(counts))
+    grad_norm = float("nan")
+    if clip_grad_norm:
+        norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip_grad_norm)
+        grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # DTensor under FSDP
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return ctx.sum(loss_sum) / max(total_weight, 1.0), grad_norm, tokens
+
+
+def save(run: Run, keep_checkpoints: int | None) -> None:
+    """Checkpoint `run` at its step: written under a temporary name by all processes, renamed by the main one."""
+    ctx, at_step = run.ctx, run.step
+    tmp = checkpoints.temporary_dir(run.model_dir, at_step)
+    if ctx.main:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash while writing this step before
+        tmp.mkdir(parents=True)
+    ctx.barrier()
+    run.stream.save(tmp / f"data_rank{ctx.rank}")
+    rng = _gather_rng(ctx)
+    model_state, optimizer_state = full_state(run.model, run.optimizer, run.fsdp)
+    if ctx.main:
+        model_lib.save(run.model, tmp / "model.safetensors", model_state)
+        torch.save({"step": at_step, "optimizer": optimizer_state, "rng": rng, "tasks": run.meter.state(),
+                    "losses_since_log": run.losses_since_log, "first_step": run.first_step}, tmp / "train_state.pt")
+        (tmp / "meta.json").write_text(json.dumps({"step": at_step, "world_size": ctx.world}))
+        (tmp / "config.gin").write_text(run.config_text)
+        checkpoints.commit(run.model_dir, at_step, keep_checkpoints)
+    ctx.barrier()
+
+
 @gin.configurable(denylist=["finetune"])
 def train(
     model_dir: str = gin.REQUIRED,
@@ -198,6 +454,7 @@ def train(
     z_loss: float = 1e-4,
     pack: bool = True,
     seed: int = 0,
+    task_loss_weights: dict[str, float] | None = None,
     checkpoint_every: int = 1000,
     keep_checkpoints: int | None = 3,
     log_every: int = 10,
@@ -211,148 +468,69 @@ def train(
     `dropout_rate`, when given, overrides the rate of a restored model (T5 fine-tunes with 0.1 what it pretrained
     without dropout); a fresh model takes its rate from `T5Config`. `fsdp` shards parameters, gradients and optimizer
     state over the processes (FSDP2) instead of replicating them (DDP), for models that do not fit one device;
-    checkpoints are gathered to the same unsharded files either way.
+    checkpoints are gathered to the same unsharded files either way. `task_loss_weights` ({task: weight}, 1 for
+    tasks not named) weights each task's target tokens in the loss, which stays normalised by the total weight.
     """
     configure_tensorflow()  # before the input pipeline's first op; a no-op when the CLI already did it
+    mixing.register_declared()
     ctx, device = setup_distributed()
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
-    precision = precision_lib.resolve(precision, device)
     per_rank, rest = divmod(batch_size, ctx.world * grad_accum_steps)
     if rest or per_rank == 0:
         raise ValueError(f"BATCH_SIZE={batch_size} must be a multiple of processes ({ctx.world}) x "
                          f"grad_accum_steps ({grad_accum_steps})")
-    vocab_size = vocab_size_for(mixture_or_task_name)
-    torch.manual_seed(seed)  # the same initial weights on every process (FSDP shards them without a broadcast)
-
-    resume = checkpoints.latest(model_dir)
-    optimizer_state = None
-    if resume is not None:
-        model = model_lib.load(resume / "model.safetensors")
-        state = torch.load(resume / "train_state.pt", map_location="cpu", weights_only=False)
-        step, optimizer_state = state["step"], state["optimizer"]
-        source = f"resuming from {resume}"
-    elif initial_checkpoint_path:
-        model, step = load_initial_weights(initial_checkpoint_path, vocab_size)
-        source = f"{'fine-tuning' if finetune else 'starting'} from {initial_checkpoint_path} (step {step})"
-    elif finetune:
-        raise ValueError("mtp finetune needs INITIAL_CHECKPOINT_PATH (a checkpoint or a Hugging Face T5 directory)")
-    else:
-        model, step = model_lib.T5(model_lib.T5Config(vocab_size=vocab_size)), 0
-        source = "from scratch"
-    if dropout_rate is not None:
-        model.set_dropout(dropout_rate)
-    model.to(device).train()
-    if fsdp and ctx.world == 1:
-        raise ValueError("train.fsdp = True needs more than one process (start with torchrun --nproc_per_node=N)")
-    if fsdp and eval_every:
-        raise ValueError("train.eval_every is not supported with train.fsdp (evaluation decodes on one process); "
-                         "evaluate the checkpoints with `mtp eval`")
-    if fsdp and optim.make_optimizer_name() == "adafactor":
-        raise ValueError("make_optimizer.name = 'adafactor' does not support FSDP's sharded (DTensor) parameters; "
-                         "use 'adamw' or 'adamw_scale' with train.fsdp = True")
-    wrapped = wrap_model(model, ctx, fsdp)
-    torch.manual_seed(seed + ctx.rank)  # dropout masks differ between processes
-    optimizer = optim.make_optimizer(model.parameters())
-    if optimizer_state is not None:
-        load_optimizer(model, optimizer, optimizer_state, fsdp)
-
-    stream = data.BatchIterator(data.train_dataset(
-        mixture_or_task_name=mixture_or_task_name, task_feature_lengths=task_feature_lengths,
-        batch_size=per_rank, pack=pack, seed=seed, shard_index=ctx.rank, num_shards=ctx.world))
-    if resume is not None:
-        stream.restore(resume / f"data_rank{ctx.rank}")
-        rng = state["rng"]
-        if isinstance(rng, list) and len(rng) != ctx.world:
-            raise ValueError(f"{resume} was written by {len(rng)} processes; resume it with as many, not {ctx.world}")
-        _set_rng_state(rng[ctx.rank] if isinstance(rng, list) else rng)
-
-    config_text = gin.config_str()
-    if ctx.main:
-        (model_dir / "config.gin").write_text(config_text)
-        print(f"mtp: {model.num_params():,} parameters, {precision}, {ctx.world} process(es), global batch "
-              f"{batch_size} ({per_rank} x {grad_accum_steps} accumulation per process); {source}", file=sys.stderr)
+    _check_settings(fsdp, ctx, eval_every)
+    run = setup(model_dir, mixture_or_task_name, task_feature_lengths, train_steps, batch_size, per_rank,
+                initial_checkpoint_path, finetune, dropout_rate, fsdp, precision_lib.resolve(precision, device),
+                pack, seed, task_loss_weights, ctx, device)
     logger = Logger(model_dir, ctx.main)
     lengths = dict(task_feature_lengths)
-    example_flops = model.training_flops(lengths.get("inputs", 0), lengths["targets"])
-
-    def save(at_step: int) -> None:
-        tmp = checkpoints.temporary_dir(model_dir, at_step)
-        if ctx.main:
-            shutil.rmtree(tmp, ignore_errors=True)  # left by a crash while writing this step before
-            tmp.mkdir(parents=True)
-        ctx.barrier()
-        stream.save(tmp / f"data_rank{ctx.rank}")
-        rng = _gather_rng(ctx)
-        model_state, optimizer_state = full_state(model, optimizer, fsdp)
-        if ctx.main:
-            model_lib.save(model, tmp / "model.safetensors", model_state)
-            torch.save({"step": at_step, "optimizer": optimizer_state, "rng": rng}, tmp / "train_state.pt")
-            (tmp / "meta.json").write_text(json.dumps({"step": at_step, "world_size": ctx.world}))
-            (tmp / "config.gin").write_text(config_text)
-            checkpoints.commit(model_dir, at_step, keep_checkpoints)
-        ctx.barrier()
-
+    example_flops = run.model.training_flops(lengths.get("inputs", 0), lengths["targets"])
     bar = None
     if ctx.main and progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=train_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(total=train_steps, initial=run.step, desc="train", unit="step", dynamic_ncols=True,
+                   file=sys.stderr)
     last: dict[str, float] = {}
-    tokens_since, time_since, losses_since = 0, time.perf_counter(), []
-    tokens_per_second = 0.0
-    while step < train_steps:
-        lr = optim.learning_rate(step, train_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        micro = [next(stream) for _ in range(grad_accum_steps)]
-        local_weight = sum(b["decoder_loss_weights"].sum().item() for b in micro)
-        total_weight = ctx.sum(local_weight)
-        loss_sum = 0.0
-        for i, batch in enumerate(micro):
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            sync = gradient_sync(wrapped, ctx, fsdp, enabled=i == len(micro) - 1)
-            with sync, precision_lib.autocast(precision, device):
-                loss, _ = model.loss(batch, z_loss=z_loss, forward=wrapped)
-                # DDP and FSDP average gradients over processes; scale so that the result is the gradient of
-                # (sum of token losses) / (total weight) over the global batch.
-                (loss * ctx.world / max(total_weight, 1.0)).backward()
-            loss_sum += loss.item()
-            tokens_since += int(sum((batch[k] != 0).sum().item() for k in ("encoder_input_tokens",
-                                                                           "decoder_target_tokens")))
-        grad_norm = float("nan")
-        if clip_grad_norm:
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-            grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # DTensor under FSDP
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        step_loss = ctx.sum(loss_sum) / max(total_weight, 1.0)
+    tokens_since, time_since, tokens_per_second = 0, time.perf_counter(), 0.0
+    while run.step < train_steps:
+        lr = optim.learning_rate(run.step, train_steps)
+        step_loss, grad_norm, tokens = train_step(run, lr, grad_accum_steps, z_loss, clip_grad_norm)
+        run.step += 1
+        tokens_since += tokens
         if not math.isfinite(step_loss):
-            raise FloatingPointError(f"loss is {step_loss} at step {step}; the last checkpoint is intact")
-        losses_since.append(step_loss)
-        if step % log_every == 0 or step == train_steps:
+            raise FloatingPointError(f"loss is {step_loss} at step {run.step}; the last checkpoint is intact")
+        run.losses_since_log.append(step_loss)
+        window_ends = run.step % log_every == 0
+        if window_ends or run.step == train_steps:
+            # A run's last step is logged too; its window goes on (and is saved) unless it ends there, so that a
+            # resumed run logs what an uninterrupted one would.
             elapsed = time.perf_counter() - time_since
             tokens_per_second = ctx.sum(tokens_since) / elapsed
-            last = {"loss": sum(losses_since) / len(losses_since), "learning_rate": lr, "grad_norm": grad_norm,
+            steps_logged = len(run.losses_since_log)
+            last = {"loss": sum(run.losses_since_log) / steps_logged, "learning_rate": lr, "grad_norm": grad_norm,
                     "tokens_per_second": tokens_per_second,
-                    "flops_per_second": example_flops * batch_size * len(losses_since) / elapsed}
-            logger.log(step, last)
-            tokens_since, time_since, losses_since = 0, time.perf_counter(), []
+                    "flops_per_second": example_flops * batch_size * steps_logged / elapsed,
+                    **run.meter.log_values(new_window=window_ends)}
+            logger.log(run.step, last)
+            if window_ends:
+                tokens_since, time_since, run.losses_since_log = 0, time.perf_counter(), []
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_second:.0f}", refresh=False)
-        if eval_every and step % eval_every == 0:
-            _evaluate_and_log(model, mixture_or_task_name, lengths, eval_num_examples, eval_max_decode_length,
-                              precision, device, step, ctx, logger)
-        if step % checkpoint_every == 0 or step == train_steps:
-            save(step)
+        if eval_every and run.step % eval_every == 0:
+            _evaluate_and_log(run.model, mixture_or_task_name, lengths, eval_num_examples, eval_max_decode_length,
+                              run.precision, device, run.step, ctx, logger)
+        if run.step % checkpoint_every == 0 or run.step == train_steps:
+            save(run, keep_checkpoints)
     if bar is not None:
         bar.close()
     if not last and ctx.main:
-        print(f"mtp: {model_dir} is already at step {step} >= TRAIN_STEPS; nothing to do", file=sys.stderr)
+        print(f"mtp: {model_dir} is already at step {run.step} >= TRAIN_STEPS; nothing to do", file=sys.stderr)
     logger.close()
-    return {"step": step, "model_dir": str(model_dir), **last}
+    return {"step": run.step, "model_dir": str(model_dir), **last}
 
 
 def _gather_rng(ctx: Distributed) -> list | dict:

@@ -143,11 +143,3 @@ for _spec in SPECS.values():
     _register(_spec)
 
 GLUE_TASKS = tuple(f"glue_{name}" for name in SPECS)
-
-# The mixture of the T5 paper's GLUE multi-task training: examples-proportional over the official training sizes
-# (WNLI is left out as in T5, the mismatched MNLI task shares MNLI's training data).
-seqio.MixtureRegistry.add(
-    "glue_proportional",
-    [t for t in GLUE_TASKS if t not in ("glue_wnli", "glue_mnli_mismatched")],
-    default_rate=functools.partial(seqio.mixing_rate_num_examples, maximum=None),
-)

@@ -1,24 +1,34 @@
-"""Mixtures of the built-in tasks.
+"""Mixtures of the built-in tasks, named by the tasks they hold; their rates come from the configured strategy
+(`mtplatform.mixing`: `--gin.mixing.strategy=...`, default examples-proportional with K = 2**14).
 
-- `glue_proportional` (in `tasks.glue`): the T5 paper's GLUE multi-task mixture.
-- `span_corruption_and_glue`: T5's unsupervised objective mixed with the GLUE tasks whose training files ship in the
-  shared data (CoLA, SST-2, MRPC, STS-B, RTE, WNLI), examples-proportional with the T5 paper's cap K: a task's rate
-  is min(examples, K) with K = 2**14, so span corruption's 118k lines do not drown the small tasks.
+- `glue`: every GLUE task with a training set (`glue_mnli_mismatched` shares MNLI's and is left out).
+- `glue_proportional`: the T5 paper's GLUE mixture (no WNLI, as in `t5.data.mixtures`), examples-proportional
+  without a cap unless gin says otherwise.
+- `supervised`: GLUE, SQuAD v1.1 (`squad_v1`) and CoNLL-2003; `supervised_and_span_corruption` adds T5's objective.
+- `leave_one_out_<task>` for every supervised task: the other supervised tasks and span corruption (the T5 paper's
+  "leave-one-out" strategy, made in a loop as `t5.data.mixtures` makes its own).
+- `span_corruption_and_glue`: span corruption with the GLUE tasks whose training files ship in the shared data.
+
+Data shipped here lacks the training files of QQP, MNLI, QNLI and SQuAD: mixtures holding them fail with an error
+that names the file, unless `--gin.mixing.drop_tasks_without_data=True`.
 """
 
 from __future__ import annotations
 
-import functools
+from mtplatform import mixing
+from tasks import conll, glue, squad, unsupervised  # noqa: F401  (registers the tasks mixed here)
 
-import seqio
-
-from tasks import glue, unsupervised  # noqa: F401  (registers the tasks mixed here)
-
-CAP_K = 2**14
+GLUE = tuple(t for t in glue.GLUE_TASKS if t != "glue_mnli_mismatched")
+T5_GLUE = tuple(t for t in GLUE if t != "glue_wnli")
+SUPERVISED = (*GLUE, "squad_v1", "conll2003_ner")
 SHARED_GLUE = ("glue_cola", "glue_sst2", "glue_mrpc", "glue_stsb", "glue_rte", "glue_wnli")
 
-seqio.MixtureRegistry.add(
-    "span_corruption_and_glue",
-    ["span_corruption", *SHARED_GLUE],
-    default_rate=functools.partial(seqio.mixing_rate_num_examples, maximum=CAP_K),
-)
+mixing.register("glue", GLUE)
+mixing.register("glue_proportional", T5_GLUE, cap=None)
+mixing.register("supervised", SUPERVISED)
+mixing.register("supervised_and_span_corruption", [*SUPERVISED, "span_corruption"])
+mixing.register("span_corruption_and_glue", ["span_corruption", *SHARED_GLUE])
+
+LEAVE_ONE_OUT = tuple(f"leave_one_out_{task}" for task in SUPERVISED)
+for _task in SUPERVISED:
+    mixing.register(f"leave_one_out_{_task}", [t for t in SUPERVISED if t != _task] + ["span_corruption"])

@@ -21,6 +21,7 @@ import seqio
 import tensorflow as tf
 from t5.data import preprocessors as t5p
 
+from mtplatform import mixing
 from tasks.common import OUTPUT_FEATURES
 from tasks.sources import FileSource, in_text_validation_split, read_text_lines, text_files
 
@@ -99,6 +100,7 @@ def register_text_tasks(prefix: str, patterns: Sequence[str]) -> list[str]:
             output_features=OUTPUT_FEATURES,
             metric_fns=[],
         )
+        mixing.UNSUPERVISED_TASKS.add(name)  # its size is arbitrary: mixing rates use an artificial one
         names.append(name)
     return names
 

@@ -330,6 +330,9 @@ def test_cli_tasks_list(data_dir):
     assert "matthews_corrcoef" in lines["glue_cola"]
     for name in ("glue_mnli", "glue_qqp", "squad_v1_devsplit", "span_corruption", "bert_mlm", "prefix_lm"):
         assert name in lines
+    mixtures = out.stdout.split("mixtures: ", 1)[1].split(", ")
+    assert {"glue", "supervised", "leave_one_out_glue_rte", "leave_one_out_squad_v1", "span_corruption_and_glue"} \
+        <= {m.strip() for m in mixtures}
 
 
 def test_cli_vocab_train_then_show(tmp_path, data_dir):

@@ -44,15 +44,26 @@ def _losses(model_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (model_dir / "metrics.jsonl").read_text().splitlines())}
 
 
+def _rows(model_dir: Path) -> dict[int, dict]:
+    """metrics.jsonl by step, without the timing figures (which no two runs share)."""
+    rows = {}
+    for row in map(json.loads, (model_dir / "metrics.jsonl").read_text().splitlines()):
+        rows[row["step"]] = {k: v for k, v in row.items() if k not in ("tokens_per_second", "flops_per_second")}
+    return rows
+
+
 def test_resume_gives_identical_losses(tmp_path, vocab_file):
-    _train(tmp_path / "once", 8)
-    _train(tmp_path / "twice", 4)
+    # Logging every 3 steps and saving every 4: the resumed run restarts inside a logging window.
+    _train(tmp_path / "once", 8, log_every=3)
+    _train(tmp_path / "twice", 4, log_every=3)
     assert checkpoints.all_steps(tmp_path / "twice") == [4]
-    _train(tmp_path / "twice", 8)
-    once, twice = _losses(tmp_path / "once"), _losses(tmp_path / "twice")
-    assert sorted(once) == sorted(twice) == list(range(1, 9))
-    assert [once[s] for s in range(1, 9)] == [twice[s] for s in range(1, 9)]  # bit for bit, fp32, dropout on
-    assert once[8] < once[1]
+    _train(tmp_path / "twice", 8, log_every=3)
+    once, twice = _rows(tmp_path / "once"), _rows(tmp_path / "twice")
+    assert sorted(once) == [3, 6, 8] and sorted(twice) == [3, 4, 6, 8]  # 4: where the first part ended
+    assert once == {s: twice[s] for s in once}  # bit for bit, fp32, dropout on: the loss and every per-task figure
+    assert once[8]["loss"] < once[3]["loss"]
+    assert set(once[8]) >= {f"task/{t}/{k}" for t in ("glue_rte", "span_corruption")
+                            for k in ("loss", "examples", "target_tokens")}
 
 
 def test_bf16_training_repeats_exactly_and_stays_near_fp32(tmp_path, vocab_file):
@@ -99,7 +110,7 @@ def test_keep_last_checkpoints_and_ignore_partial(tmp_path, vocab_file):
 
 
 def test_saved_data_position_does_not_grow_with_steps(tmp_path, vocab_file):
-    ds = data.train_dataset(mixture_or_task_name=MIXTURE, task_feature_lengths=LENGTHS, batch_size=4)
+    ds, _ = data.train_dataset(mixture_or_task_name=MIXTURE, task_feature_lengths=LENGTHS, batch_size=4)
     it = data.BatchIterator(ds)
     next(it)
     it.save(tmp_path / "early")
@@ -110,7 +121,7 @@ def test_saved_data_position_does_not_grow_with_steps(tmp_path, vocab_file):
     size = {d: sum(f.stat().st_size for f in (tmp_path / d).iterdir()) for d in ("early", "late")}
     assert size["late"] < 1.5 * size["early"] + 4096  # a position, not a replay log
     again = data.BatchIterator(
-        data.train_dataset(mixture_or_task_name=MIXTURE, task_feature_lengths=LENGTHS, batch_size=4))
+        data.train_dataset(mixture_or_task_name=MIXTURE, task_feature_lengths=LENGTHS, batch_size=4)[0])
     again.restore(tmp_path / "late")
     for want in expected:
         got = next(again)
@@ -265,4 +276,11 @@ def test_cli_experiment_writes_results(tmp_path, vocab_file):
     assert checkpoints.all_steps(exp / "finetune_glue_rte") == [10]
     table = (exp / "results.md").read_text()
     assert "| `glue_rte` | accuracy" in table and "| `glue_stsb` | pearson_corrcoef" in table
+    shares = results["pretrain"]["shares"]  # the demo's pretraining mixture: configured beside trained-on shares
+    assert set(shares) == {"span_corruption", "glue_cola", "glue_sst2", "glue_mrpc", "glue_stsb", "glue_rte",
+                           "glue_wnli"}
+    assert sum(v["configured"] for v in shares.values()) == pytest.approx(1.0)
+    assert sum(v["measured"] for v in shares.values()) == pytest.approx(1.0)
+    assert sum(v["examples"] for v in shares.values()) >= 6 * 4  # 6 steps of 4 rows, packed
+    assert "| `glue_sst2` | 30.4% |" in table
     assert "results.md" in out.stdout
