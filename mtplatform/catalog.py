@@ -63,12 +63,9 @@ def _is_tokenizer(fn) -> bool:
     return fn in (seqio.preprocessors.tokenize, seqio.preprocessors.tokenize_and_append_eos)
 
 
-def raw_texts(task: seqio.Task, split: str, max_examples: int | None = None) -> Iterator[str]:
-    """The text a task feeds its tokenizer (its `inputs` and `targets` strings), before tokenization.
-
-    Runs the task's preprocessors up to the tokenizer, so that a vocabulary is trained on what the model will read
-    (with prefixes such as `sst2 sentence:` and label words), not just on the raw files.
-    """
+def pretokenized(task: seqio.Task, split: str, max_examples: int | None = None) -> Iterator[dict]:
+    """Examples of a task after its preprocessors up to the tokenizer: text as the model will read it (with
+    prefixes such as `sst2 sentence:` and label words), in file order."""
     steps = list(task.preprocessors)
     cut = next((i for i, p in enumerate(steps) if _is_tokenizer(p)), len(steps))
     ds = task.source.get_dataset(split=split, shuffle=False)
@@ -76,7 +73,13 @@ def raw_texts(task: seqio.Task, split: str, max_examples: int | None = None) -> 
         ds = seqio.utils.add_kwargs_to_transform(step, sequence_length=None, output_features=task.output_features)(ds)
     if max_examples is not None:
         ds = ds.take(max_examples)
-    for ex in ds.as_numpy_iterator():
+    return ds.as_numpy_iterator()
+
+
+def raw_texts(task: seqio.Task, split: str, max_examples: int | None = None) -> Iterator[str]:
+    """The text a task feeds its tokenizer (its `inputs` and `targets` strings), so that a vocabulary is trained on
+    what the model will read, not just on the raw files."""
+    for ex in pretokenized(task, split, max_examples):
         for key in ("inputs", "targets"):
             if key in ex and key in task.output_features:
                 yield ex[key].decode("utf-8")

@@ -7,6 +7,8 @@
     mtp finetune --gin_file=gin/models/small.gin --gin_file=gin/runs/finetune.gin --gin.INITIAL_CHECKPOINT_PATH=...
     mtp eval     --gin_file=gin/runs/eval.gin --gin.CHECKPOINT_PATH="'/tmp/run'" --gin.MIXTURE_OR_TASK_NAME=...
     mtp infer    --gin_file=gin/runs/infer.gin --gin.CHECKPOINT_PATH=... --gin.OUTPUT_FILE="'/tmp/preds.jsonl'"
+    mtp experiment --gin_file=gin/models/tiny.gin --gin_file=gin/experiments/demo.gin --gin.EXPERIMENT_DIR=...
+    mtp report   runs/demo
     mtp mixture show span_corruption_and_glue [--gin.mixing.strategy="'temperature'" --gin.mixing.temperature=2.0]
 
 Gin overrides follow t5x: `--gin.NAME=VALUE` binds NAME (a macro or `configurable.param`) to a Python literal,
@@ -16,6 +18,7 @@ after all --gin_file files. The resolved config is saved as MODEL_DIR/config.gin
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -53,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--split", default="train")
     train.add_argument("--max_examples_per_task", type=int, default=None)
 
+    rep = commands.add_parser("report", help="rebuild an experiment's results.md/json and plots from its runs")
+    rep.add_argument("experiment_dir")
+    _add_module_flag(rep)
+
     mixture = commands.add_parser("mixture", help="a mixture's rates, expected and measured shares")
     mixture_cmd = mixture.add_subparsers(dest="mixture_command", required=True)
     mshow = mixture_cmd.add_parser("show", help="rates, expected and measured shares, epochs per run (--gin. too)")
@@ -72,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                             ("finetune", "fine-tune INITIAL_CHECKPOINT_PATH with a fresh optimizer"),
                             ("eval", "evaluate a checkpoint with the tasks' metrics"),
                             ("infer", "write predictions as JSON lines"),
-                            ("experiment", "pretrain, fine-tune each task, evaluate; write results.md/json")):
+                            ("experiment", "run an experiment's arms (stages), evaluate, write its report")):
         cmd = commands.add_parser(name, help=help_text)
         _add_module_flag(cmd)
         cmd.add_argument("--gin_file", action="append", default=[], help="gin file; repeatable, read in order")
@@ -85,6 +92,15 @@ GIN_COMMANDS = ("train", "finetune", "eval", "infer", "experiment")
 ACCEPTS_GIN = (*GIN_COMMANDS, "mixture")
 
 
+class _DropMessages(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
 def parse_gin(files: list[str], overrides: list[str], search_paths: list[str]) -> None:
     """Read gin files, then `--gin.NAME=VALUE` overrides (t5x style)."""
     import gin
@@ -92,6 +108,7 @@ def parse_gin(files: list[str], overrides: list[str], search_paths: list[str]) -
     import mtplatform.evaluate  # noqa: F401  (registers the configurables the run files bind)
     import mtplatform.experiment  # noqa: F401
     import mtplatform.settings  # noqa: F401
+    import mtplatform.strategies  # noqa: F401
     import mtplatform.train  # noqa: F401
 
     for path in [*search_paths, str(GIN_DIR), str(GIN_DIR.parent), "."]:
@@ -104,7 +121,14 @@ def parse_gin(files: list[str], overrides: list[str], search_paths: list[str]) -
         if not sep:
             raise ValueError(f"{item!r}: a gin override needs a value, as in --gin.TRAIN_STEPS=1000")
         bindings.append(f"{name} = {value}")
-    gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
+    # A resource reader that seqio registers with gin logs "Path not found" at ERROR for every search path that
+    # does not hold an included file, even when a later one does; a missing file still raises from gin itself.
+    quiet = _DropMessages("Path not found:")
+    logging.getLogger().addFilter(quiet)
+    try:
+        gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
+    finally:
+        logging.getLogger().removeFilter(quiet)
     from mtplatform import mixing
 
     mixing.register_declared()
@@ -140,6 +164,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "mixture":
             parse_gin(args.gin_file, extra, args.gin_search_path)
             return _mixture_show(args)
+        if args.command == "report":
+            from mtplatform import report
+
+            report.build(args.experiment_dir)
+            print((Path(args.experiment_dir) / "results.md").read_text())
+            return 0
         if args.command == "tasks" and args.tasks_command == "list":
             return _tasks_list()
         if args.command == "tasks" and args.tasks_command == "show":
@@ -167,9 +197,9 @@ def _run(command: str) -> int:
     elif command == "experiment":
         from mtplatform import experiment
 
-        results = experiment.experiment()
-        print(experiment.results_markdown(results))
-        print(f"wrote {results['experiment_dir']}/results.md and results.json")
+        root = experiment.experiment()
+        print((root / "results.md").read_text())
+        print(f"wrote {root}/results.md, results.json and plots")
     elif command == "eval":
         metrics, path = evaluate.evaluate_checkpoint()
         for task, values in metrics.items():

@@ -67,6 +67,32 @@ def evaluate(model: T5, mixture_or_task_name: str, *, split: str = "validation",
     return {task: {k: _scalar(v) for k, v in metrics.items()} for task, metrics in results.items()}
 
 
+def constant_baseline(task_name: str, split: str = "validation", max_train_examples: int = 20000,
+                      ) -> tuple[str, dict[str, float]]:
+    """The majority-class (or most frequent target) baseline: (the constant prediction, its metrics on `split`).
+
+    The constant is the most frequent target text among the first `max_train_examples` training examples; it is
+    postprocessed and scored exactly as a model's prediction would be (the task's postprocess_fn and metric_fns).
+    """
+    from collections import Counter
+
+    from mtplatform import catalog
+
+    task = seqio.get_mixture_or_task(task_name)
+    counts = Counter(ex["targets"].decode("utf-8") for ex in catalog.pretokenized(task, "train", max_train_examples))
+    constant = counts.most_common(1)[0][0]
+    targets, predictions = [], []
+    for ex in task.get_dataset(None, split=split, shuffle=False, use_cached=False).as_numpy_iterator():
+        target = ex["targets_pretokenized"].decode("utf-8")
+        targets.append(task.postprocess_fn(target, example=ex, is_target=True) if task.postprocess_fn else target)
+        predictions.append(task.postprocess_fn(constant, example=ex, is_target=False)
+                           if task.postprocess_fn else constant)
+    metrics: dict[str, float] = {}
+    for fn in task.metric_fns:
+        metrics.update({k: _scalar(v) for k, v in fn(targets, predictions).items()})
+    return constant, metrics
+
+
 def _scalar(value) -> float:
     return float(getattr(value, "value", value))
 

@@ -1,107 +1,170 @@
-"""`mtp experiment`: multi-task pretraining, then fine-tuning on each task from that checkpoint, then evaluation;
-one row per task in `results.md` and `results.json`.
+"""`mtp experiment`: run the arms of an experiment (lists of stages), evaluate, and write the report.
 
-Each stage is a `train` call under a gin scope (`pretrain/...`, `finetune/...`), so one gin file configures the
-stages differently (e.g. `finetune/learning_rate.name = "constant"`). Stages that already finished are resumed
-(which is immediate), so re-running an interrupted experiment continues where it stopped.
+Each stage trains under its own gin scope (`pretrain/...`, `finetune/...`, `scratch/...`) into
+`EXPERIMENT_DIR/<stage>/seed_<seed>/`, then evaluates its tasks on every checkpoint it wrote, with the same function
+and settings as `mtp eval`. Stages shared by arms run once. Re-running continues where it stopped: a finished stage
+is skipped, an interrupted one resumes exactly (its checkpoints), and a finished stage whose configuration changed
+is an error naming it. The arms come from a strategy function (`mtplatform.strategies`) chosen in a gin file under
+gin/experiments/; the report is `mtplatform.report`'s.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import gin
-import torch
 
-from mtplatform import checkpoints, evaluate
-from mtplatform import model as model_lib
+from mtplatform import checkpoints, evaluate, report, strategies
 from mtplatform import train as train_lib
+
+
+class StageChanged(ValueError):
+    """A finished stage would now be configured differently; the message names the stage and the change."""
+
+
+def _gin_lines(scope: str) -> list[str]:
+    """The parsed gin bindings that apply under `scope` (unscoped ones and the scope's own), without the
+    experiment's own settings, which say how arms are made, not how a stage trains."""
+    keep = []
+    for line in gin.config_str().splitlines():
+        selector = line.split(" = ", 1)[0].strip()
+        if not selector or line.startswith("#") or selector == "EXPERIMENT_DIR":
+            continue
+        scope_of = selector.rsplit("/", 1)[0] if "/" in selector else ""
+        name = selector.rsplit("/", 1)[-1]
+        if scope_of in ("", scope) and not name.startswith(("experiment.", "training_strategies.",
+                                                               "mixing_strategies.", "pretrain_then_finetune.")):
+            keep.append(line.strip())
+    return keep
+
+
+def stage_config(stage: strategies.Stage, seed: int, init_config: dict | None) -> dict:
+    """What a stage's result depends on: its definition, seed, the gin lines it trains under, its initial stage's."""
+    config = {"stage": asdict(stage), "seed": seed, "gin": _gin_lines(stage.scope), "init": init_config}
+    return json.loads(json.dumps(config))  # as stage.json will hold it (tuples become lists), to compare
+
+
+def _fingerprint(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _check_unchanged(name: str, path: Path, config: dict) -> dict | None:
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    if saved["fingerprint"] == _fingerprint(config):
+        return saved
+    old, new = saved["config"], config
+    what = next((f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in ("stage", "seed", "init")
+                 if old.get(key) != new.get(key)), None)
+    if what is None:
+        changed = sorted(set(old["gin"]) ^ set(new["gin"]))
+        what = f"gin binding {changed[0]!r}" if changed else "its configuration"
+    raise StageChanged(f"stage {name} in {path.parent} already ran with another configuration ({what}); delete "
+                       f"that directory to rerun it, or use another EXPERIMENT_DIR")
+
+
+def run_stage(root: Path, stage: strategies.Stage, seed: int, done: dict[str, dict], eval_num_examples: int | None,
+              evals_per_stage: int) -> dict:
+    """Train and evaluate one stage (or skip it when finished); return its stage.json record."""
+    stage_dir = root / stage.name / f"seed_{seed}"
+    init = done[stage.init] if stage.init else None
+    config = stage_config(stage, seed, init["config"] if init else None)
+    record_path = stage_dir / "stage.json"
+    saved = _check_unchanged(stage.name, record_path, config)
+    if saved and saved.get("finished"):
+        print(f"experiment: stage {stage.name} (seed {seed}) already finished; skipped", file=sys.stderr)
+        return saved
+    start = init["end_step"] if init else 0
+    record = {"name": stage.name, "seed": seed, "config": config, "fingerprint": _fingerprint(config),
+              "model_dir": str(stage_dir), "start_step": start, "end_step": start + stage.steps, "finished": False}
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"experiment: stage {stage.name} (seed {seed}): {stage.train_on}, steps {start} -> {record['end_step']}"
+          + (f", from {stage.init}" if stage.init else ""), file=sys.stderr)
+    with gin.config_scope(stage.scope):
+        train_lib.train(model_dir=str(stage_dir), mixture_or_task_name=stage.train_on,
+                        train_steps=record["end_step"], initial_checkpoint_path=init["model_dir"] if init else None,
+                        finetune=init is not None, seed=seed, keep_checkpoints=None,
+                        checkpoint_every=max(1, math.ceil(stage.steps / evals_per_stage)))
+    record["evaluations"] = evaluate_stage(stage, stage_dir, start, eval_num_examples)
+    record["finished"] = True
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def evaluate_stage(stage: strategies.Stage, stage_dir: Path, start: int,
+                   eval_num_examples: int | None) -> dict[str, dict[str, dict]]:
+    """{step: {task: metrics}} for each checkpoint the stage wrote, by `mtp eval`'s own function and settings.
+    Each result is written as it comes (`eval/<step>_<task>/metrics.json`), so an interrupted evaluation resumes."""
+    results: dict[str, dict[str, dict]] = {}
+    for step in (s for s in checkpoints.all_steps(stage_dir) if s > start):
+        for task in stage.evaluate:
+            out = stage_dir / "eval" / f"{step}_{task}"
+            if not (out / "metrics.json").is_file():
+                evaluate.evaluate_checkpoint(checkpoint_path=str(checkpoints.checkpoint_dir(stage_dir, step)),
+                                             mixture_or_task_name=task, output_dir=str(out),
+                                             num_examples=eval_num_examples)
+            metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+            results.setdefault(str(step), {})[task] = metrics.get(task, {})
+    return results
 
 
 @gin.configurable
 def experiment(
     experiment_dir: str = gin.REQUIRED,
-    pretrain_mixture: str = gin.REQUIRED,
-    finetune_tasks: Sequence[str] = gin.REQUIRED,
-    pretrain_steps: int = gin.REQUIRED,
-    finetune_steps: int = gin.REQUIRED,
-    eval_split: str = "validation",
+    arms: Sequence[strategies.Arm] = gin.REQUIRED,
+    seeds: Sequence[int] = (0,),
     eval_num_examples: int | None = None,
-    eval_max_decode_length: int = 32,
-) -> dict:
-    """Run the pipeline; return {"pretrain": {...}, "tasks": {task: {"metrics": ..., "model_dir": ...}}}."""
+    evals_per_stage: int = 2,
+    title: str = "Experiment",
+) -> Path:
+    """Run every stage of every arm for every seed (each shared stage once), write the report; return the
+    experiment directory."""
     root = Path(experiment_dir)
     root.mkdir(parents=True, exist_ok=True)
-    pretrain_dir = root / "pretrain"
-    with gin.config_scope("pretrain"):
-        pre = train_lib.train(model_dir=str(pretrain_dir), mixture_or_task_name=pretrain_mixture,
-                              train_steps=pretrain_steps)
-    print(f"experiment: pretrained {pretrain_mixture} to step {pre['step']} in {pretrain_dir}", file=sys.stderr)
-    results: dict = {
-        "experiment_dir": str(root),
-        "pretrain": {"mixture": pretrain_mixture, "model_dir": str(pretrain_dir), "steps": pretrain_steps,
-                     "shares": mixture_shares(pretrain_dir), **_first_last_loss(pretrain_dir)},
-        "tasks": {},
-    }
-    for task in finetune_tasks:
-        task_dir = root / f"finetune_{task}"
-        with gin.config_scope("finetune"):
-            train_lib.train(model_dir=str(task_dir), mixture_or_task_name=task,
-                            train_steps=pretrain_steps + finetune_steps,  # t5x counting: steps continue
-                            initial_checkpoint_path=str(pretrain_dir), finetune=True)
-        ckpt = checkpoints.latest(task_dir)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model = model_lib.load(ckpt / "model.safetensors").to(device).eval()
-        metrics = evaluate.evaluate(model, task, split=eval_split, num_examples=eval_num_examples,
-                                    max_decode_length=eval_max_decode_length,
-                                    device=device, step=pretrain_steps + finetune_steps)
-        results["tasks"][task] = {"metrics": metrics.get(task, {}), "model_dir": str(task_dir),
-                                  **_first_last_loss(task_dir)}
-        print(f"experiment: {task}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.get(task, {}).items()),
-              file=sys.stderr)
-    (root / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (root / "results.md").write_text(results_markdown(results))
-    return results
+    arms = list(arms)
+    _check_arms(arms)
+    (root / "experiment.json").write_text(json.dumps(
+        {"title": title, "seeds": list(seeds), "arms": [asdict(arm) for arm in arms]}, indent=2) + "\n")
+    tasks = sorted({task for arm in arms for stage in arm.stages for task in stage.evaluate})
+    write_baselines(root, tasks)
+    for seed in seeds:
+        done: dict[str, dict] = {}
+        for arm in arms:
+            for stage in arm.stages:
+                if stage.name not in done:
+                    done[stage.name] = run_stage(root, stage, seed, done, eval_num_examples, evals_per_stage)
+    report.build(root)
+    return root
 
 
-def _first_last_loss(model_dir: Path) -> dict[str, float]:
-    rows = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()
-            if "loss" in json.loads(line)]
-    return {"first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"]} if rows else {}
+def write_baselines(root: Path, tasks: Sequence[str]) -> None:
+    """baselines.json: each task's majority-class (or most frequent target) prediction and its validation metrics,
+    computed once per experiment directory."""
+    path = root / "baselines.json"
+    baselines = json.loads(path.read_text()) if path.is_file() else {}
+    for task in tasks:
+        if task not in baselines:
+            prediction, metrics = evaluate.constant_baseline(task)
+            baselines[task] = {"prediction": prediction, "metrics": metrics}
+    path.write_text(json.dumps(baselines, indent=2) + "\n")
 
 
-def mixture_shares(model_dir: Path) -> dict[str, dict[str, float]]:
-    """Per task of a run: the configured share of examples (mixture.json) and the share it trained on (the
-    cumulative per-task example counts of its last metrics.jsonl row)."""
-    report = json.loads((model_dir / "mixture.json").read_text())
-    rows = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
-    seen = {t: rows[-1].get(f"task/{t}/examples", 0.0) for t in report["tasks"]} if rows else {}
-    total = sum(seen.values()) or 1.0
-    return {t: {"configured": v["share"], "measured": seen.get(t, 0.0) / total, "examples": seen.get(t, 0.0)}
-            for t, v in report["tasks"].items()}
-
-
-def results_markdown(results: dict) -> str:
-    pre = results["pretrain"]
-    lines = [
-        "# Experiment results",
-        "",
-        f"Pretraining on `{pre['mixture']}` for {pre['steps']} steps: loss {pre.get('first_loss', float('nan')):.3f}"
-        f" -> {pre.get('last_loss', float('nan')):.3f}.",
-        "",
-        "| task in the pretraining mixture | configured share | share trained on (examples) |",
-        "|---|---:|---:|",
-        *(f"| `{t}` | {v['configured']:.1%} | {v['measured']:.1%} ({v['examples']:,.0f}) |"
-          for t, v in pre.get("shares", {}).items()),
-        "",
-        "| task | metrics | fine-tuning loss (first -> last) |",
-        "|---|---|---|",
-    ]
-    for task, row in results["tasks"].items():
-        metrics = ", ".join(f"{k} {v:.2f}" for k, v in row["metrics"].items()) or "-"
-        lines.append(f"| `{task}` | {metrics} | {row.get('first_loss', float('nan')):.3f} -> "
-                     f"{row.get('last_loss', float('nan')):.3f} |")
-    return "\n".join(lines) + "\n"
+def _check_arms(arms: Sequence[strategies.Arm]) -> None:
+    """Stage names identify stages: the same name must mean the same stage, and an init must come first."""
+    seen: dict[str, strategies.Stage] = {}
+    for arm in arms:
+        for stage in arm.stages:
+            if stage.name in seen and seen[stage.name] != stage:
+                raise ValueError(f"arm {arm.name!r}: stage {stage.name} is defined twice, differently")
+            if stage.init and stage.init not in seen:
+                raise ValueError(f"arm {arm.name!r}: stage {stage.name} starts from {stage.init}, which no earlier "
+                                 "stage of the experiment defines")
+            seen[stage.name] = stage

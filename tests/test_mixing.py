@@ -282,13 +282,15 @@ def test_bad_mixtures_and_settings_are_one_line_errors(data_dir, tmp_path, monke
     # Tasks with another vocabulary cannot be mixed.
     other_vocab = {k: seqio.Feature(vocabulary=seqio.PassThroughVocabulary(size=100), add_eos=True, required=False)
                    for k in ("inputs", "targets")}
-    if "test_other_vocab_rte" not in seqio.TaskRegistry.names():
-        rte_task = seqio.get_mixture_or_task("glue_rte")
-        seqio.TaskRegistry.add("test_other_vocab_rte", source=rte_task.source, preprocessors=rte_task.preprocessors,
-                               output_features=other_vocab, metric_fns=[])
-    with pytest.raises(mixing.MixingError, match="mixture bad_vocab: task test_other_vocab_rte has another "
-                                                 "vocabulary or dtype for feature 'inputs' than task glue_rte"):
-        mixing.register("bad_vocab", ["glue_rte", "test_other_vocab_rte"])
+    rte_task = seqio.get_mixture_or_task("glue_rte")
+    seqio.TaskRegistry.add("test_other_vocab_rte", source=rte_task.source, preprocessors=rte_task.preprocessors,
+                           output_features=other_vocab, metric_fns=[])
+    try:
+        with pytest.raises(mixing.MixingError, match="mixture bad_vocab: task test_other_vocab_rte has another "
+                                                     "vocabulary or dtype for feature 'inputs' than task glue_rte"):
+            mixing.register("bad_vocab", ["glue_rte", "test_other_vocab_rte"])
+    finally:  # other tests go through every registered task
+        seqio.TaskRegistry.remove("test_other_vocab_rte")
 
 
 # --- the command and a real run ----------------------------------------------------------------------------------

@@ -260,27 +260,3 @@ def test_eval_during_training_logs_task_metrics(tmp_path, vocab_file):
     evals = [r for r in rows if "eval/glue_rte/accuracy" in r]
     assert len(evals) == 1 and evals[0]["step"] == 4 and 0 <= evals[0]["eval/glue_rte/accuracy"] <= 100
     assert (model_dir / "tensorboard").is_dir() and list((model_dir / "tensorboard").iterdir())
-
-
-def test_cli_experiment_writes_results(tmp_path, vocab_file):
-    exp = tmp_path / "exp"
-    out = _mtp("experiment", "--gin_file=gin/models/tiny.gin", "--gin_file=gin/experiments/demo.gin",
-               f"--gin.EXPERIMENT_DIR='{exp}'", "--gin.experiment.pretrain_steps=6",
-               "--gin.experiment.finetune_steps=4", "--gin.experiment.finetune_tasks=['glue_rte', 'glue_stsb']",
-               "--gin.experiment.eval_num_examples=16", "--gin.train.batch_size=4", "--gin.train.log_every=2",
-               "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}")
-    assert out.returncode == 0, out.stderr[-3000:]
-    results = json.loads((exp / "results.json").read_text())
-    assert set(results["tasks"]) == {"glue_rte", "glue_stsb"}
-    assert set(results["tasks"]["glue_stsb"]["metrics"]) == {"pearson_corrcoef", "spearman_corrcoef"}
-    assert checkpoints.all_steps(exp / "finetune_glue_rte") == [10]
-    table = (exp / "results.md").read_text()
-    assert "| `glue_rte` | accuracy" in table and "| `glue_stsb` | pearson_corrcoef" in table
-    shares = results["pretrain"]["shares"]  # the demo's pretraining mixture: configured beside trained-on shares
-    assert set(shares) == {"span_corruption", "glue_cola", "glue_sst2", "glue_mrpc", "glue_stsb", "glue_rte",
-                           "glue_wnli"}
-    assert sum(v["configured"] for v in shares.values()) == pytest.approx(1.0)
-    assert sum(v["measured"] for v in shares.values()) == pytest.approx(1.0)
-    assert sum(v["examples"] for v in shares.values()) >= 6 * 4  # 6 steps of 4 rows, packed
-    assert "| `glue_sst2` | 30.4% |" in table
-    assert "results.md" in out.stdout

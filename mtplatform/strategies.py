@@ -1,0 +1,159 @@
+"""Training strategies and mixing-rate sweeps as arms of an experiment: each a small gin-configurable function.
+
+An arm is a list of stages; a stage trains a task or mixture (from scratch or from another stage's checkpoint)
+under a gin scope, then evaluates named tasks. Stages are named by what they compute, so arms that share one (a
+multi-task pretraining reused by every per-task fine-tune) share its directory and it runs once. A new strategy is
+one more function here (and a gin file under gin/experiments/ that selects it).
+
+Step budgets follow the T5 paper's proportions: 2**19 pre-training steps, 2**18 fine-tuning steps, and the same
+total for strategies without fine-tuning, all multiplied by `budget` (`steps_for`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import gin
+
+from mtplatform import mixing
+
+PAPER_PRETRAIN_STEPS = 2**19
+PAPER_FINETUNE_STEPS = 2**18
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Train `train_on` for `steps` steps under gin scope `scope`, from stage `init`'s checkpoint or from scratch;
+    then evaluate `evaluate` on the checkpoints it wrote."""
+
+    name: str
+    train_on: str
+    steps: int
+    scope: str = "pretrain"
+    init: str | None = None
+    evaluate: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One row of an experiment's table: its stages, in order; each task's score comes from the stage that
+    evaluated it."""
+
+    name: str
+    stages: tuple[Stage, ...]
+    mixture: str | None = None  # the multi-task mixture the arm trained on, for the shares plot
+    notes: dict = field(default_factory=dict)
+
+
+def steps_for(budget: float) -> tuple[int, int]:
+    """(pre-training, fine-tuning) steps: the paper's 2**19 and 2**18 times `budget`, at least 1 each."""
+    return max(1, round(PAPER_PRETRAIN_STEPS * budget)), max(1, round(PAPER_FINETUNE_STEPS * budget))
+
+
+def _finetunes(prefix: str, init: Stage | None, tasks: Sequence[str], steps: int) -> tuple[Stage, ...]:
+    return tuple(Stage(f"{prefix}_ft_{t}", t, steps, "finetune", init.name if init else None, (t,)) for t in tasks)
+
+
+def _derived_mixture(name: str, tasks: Sequence[str], **settings) -> str:
+    """A mixture made for an experiment (leave-one-out over its tasks, a sweep's rates): registered now."""
+    mixing.register(name, list(tasks), replace_existing=True, **settings)
+    return name
+
+
+@gin.configurable
+def training_strategies(
+    tasks: Sequence[str] = gin.REQUIRED,
+    unsupervised_task: str = "span_corruption",
+    budget: float = gin.REQUIRED,
+    include: Sequence[str] = ("unsupervised_pretrain_finetune", "multitask", "multitask_pretrain_finetune",
+                              "leave_one_out", "supervised_pretrain_finetune", "no_pretraining"),
+) -> list[Arm]:
+    """The five strategies of T5's Table 12 and Table 1's no-pre-training baseline, over `tasks`."""
+    pre, ft = steps_for(budget)
+    everything = _derived_mixture("exp_supervised_and_unsupervised", [*tasks, unsupervised_task])
+    supervised = _derived_mixture("exp_supervised", tasks)
+    unsup = Stage("unsupervised_pretrain", unsupervised_task, pre)
+    mt_pre = Stage("multitask_pretrain", everything, pre)
+    sup_pre = Stage("supervised_pretrain", supervised, pre)
+    arms = {
+        "unsupervised_pretrain_finetune": Arm("unsupervised pre-training + fine-tuning",
+                                              (unsup, *_finetunes("unsupervised", unsup, tasks, ft))),
+        "multitask": Arm("multi-task training", (Stage("multitask", everything, pre + ft, evaluate=tuple(tasks)),),
+                         mixture=everything),
+        "multitask_pretrain_finetune": Arm("multi-task pre-training + fine-tuning",
+                                           (mt_pre, *_finetunes("multitask", mt_pre, tasks, ft)), mixture=everything),
+        "leave_one_out": Arm("leave-one-out multi-task training + fine-tuning", _leave_one_out(
+            tasks, unsupervised_task, pre, ft)),
+        "supervised_pretrain_finetune": Arm("supervised multi-task pre-training + fine-tuning",
+                                            (sup_pre, *_finetunes("supervised", sup_pre, tasks, ft)),
+                                            mixture=supervised),
+        "no_pretraining": Arm("no pre-training (each task from scratch)",
+                              tuple(Stage(f"scratch_{t}", t, pre + ft, "scratch", None, (t,)) for t in tasks)),
+    }
+    unknown = [name for name in include if name not in arms]
+    if unknown:
+        raise ValueError(f"training_strategies.include: unknown strategy {unknown[0]!r}; known: {', '.join(arms)}")
+    return [arms[name] for name in include]
+
+
+def _leave_one_out(tasks: Sequence[str], unsupervised_task: str, pre: int, ft: int) -> tuple[Stage, ...]:
+    stages = []
+    for task in tasks:
+        mixture = _derived_mixture(f"exp_leave_one_out_{task}", [*[t for t in tasks if t != task], unsupervised_task])
+        pretrain = Stage(f"leave_one_out_{task}", mixture, pre)
+        stages += [pretrain, Stage(f"leave_one_out_ft_{task}", task, ft, "finetune", pretrain.name, (task,))]
+    return tuple(stages)
+
+
+@gin.configurable
+def mixing_strategies(
+    tasks: Sequence[str] = gin.REQUIRED,
+    unsupervised_task: str = "span_corruption",
+    budget: float = gin.REQUIRED,
+    caps: Sequence[int] = (2**10, 2**12, 2**14, 2**16),
+    temperatures: Sequence[float] = (2.0, 4.0, 8.0),
+    temperature_cap: int | None = 2**16,
+    unimax_epochs: float = 1.0,
+    extra: Mapping[str, Mapping] | None = None,
+) -> list[Arm]:
+    """T5's Table 11: multi-task training on `tasks` and the unsupervised task with equal, examples-proportional
+    (each cap K), temperature-scaled (each T, at `temperature_cap`) and UniMax rates; `extra` adds arms as
+    {name: mixing settings}. Each arm trains for the paper's pre-training + fine-tuning steps, then evaluates."""
+    pre, ft = steps_for(budget)
+    sweep: dict[str, dict] = {"equal": {"strategy": "equal"}}
+    sweep.update({f"proportional K=2^{k.bit_length() - 1}": {"strategy": "proportional", "cap": k} for k in caps})
+    sweep.update({f"temperature T={t:g}": {"strategy": "temperature", "temperature": t, "cap": temperature_cap}
+                  for t in temperatures})
+    sweep[f"UniMax N={unimax_epochs:g}"] = {"strategy": "unimax", "max_epochs": unimax_epochs}
+    sweep.update({name: dict(settings) for name, settings in (extra or {}).items()})
+    arms = []
+    for i, (name, settings) in enumerate(sweep.items()):
+        mixture = _derived_mixture(f"exp_mix_{i}", [*tasks, unsupervised_task], **settings)
+        arms.append(Arm(name, (Stage(f"mix_{i}", mixture, pre + ft, evaluate=tuple(tasks)),), mixture=mixture,
+                        notes={"mixing": settings}))
+    return arms
+
+
+@gin.configurable
+def pretrain_then_finetune(
+    mixture: str = gin.REQUIRED,
+    tasks: Sequence[str] = gin.REQUIRED,
+    pretrain_steps: int = gin.REQUIRED,
+    finetune_steps: int = gin.REQUIRED,
+    from_scratch_baseline: bool = True,
+) -> list[Arm]:
+    """The demo's two arms: pre-train on `mixture` then fine-tune on each task, beside each task trained from
+    scratch for the same total steps (so the table says whether pre-training paid). `finetune_steps = 0` is
+    multi-task training alone, evaluated on every task."""
+    if finetune_steps == 0:
+        arms = [Arm(f"multi-task training on {mixture}",
+                    (Stage("pretrain", mixture, pretrain_steps, evaluate=tuple(tasks)),), mixture=mixture)]
+    else:
+        pre = Stage("pretrain", mixture, pretrain_steps)
+        arms = [Arm(f"pre-train on {mixture} + fine-tune", (pre, *_finetunes("pretrained", pre, tasks,
+                                                                             finetune_steps)), mixture=mixture)]
+    if from_scratch_baseline:
+        arms.append(Arm("from scratch, same total steps", tuple(
+            Stage(f"scratch_{t}", t, pretrain_steps + finetune_steps, "scratch", None, (t,)) for t in tasks)))
+    return arms

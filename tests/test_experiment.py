@@ -1,0 +1,172 @@
+"""Experiments: stages shared by arms run once, interrupted experiments continue, changed stages are refused, and
+the report (tables, baselines, plots) comes only from evaluations that ran."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import gin
+import pytest
+
+import tasks  # noqa: F401  (registers the tasks the strategies name)
+from mtplatform import checkpoints, report, strategies
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = ("--gin_file=gin/models/tiny.gin", "--gin_file=gin/experiments/demo.gin",
+         "--gin.pretrain_then_finetune.pretrain_steps=6", "--gin.pretrain_then_finetune.finetune_steps=4",
+         "--gin.pretrain_then_finetune.tasks=['glue_rte', 'glue_stsb']", "--gin.experiment.eval_num_examples=16",
+         "--gin.BATCH_SIZE=4", "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}", "--gin.train.log_every=2",
+         "--gin.evaluate_checkpoint.max_decode_length=8")
+
+
+def _mtp(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mtplatform.cli", *args], capture_output=True, text=True,
+                          cwd=REPO, env=dict(os.environ), timeout=900)
+
+
+def _in_process(capfd, *args: str) -> tuple[int, str]:
+    """`mtp ...` in this process (the command's own code, without another TensorFlow start): (exit code, stderr)."""
+    from mtplatform import cli
+
+    gin.clear_config()
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        code = cli.main(list(args))
+    finally:
+        os.chdir(cwd)
+        gin.clear_config()
+    return code, capfd.readouterr().err
+
+
+def test_smoke_experiment_end_to_end_resumes_and_refuses_changes(tmp_path, vocab_file, capfd):
+    exp = tmp_path / "exp"
+    out = _mtp("experiment", *SMOKE, f"--gin.EXPERIMENT_DIR='{exp}'")
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads((exp / "results.json").read_text())
+    assert [a["name"] for a in results["arms"]] == ["pre-train on span_corruption_and_glue + fine-tune",
+                                                    "from scratch, same total steps"]
+    assert results["tasks"] == ["glue_rte", "glue_stsb"]
+    # The shared pre-training ran once, and fine-tuning continued its step count (t5x counting).
+    assert out.stderr.count("stage pretrain (seed 0)") == 1
+    assert checkpoints.all_steps(exp / "pretrained_ft_glue_rte" / "seed_0")[-1] == 10
+    # Every figure names the evaluation it came from, and that evaluation exists on disk.
+    for arm in results["arms"]:
+        for task, entry in arm["tasks"].items():
+            assert entry["n"] == 1
+            for which in ("best", "last"):
+                figure = entry["seeds"][0][which]
+                assert Path(figure["checkpoint"]).is_dir()
+                stage_dir = Path(figure["checkpoint"]).parent
+                metrics = json.loads((stage_dir / "eval" / f"{figure['step']}_{task}" / "metrics.json").read_text())
+                assert metrics["metrics"][task] == figure["metrics"]
+                assert figure["score"] == pytest.approx(report.score(figure["metrics"]))
+            assert entry["mean"] == entry["seeds"][0]["best"]["score"] >= entry["seeds"][0]["last"]["score"]
+    assert results["baselines"]["glue_rte"]["prediction"] == "entailment"
+    assert results["baselines"]["glue_rte"]["metrics"]["accuracy"] == pytest.approx(100 * 146 / 277)  # majority
+    table = (exp / "results.md").read_text()
+    assert "| majority class / constant prediction | - | 52.71 |" in table and "GLUE avg" in table
+    assert "configured share of examples -> share trained on" in table
+    for plot in ("scores.png", "loss.png", "task_losses.png", "shares.png"):
+        assert (exp / plot).stat().st_size > 5000
+    # `mtp report` rebuilds the same tables from what the runs wrote.
+    (exp / "results.md").unlink()
+    code, err = _in_process(capfd, "report", str(exp))
+    assert code == 0, err[-3000:]
+    assert (exp / "results.md").read_text() == table
+
+    # Interrupted: the last stage lost its final checkpoint and its record says unfinished. Re-running skips
+    # every finished stage and resumes that one from its checkpoint.
+    stage_dir = exp / "scratch_glue_stsb" / "seed_0"
+    record = json.loads((stage_dir / "stage.json").read_text())
+    (stage_dir / "stage.json").write_text(json.dumps({**record, "finished": False}))
+    shutil.rmtree(stage_dir / "checkpoint_10")
+    shutil.rmtree(stage_dir / "eval")
+    code, err = _in_process(capfd, "experiment", *SMOKE, f"--gin.EXPERIMENT_DIR='{exp}'")
+    assert code == 0, err[-3000:]
+    assert err.count("already finished; skipped") == 4
+    assert f"resuming from {stage_dir / 'checkpoint_5'}" in err
+    assert json.loads((exp / "results.json").read_text())["arms"] == results["arms"]  # exact resume: same figures
+
+    # A finished stage with a changed configuration is refused, by name.
+    code, err = _in_process(capfd, "experiment", *SMOKE, f"--gin.EXPERIMENT_DIR='{exp}'",
+                            "--gin.pretrain/learning_rate.base=0.1")
+    assert code == 2
+    assert "stage pretrain in" in err and "pretrain/learning_rate.base" in err and err.count("\n") == 1
+
+
+def test_training_and_mixing_strategies_make_the_papers_arms():
+    gin.clear_config()
+    try:
+        arms = strategies.training_strategies(tasks=["glue_rte", "glue_mrpc"], budget=2**-15)
+        assert [a.name for a in arms] == [
+            "unsupervised pre-training + fine-tuning", "multi-task training", "multi-task pre-training + fine-tuning",
+            "leave-one-out multi-task training + fine-tuning", "supervised multi-task pre-training + fine-tuning",
+            "no pre-training (each task from scratch)"]
+        by_name = {a.name: a for a in arms}
+        assert strategies.steps_for(2**-15) == (16, 8)  # 2**19 and 2**18 scaled
+        multitask = by_name["multi-task training"].stages
+        assert len(multitask) == 1 and multitask[0].steps == 24 and set(multitask[0].evaluate) == {"glue_rte",
+                                                                                                  "glue_mrpc"}
+        loo = by_name["leave-one-out multi-task training + fine-tuning"].stages
+        import seqio
+
+        left_out = {t.name for t in seqio.get_mixture_or_task(loo[0].train_on).tasks}
+        assert loo[0].name == "leave_one_out_glue_rte" and left_out == {"glue_mrpc", "span_corruption"}
+        assert loo[1].init == loo[0].name and loo[1].evaluate == ("glue_rte",)
+        scratch = by_name["no pre-training (each task from scratch)"].stages
+        assert all(s.init is None and s.steps == 24 for s in scratch)
+
+        sweep = strategies.mixing_strategies(tasks=["glue_rte", "glue_mrpc"], budget=2**-15)
+        assert [a.name for a in sweep] == ["equal", "proportional K=2^10", "proportional K=2^12",
+                                           "proportional K=2^14", "proportional K=2^16", "temperature T=2",
+                                           "temperature T=4", "temperature T=8", "UniMax N=1"]
+        t2 = seqio.get_mixture_or_task(sweep[5].stages[0].train_on)
+        from mtplatform import mixing
+
+        rates = mixing.resolve(t2).rates
+        assert rates["glue_rte"] == pytest.approx(math.sqrt(2490))
+    finally:
+        gin.clear_config()
+
+
+@pytest.mark.parametrize("name,arms", [("training_strategies", 6), ("mixing_strategies", 9)])
+def test_shipped_experiment_files_make_their_arms_on_our_data(name, arms, data_dir):
+    from mtplatform import cli, mixing
+
+    gin.clear_config()
+    try:
+        cli.parse_gin(["gin/models/tiny.gin", f"gin/experiments/{name}.gin"],
+                      ["--gin.EXPERIMENT_DIR='/nowhere'", "--gin.BUDGET=0.0005"], [])
+        made = getattr(strategies, name)()
+        assert len(made) == arms
+        stages = [stage for arm in made for stage in arm.stages]
+        assert {t for s in stages for t in s.evaluate} == {"glue_cola", "glue_sst2", "glue_mrpc", "glue_stsb",
+                                                          "glue_rte", "squad_v1_devsplit", "conll2003_ner"}
+        import seqio
+
+        for stage in stages:  # every mixture trains on data that is here, nothing dropped
+            assert not mixing.resolve(seqio.get_mixture_or_task(stage.train_on), budget_examples=1e5).dropped
+        assert max(s.steps for s in stages) == 262 + 131  # BUDGET 0.0005 of 2**19 + 2**18
+    finally:
+        gin.clear_config()
+
+
+def test_multitask_training_alone_is_an_arm():
+    # finetune_steps = 0 (multi-task training without fine-tuning) used to crash `mtp experiment`.
+    arms = strategies.pretrain_then_finetune(mixture="span_corruption_and_glue", tasks=["glue_rte"],
+                                             pretrain_steps=10, finetune_steps=0)
+    assert arms[0].stages == (strategies.Stage("pretrain", "span_corruption_and_glue", 10, evaluate=("glue_rte",)),)
+    assert arms[1].stages[0].steps == 10 and arms[1].stages[0].init is None
+
+
+def test_report_scores_follow_t5():
+    assert report.score({"f1": 80.0, "accuracy": 70.0}) == 75.0  # MRPC: F1 and accuracy averaged
+    assert report.score({"ner_precision": 10.0, "ner_recall": 20.0, "ner_f1": 13.0}) == 13.0
+    assert report.score({"pearson_corrcoef": float("nan"), "spearman_corrcoef": float("nan")}) == 0.0
