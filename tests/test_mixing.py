@@ -289,8 +289,17 @@ def test_bad_mixtures_and_settings_are_one_line_errors(data_dir, tmp_path, monke
         with pytest.raises(mixing.MixingError, match="mixture bad_vocab: task test_other_vocab_rte has another "
                                                      "vocabulary or dtype for feature 'inputs' than task glue_rte"):
             mixing.register("bad_vocab", ["glue_rte", "test_other_vocab_rte"])
+        # ... nor tasks with other output features (here: targets only, no inputs).
+        seqio.TaskRegistry.add("test_targets_only_rte", source=rte_task.source,
+                               preprocessors=rte_task.preprocessors, metric_fns=[],
+                               output_features={"targets": rte_task.output_features["targets"]})
+        with pytest.raises(mixing.MixingError, match=r"mixture bad_features: task test_targets_only_rte has output "
+                                                     r"features \['targets'\], task glue_rte \['inputs', 'targets'\]"):
+            mixing.register("bad_features", ["glue_rte", "test_targets_only_rte"])
     finally:  # other tests go through every registered task
-        seqio.TaskRegistry.remove("test_other_vocab_rte")
+        for name in ("test_other_vocab_rte", "test_targets_only_rte"):
+            if name in seqio.TaskRegistry.names():
+                seqio.TaskRegistry.remove(name)
 
 
 # --- the command and a real run ----------------------------------------------------------------------------------
