@@ -2,7 +2,7 @@
 # The README's main job, on the real data in ../shared/data: set up, train a SentencePiece vocabulary on the tasks'
 # text, show one tokenized example per task, then run the demo experiment: pretrain a small T5 on span corruption
 # mixed with GLUE and fine-tune it on SST-2, beside SST-2 from scratch; print the report (gin/experiments/demo.gin).
-# About 15 minutes on 2 CPU cores.
+# About 20 minutes on 2 CPU cores (22 measured, with the vocabulary and an environment update).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
