@@ -23,7 +23,7 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import gin
@@ -204,14 +204,12 @@ class TaskMeter:
 
     def step_counts(self, batch: dict[str, torch.Tensor], token_loss: torch.Tensor) -> torch.Tensor:
         """This process's (examples, tokens, loss sum) per task id in one micro-batch, stacked (3, n)."""
-        ids = batch[data.TASK_IDS].flatten().long()
-        n = len(self.names) + 1
         positions = batch.get("decoder_positions")
-        starts = positions == 0 if positions is not None else torch.arange(batch[data.TASK_IDS].shape[1]) == 0
-        starts = (starts & (batch[data.TASK_IDS] > 0)).flatten()
-        out = torch.zeros(3, n, dtype=torch.float64)
-        out[0].index_add_(0, ids[starts], torch.ones(int(starts.sum()), dtype=torch.float64))
-        out[1].index_add_(0, ids, (ids > 0).double())
+        examples, tokens = data.count_by_task(batch[data.TASK_IDS].numpy(),
+                                              None if positions is None else positions.numpy(), len(self.names))
+        ids = batch[data.TASK_IDS].flatten().long()
+        out = torch.zeros(3, len(self.names) + 1, dtype=torch.float64)
+        out[0], out[1] = torch.from_numpy(examples), torch.from_numpy(tokens)
         out[2].index_add_(0, ids, token_loss.detach().flatten().double().cpu() * (ids > 0).double())
         return out
 
@@ -302,7 +300,7 @@ def _check_settings(fsdp: bool, ctx: Distributed, eval_every: int) -> None:
 
 def mixture_report(resolved: mixing.Resolved) -> dict:
     """What `MODEL_DIR/mixture.json` records: the strategy, each task's size, rate and share, and dropped tasks."""
-    return {"mixture": resolved.mixture, "settings": {k: v for k, v in vars(resolved.settings).items()},
+    return {"mixture": resolved.mixture, "settings": asdict(resolved.settings),
             "tasks": {t: {"size": resolved.sizes[t], "rate": resolved.rates[t], "share": share}
                       for t, share in resolved.shares.items()},
             "dropped": resolved.dropped}
