@@ -68,8 +68,9 @@ def evaluate(model: T5, mixture_or_task_name: str, *, split: str = "validation",
 
 
 def constant_baseline(task_name: str, split: str = "validation", max_train_examples: int = 20000,
-                      ) -> tuple[str, dict[str, float]]:
-    """The majority-class (or most frequent target) baseline: (the constant prediction, its metrics on `split`).
+                      num_examples: int | None = None) -> tuple[str, dict[str, float]]:
+    """The majority-class (or most frequent target) baseline: (the constant prediction, its metrics on `split`,
+    or on its first `num_examples` examples: the ones `evaluate` scores with the same setting).
 
     The constant is the most frequent target text among the first `max_train_examples` training examples; it is
     postprocessed and scored exactly as a model's prediction would be (the task's postprocess_fn and metric_fns).
@@ -82,7 +83,8 @@ def constant_baseline(task_name: str, split: str = "validation", max_train_examp
     counts = Counter(ex["targets"].decode("utf-8") for ex in catalog.pretokenized(task, "train", max_train_examples))
     constant = counts.most_common(1)[0][0]
     targets, predictions = [], []
-    for ex in task.get_dataset(None, split=split, shuffle=False, use_cached=False).as_numpy_iterator():
+    validation = task.get_dataset(None, split=split, shuffle=False, use_cached=False)
+    for ex in (validation.take(num_examples) if num_examples else validation).as_numpy_iterator():
         target = ex["targets_pretokenized"].decode("utf-8")
         targets.append(task.postprocess_fn(target, example=ex, is_target=True) if task.postprocess_fn else target)
         predictions.append(task.postprocess_fn(constant, example=ex, is_target=False)

@@ -132,9 +132,10 @@ def experiment(
     arms = list(arms)
     _check_arms(arms)
     (root / "experiment.json").write_text(json.dumps(
-        {"title": title, "seeds": list(seeds), "arms": [asdict(arm) for arm in arms]}, indent=2) + "\n")
+        {"title": title, "seeds": list(seeds), "eval_num_examples": eval_num_examples,
+         "arms": [asdict(arm) for arm in arms]}, indent=2) + "\n")
     tasks = sorted({task for arm in arms for stage in arm.stages for task in stage.evaluate})
-    write_baselines(root, tasks)
+    write_baselines(root, tasks, eval_num_examples)
     for seed in seeds:
         done: dict[str, dict] = {}
         for arm in arms:
@@ -145,15 +146,15 @@ def experiment(
     return root
 
 
-def write_baselines(root: Path, tasks: Sequence[str]) -> None:
-    """baselines.json: each task's majority-class (or most frequent target) prediction and its validation metrics,
-    computed once per experiment directory."""
+def write_baselines(root: Path, tasks: Sequence[str], num_examples: int | None) -> None:
+    """baselines.json: each task's majority-class (or most frequent target) prediction and its metrics on the
+    validation examples the arms are scored on, computed once per experiment directory and evaluation size."""
     path = root / "baselines.json"
     baselines = json.loads(path.read_text()) if path.is_file() else {}
     for task in tasks:
-        if task not in baselines:
-            prediction, metrics = evaluate.constant_baseline(task)
-            baselines[task] = {"prediction": prediction, "metrics": metrics}
+        if baselines.get(task, {}).get("num_examples", "unset") != num_examples:
+            prediction, metrics = evaluate.constant_baseline(task, num_examples=num_examples)
+            baselines[task] = {"prediction": prediction, "metrics": metrics, "num_examples": num_examples}
     path.write_text(json.dumps(baselines, indent=2) + "\n")
 
 

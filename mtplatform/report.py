@@ -73,7 +73,8 @@ def collect(root: Path) -> dict:
         row["glue_average"] = statistics.fmean(glue) if glue and None not in glue else None
         row["shares"] = _shares(root, arm, spec["seeds"][0])
         arms.append(row)
-    return {"title": spec["title"], "seeds": spec["seeds"], "tasks": tasks, "arms": arms, "baselines": baselines}
+    return {"title": spec["title"], "seeds": spec["seeds"], "eval_num_examples": spec.get("eval_num_examples"),
+            "tasks": tasks, "arms": arms, "baselines": baselines}
 
 
 def _shares(root: Path, arm: dict, seed: int) -> dict | None:
@@ -107,7 +108,10 @@ def markdown(results: dict) -> str:
              "mean ± standard deviation over seeds where there are several; results.json keeps every metric, "
              "the checkpoint and step each figure came from, and the last checkpoint's score beside it. A task's "
              "score is the mean of its metrics (CoNLL: entity F1; an undefined correlation, from constant "
-             "predictions, counts as 0); the GLUE average is the mean over the GLUE tasks here.", "",
+             "predictions, counts as 0); the GLUE average is the mean over the GLUE tasks here. "
+             + (f"Every arm and the baseline are scored on the same first {results['eval_num_examples']} "
+                "validation examples of each task (all of them where a task has fewer)."
+                if results.get("eval_num_examples") else "Scored on each task's whole validation split."), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arm in results["arms"]:
         n = max((arm["tasks"][t]["n"] for t in tasks), default=0)
