@@ -22,6 +22,8 @@ def import_modules(modules: Sequence[str]) -> None:
             raise ModuleNotFoundError(
                 f"--module {module}: cannot import it ({e}); is its directory on PYTHONPATH or the current one?"
             ) from e
+        except Exception as e:  # the user's code failed: say whose, and how
+            raise ValueError(f"--module {module}: importing it raised {type(e).__name__}: {e}") from e
 
 
 def tasks_of(name: str) -> list[seqio.Task]:

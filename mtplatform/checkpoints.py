@@ -1,27 +1,40 @@
-"""Checkpoint directories: written atomically, found by step, pruned to the last N.
+"""Checkpoint directories: written atomically with checksums, found by step, verified on restore, pruned atomically.
 
 `MODEL_DIR/checkpoint_<step>/` holds everything needed to continue: `model.safetensors`, `train_state.pt`
-(optimizer, step, RNG states), `data_rank<r>/` (each process's data iterator) and `config.gin`. It is assembled
-under a temporary name and renamed when complete, so a crash never leaves a `checkpoint_<step>` that is partial;
-leftover temporary directories are ignored and removed by the next save.
+(optimizer, step, RNG states), `data_rank<r>/` (each process's data iterator), `config.gin`, and `meta.json` (the
+step, the loss when it was written, whether training was healthy then, and each file's size and SHA-256).
+
+- It is assembled under a temporary name unique to the attempt (`.tmp-checkpoint_<step>-<attempt>`) and renamed
+  when complete, so a crash never leaves a partial `checkpoint_<step>`, and two attempts never share a name.
+- Pruning renames a checkpoint to `.deleting-checkpoint_<step>` before deleting it, so an interrupted prune leaves
+  nothing that looks like a checkpoint; it never removes the newest checkpoint written while training was healthy.
+- `latest_readable` checks the newest checkpoint's files against its checksums and falls back to the previous one,
+  setting the unreadable one aside (renamed, not deleted: no data is lost).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import shutil
+import sys
+import time
 from pathlib import Path
 
 _NAME = re.compile(r"checkpoint_(\d+)")
 TMP_PREFIX = ".tmp-checkpoint_"
+DELETING_PREFIX = ".deleting-checkpoint_"
+UNREADABLE_PREFIX = "unreadable-checkpoint_"
+META = "meta.json"
 
 
 def checkpoint_dir(model_dir: Path, step: int) -> Path:
     return Path(model_dir) / f"checkpoint_{step}"
 
 
-def temporary_dir(model_dir: Path, step: int) -> Path:
-    return Path(model_dir) / f"{TMP_PREFIX}{step}"
+def temporary_dir(model_dir: Path, step: int, attempt: str) -> Path:
+    return Path(model_dir) / f"{TMP_PREFIX}{step}-{attempt}"
 
 
 def all_steps(model_dir: Path) -> list[int]:
@@ -49,15 +62,93 @@ def resolve(path: str | Path) -> Path:
     return found
 
 
-def commit(model_dir: Path, step: int, keep: int | None) -> Path:
-    """Rename the finished temporary directory of `step` into place; delete all but the newest `keep`."""
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_meta(directory: Path, step: int, world_size: int, loss: float | None, healthy: bool) -> None:
+    """meta.json, written last: the step, the recent loss, health, and the size and SHA-256 of every other file."""
+    files = {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != META}
+    meta = {"step": step, "world_size": world_size, "loss": loss, "healthy": healthy, "files": files}
+    (directory / META).write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def read_meta(checkpoint: Path) -> dict:
+    return json.loads((Path(checkpoint) / META).read_text())
+
+
+def problem(checkpoint: Path, only: tuple[str, ...] | None = None) -> str | None:
+    """Why `checkpoint` (or the files of it named in `only`) cannot be restored: a missing, truncated or altered
+    file; None when intact. Checkpoints written before checksums were recorded are checked for presence only."""
+    checkpoint = Path(checkpoint)
+    try:
+        meta = read_meta(checkpoint)
+    except (OSError, ValueError) as e:
+        return f"{META} unreadable ({e.__class__.__name__})"
+    expected = meta.get("files") or {name: None for name in ("model.safetensors", "train_state.pt")}
+    for name, record in expected.items():
+        if only is not None and name not in only:
+            continue
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if record is None:
+            continue
+        if path.stat().st_size != record["size"]:
+            return f"{name} has {path.stat().st_size} bytes, {record['size']} were written"
+        if _sha256(path) != record["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def latest_readable(model_dir: Path) -> Path | None:
+    """The newest checkpoint that passes `problem`; each newer one that does not is reported by name and renamed
+    to `unreadable-checkpoint_<step>-<time>` so that it is neither restored nor pruned."""
+    for step in reversed(all_steps(model_dir)):
+        checkpoint = checkpoint_dir(model_dir, step)
+        why = problem(checkpoint)
+        if why is None:
+            return checkpoint
+        aside = Path(model_dir) / f"{UNREADABLE_PREFIX}{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        checkpoint.rename(aside)
+        print(f"mtp: {checkpoint} cannot be restored ({why}); moved it to {aside.name} and falling back to the "
+              "previous checkpoint", file=sys.stderr)
+    return None
+
+
+def newest_healthy(model_dir: Path) -> int | None:
+    """The step of the newest checkpoint written while training was healthy (meta.json says so)."""
+    for step in reversed(all_steps(model_dir)):
+        try:
+            if read_meta(checkpoint_dir(model_dir, step)).get("healthy", True):
+                return step
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _delete(model_dir: Path, step: int) -> None:
+    """Rename first, then delete: an interrupted deletion leaves `.deleting-...`, never a partial checkpoint."""
+    doomed = Path(model_dir) / f"{DELETING_PREFIX}{step}"
+    shutil.rmtree(doomed, ignore_errors=True)
+    checkpoint_dir(model_dir, step).rename(doomed)
+    shutil.rmtree(doomed)
+
+
+def commit(model_dir: Path, step: int, keep: int | None, attempt: str) -> Path:
+    """Rename the attempt's finished temporary directory of `step` into place; delete all but the newest `keep`
+    (always keeping the newest healthy one) and whatever earlier attempts or prunes left behind."""
     final = checkpoint_dir(model_dir, step)
     if final.exists():  # saving the same step again (e.g. at the end of a resumed run that had nothing to do)
-        shutil.rmtree(final)
-    temporary_dir(model_dir, step).rename(final)
+        _delete(model_dir, step)
+    temporary_dir(model_dir, step, attempt).rename(final)
     if keep:
+        protected = newest_healthy(model_dir)
         for old in all_steps(model_dir)[:-keep]:
-            shutil.rmtree(checkpoint_dir(model_dir, old), ignore_errors=True)
-    for leftover in Path(model_dir).glob(f"{TMP_PREFIX}*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+            if old != protected:
+                _delete(model_dir, old)
+    for leftover in [*Path(model_dir).glob(f"{TMP_PREFIX}*"), *Path(model_dir).glob(f"{DELETING_PREFIX}*")]:
+        shutil.rmtree(leftover, ignore_errors=True)  # the run holds MODEL_DIR's lock: no other writer owns these
     return final

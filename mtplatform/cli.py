@@ -11,6 +11,8 @@
     mtp report   runs/demo
     mtp mixture show span_corruption_and_glue [--gin.mixing.strategy="'temperature'" --gin.mixing.temperature=2.0]
 
+`--debug` anywhere on the line prints an error's traceback as well as its one-line message.
+
 Gin overrides follow t5x: `--gin.NAME=VALUE` binds NAME (a macro or `configurable.param`) to a Python literal,
 after all --gin_file files. The resolved config is saved as MODEL_DIR/config.gin.
 """
@@ -126,7 +128,15 @@ def parse_gin(files: list[str], overrides: list[str], search_paths: list[str]) -
     quiet = _DropMessages("Path not found:")
     logging.getLogger().addFilter(quiet)
     try:
-        gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
+        gin.parse_config_files_and_bindings(files, [], finalize_config=False)
+        for item, binding in zip(overrides, bindings, strict=True):  # one at a time, to name the culprit
+            try:
+                gin.parse_config(binding)
+            except SyntaxError as e:
+                raise ValueError(f"{item}: {e.msg or e}; values are Python literals (a string needs quotes: "
+                                 f"--gin.NAME=\"'text'\")") from e
+    except SyntaxError as e:  # in a gin file: gin names the file and line
+        raise ValueError(f"gin: {e}") from e
     finally:
         logging.getLogger().removeFilter(quiet)
     from mtplatform import mixing
@@ -149,42 +159,70 @@ def _check_required_macros() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; errors are one line on stderr (the traceback too with --debug) and a non-zero exit:
+    2 for bad input, 3 for a diverged run, 128 + the signal for a run stopped by SIGTERM/SIGINT after its
+    checkpoint, 1 for anything unforeseen."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    from mtplatform import health, interrupts
+
+    try:
+        return _dispatch(argv)
+    except interrupts.Stopped as e:
+        print(f"mtp: {_without_gin_context(e)}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("mtp: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        known = isinstance(e, FileNotFoundError | ValueError | ModuleNotFoundError | OSError | health.Diverged)
+        message = _without_gin_context(e) if known else f"{type(e).__name__}: {_first_line(e)} (mtp --debug ... " \
+                                                                                 "prints the traceback)"
+        print(f"mtp: error: {message}", file=sys.stderr)
+        return 3 if isinstance(e, health.Diverged) else 2 if known else 1
+
+
+def _dispatch(argv: list[str]) -> int:
     args, extra = build_parser().parse_known_args(argv)
     if extra and args.command not in ACCEPTS_GIN:
         build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
     configure_tensorflow()
     from mtplatform import catalog
 
-    try:
-        catalog.import_modules(args.module)
-        if args.command in GIN_COMMANDS:
-            parse_gin(args.gin_file, extra, args.gin_search_path)
-            _check_required_macros()
-            return _run(args.command)
-        if args.command == "mixture":
-            parse_gin(args.gin_file, extra, args.gin_search_path)
-            return _mixture_show(args)
-        if args.command == "report":
-            from mtplatform import report
+    catalog.import_modules(args.module)
+    if args.command in GIN_COMMANDS:
+        parse_gin(args.gin_file, extra, args.gin_search_path)
+        _check_required_macros()
+        return _run(args.command)
+    if args.command == "mixture":
+        parse_gin(args.gin_file, extra, args.gin_search_path)
+        return _mixture_show(args)
+    if args.command == "report":
+        from mtplatform import report
 
-            report.build(args.experiment_dir)
-            print((Path(args.experiment_dir) / "results.md").read_text())
-            return 0
-        if args.command == "tasks" and args.tasks_command == "list":
-            return _tasks_list()
-        if args.command == "tasks" and args.tasks_command == "show":
-            return _tasks_show(args)
-        if args.command == "vocab" and args.vocab_command == "train":
-            return _vocab_train(args)
-    except (FileNotFoundError, ValueError, ModuleNotFoundError, OSError) as e:
-        print(f"mtp: error: {_without_gin_context(e)}", file=sys.stderr)
-        return 2
+        report.build(args.experiment_dir)
+        print((Path(args.experiment_dir) / "results.md").read_text())
+        return 0
+    if args.command == "tasks" and args.tasks_command == "list":
+        return _tasks_list()
+    if args.command == "tasks" and args.tasks_command == "show":
+        return _tasks_show(args)
+    if args.command == "vocab" and args.vocab_command == "train":
+        return _vocab_train(args)
     raise AssertionError(f"unhandled command {args}")
 
 
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else "(no message)"
+
+
 def _without_gin_context(error: Exception) -> str:
-    """The error's own message: gin appends "In call to configurable ..." lines that name no culprit."""
-    return str(error).split("\n  In call to configurable")[0]
+    """The error's own message on one line: gin appends "In call to configurable ..." lines that name no culprit."""
+    return " ".join(str(error).split("\n  In call to configurable")[0].split())
 
 
 def _run(command: str) -> int:

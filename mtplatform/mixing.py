@@ -227,6 +227,7 @@ class Mixture(seqio.Mixture):
         settings = settings_for(self.declared)
         if settings.budget_examples is None and budget_examples is not None:
             settings = replace(settings, budget_examples=float(budget_examples))
+        settings.check(self.name)  # a misspelt strategy is the error, before any missing file
         kept, dropped = [], {}
         for task in self.all_tasks:
             reason = missing_training_data(task)

@@ -19,7 +19,7 @@ import json
 import math
 import os
 import random
-import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -32,7 +32,7 @@ import seqio
 import torch
 import torch.distributed as dist
 
-from mtplatform import checkpoints, data, evaluate, mixing, optim
+from mtplatform import checkpoints, data, evaluate, health, interrupts, mixing, optim, run_lock, validation
 from mtplatform import model as model_lib
 from mtplatform import precision as precision_lib
 from mtplatform.tf_setup import configure_tensorflow
@@ -155,8 +155,11 @@ def load_initial_weights(path: str | Path, vocab_size: int) -> tuple[model_lib.T
         model, step = model_lib.load_hf(path), 0
     else:
         ckpt = checkpoints.resolve(path)
+        why = checkpoints.problem(ckpt)
+        if why:
+            raise ValueError(f"INITIAL_CHECKPOINT_PATH={path}: {ckpt} cannot be restored ({why})")
         model = model_lib.load(ckpt / "model.safetensors")
-        step = json.loads((ckpt / "meta.json").read_text())["step"]
+        step = checkpoints.read_meta(ckpt)["step"]
     if model.cfg.vocab_size < vocab_size:
         raise ValueError(f"INITIAL_CHECKPOINT_PATH={path}: its vocabulary has {model.cfg.vocab_size} ids, "
                          f"the tasks' needs {vocab_size}")
@@ -164,15 +167,21 @@ def load_initial_weights(path: str | Path, vocab_size: int) -> tuple[model_lib.T
 
 
 class Logger:
-    """metrics.jsonl and TensorBoard scalars in MODEL_DIR (main process only)."""
+    """metrics.jsonl and TensorBoard scalars in MODEL_DIR (main process only). A run first drops what an interrupted
+    attempt logged after the step it starts from (metrics.jsonl rows; TensorBoard's purge_step), so that each step
+    is logged once."""
 
-    def __init__(self, model_dir: Path, enabled: bool):
+    def __init__(self, model_dir: Path, enabled: bool, resumed_at: int | None = None):
         self.enabled = enabled
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._jsonl = open(model_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 (closed in close())
-            self._tb = SummaryWriter(str(model_dir / "tensorboard"))
+            path = model_dir / "metrics.jsonl"
+            if resumed_at is not None and path.is_file():
+                _truncate_jsonl(path, resumed_at)
+            self._jsonl = open(path, "a", buffering=1)  # noqa: SIM115 (closed in close())
+            self._tb = SummaryWriter(str(model_dir / "tensorboard"),
+                                     purge_step=None if resumed_at is None else resumed_at + 1)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -185,6 +194,20 @@ class Logger:
         if self.enabled:
             self._jsonl.close()
             self._tb.close()
+
+
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep the rows of `path` up to `last_step` (written to a temporary file, then renamed: atomic)."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by a crash mid-write
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(kept))
+    tmp.rename(path)
 
 
 class TaskMeter:
@@ -273,18 +296,42 @@ class Restored:
 def restore_or_init(model_dir: Path, vocab_size: int, initial_checkpoint_path: str | None,
                     finetune: bool) -> Restored:
     """Resume MODEL_DIR's latest checkpoint, else start from INITIAL_CHECKPOINT_PATH, else from scratch."""
-    resume = checkpoints.latest(model_dir)
+    resume = checkpoints.latest_readable(model_dir)
     if resume is not None:
         state = torch.load(resume / "train_state.pt", map_location="cpu", weights_only=False)
-        return Restored(model_lib.load(resume / "model.safetensors"), state["step"], f"resuming from {resume}",
-                        resume, state)
+        model = model_lib.load(resume / "model.safetensors")
+        check_model_shape(model.cfg, str(resume))
+        return Restored(model, state["step"], f"resuming from {resume}", resume, state)
     if initial_checkpoint_path:
         model, step = load_initial_weights(initial_checkpoint_path, vocab_size)
+        check_model_shape(model.cfg, initial_checkpoint_path)
         return Restored(model, step, f"{'fine-tuning' if finetune else 'starting'} from {initial_checkpoint_path} "
                                      f"(step {step})")
     if finetune:
         raise ValueError("mtp finetune needs INITIAL_CHECKPOINT_PATH (a checkpoint or a Hugging Face T5 directory)")
     return Restored(model_lib.T5(model_lib.T5Config(vocab_size=vocab_size)), 0, "from scratch")
+
+
+SHAPE_FIELDS = ("d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads",
+                "relative_attention_num_buckets", "relative_attention_max_distance", "feed_forward",
+                "tie_word_embeddings", "vocab_size")
+
+
+def check_model_shape(cfg: model_lib.T5Config, source: str) -> None:
+    """A restored model's shape comes from its checkpoint; a model gin file that binds a different shape is an
+    error naming both, rather than silently ignored. Dropout and the norm's epsilon may differ (fine-tuning sets
+    dropout with train.dropout_rate)."""
+    differ = []
+    for field in SHAPE_FIELDS:
+        try:
+            bound = gin.query_parameter(f"T5Config.{field}")
+        except ValueError:  # not bound by any gin file: nothing to disagree with
+            continue
+        if bound != getattr(cfg, field):
+            differ.append(f"T5Config.{field} = {bound!r} in gin, {getattr(cfg, field)!r} in the checkpoint")
+    if differ:
+        raise ValueError(f"the model gin settings do not match {source}: {'; '.join(differ)} (drop the model gin "
+                         "file to keep the checkpoint's shape, or use another MODEL_DIR for a new model)")
 
 
 def _check_settings(fsdp: bool, ctx: Distributed, eval_every: int) -> None:
@@ -332,12 +379,17 @@ class Run:
     losses_since_log: list[float]
     config_text: str
     fsdp: bool
+    attempt: str  # names this attempt's temporary checkpoint directories
+    spikes: health.SpikeDetector
+    skipped: int = 0  # consecutive updates skipped for a non-finite loss or gradient
+    healthy: bool = True  # no spike, skipped update or zero gradient since the last checkpoint
 
 
 def setup(model_dir: Path, mixture_or_task_name: str, task_feature_lengths: dict[str, int], train_steps: int,
           batch_size: int, per_rank: int, initial_checkpoint_path: str | None, finetune: bool,
           dropout_rate: float | None, fsdp: bool, precision: str, pack: bool, seed: int,
-          task_loss_weights: dict[str, float] | None, ctx: Distributed, device: torch.device) -> Run:
+          task_loss_weights: dict[str, float] | None, loss_spike_factor: float, max_truncated_share: float,
+          ctx: Distributed, device: torch.device) -> Run:
     """Model, optimizer and data stream, from MODEL_DIR's latest checkpoint (exactly where it stopped), an initial
     checkpoint, or scratch; writes config.gin and mixture.json."""
     torch.manual_seed(seed)  # the same initial weights on every process (FSDP shards them without a broadcast)
@@ -357,6 +409,8 @@ def setup(model_dir: Path, mixture_or_task_name: str, task_feature_lengths: dict
         mixture_or_task_name=mixture_or_task_name, task_feature_lengths=task_feature_lengths, batch_size=per_rank,
         pack=pack, seed=seed, shard_index=ctx.rank, num_shards=ctx.world,
         budget_examples=(train_steps - first_step) * batch_size)
+    if ctx.main:
+        validation.check_lengths_fit(list(resolved.rates), task_feature_lengths, max_truncated_share)
     stream = data.BatchIterator(dataset)
     if start.checkpoint is not None:
         stream.restore(start.checkpoint / f"data_rank{ctx.rank}")
@@ -368,7 +422,8 @@ def setup(model_dir: Path, mixture_or_task_name: str, task_feature_lengths: dict
     names = list(resolved.rates)
     run = Run(ctx, device, precision, model_dir, model, wrapped, optimizer, stream, resolved,
               TaskMeter(names, state.get("tasks")), task_weight_vector(names, task_loss_weights), start.step,
-              first_step, list(state.get("losses_since_log", [])), _config_text(resolved), fsdp)
+              first_step, list(state.get("losses_since_log", [])), _config_text(resolved), fsdp, _attempt(ctx),
+              health.SpikeDetector(loss_spike_factor, history=state.get("recent_losses")))
     if ctx.main:
         (model_dir / "config.gin").write_text(run.config_text)
         (model_dir / "mixture.json").write_text(json.dumps(mixture_report(resolved), indent=2) + "\n")
@@ -380,9 +435,18 @@ def setup(model_dir: Path, mixture_or_task_name: str, task_feature_lengths: dict
     return run
 
 
-def train_step(run: Run, lr: float, grad_accum_steps: int, z_loss: float,
-               clip_grad_norm: float | None) -> tuple[float, float, int]:
-    """One optimizer step over `grad_accum_steps` micro-batches: (loss, gradient norm, non-padding tokens)."""
+def _attempt(ctx: Distributed) -> str:
+    """A name for this attempt, the same on every process."""
+    token = [f"{os.getpid()}-{os.urandom(3).hex()}"]
+    if ctx.world > 1:
+        dist.broadcast_object_list(token, src=0)
+    return token[0]
+
+
+def train_step(run: Run, lr: float, grad_accum_steps: int, z_loss: float, clip_grad_norm: float | None,
+               max_nonfinite_skips: int) -> tuple[float, float, int]:
+    """One optimizer step over `grad_accum_steps` micro-batches: (loss, gradient norm, non-padding tokens).
+    A non-finite loss or gradient norm stops the run before the update (or skips it: `health.check_step`)."""
     ctx, device = run.ctx, run.device
     for group in run.optimizer.param_groups:
         group["lr"] = lr
@@ -405,33 +469,43 @@ def train_step(run: Run, lr: float, grad_accum_steps: int, z_loss: float,
         tokens += int(sum((cpu_batch[k] != 0).sum().item() for k in ("encoder_input_tokens",
                                                                       "decoder_target_tokens")))
     run.meter.add(ctx.sum_tensor(counts))
-    grad_norm = float("nan")
-    if clip_grad_norm:
-        norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip_grad_norm)
-        grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # DTensor under FSDP
-    run.optimizer.step()
+    norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip_grad_norm or math.inf)
+    grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # DTensor under FSDP
+    loss = ctx.sum(loss_sum) / max(total_weight, 1.0)
+    if health.check_step(run.step + 1, loss, grad_norm, run.skipped, max_nonfinite_skips,
+                         lambda: checkpoints.latest(run.model_dir)):
+        run.optimizer.step()
+        run.skipped = 0
+    else:
+        run.skipped += 1
+        run.healthy = False
     run.optimizer.zero_grad(set_to_none=True)
-    return ctx.sum(loss_sum) / max(total_weight, 1.0), grad_norm, tokens
+    return loss, grad_norm, tokens
 
 
 def save(run: Run, keep_checkpoints: int | None) -> None:
     """Checkpoint `run` at its step: written under a temporary name by all processes, renamed by the main one."""
     ctx, at_step = run.ctx, run.step
-    tmp = checkpoints.temporary_dir(run.model_dir, at_step)
+    model_state, optimizer_state = full_state(run.model, run.optimizer, run.fsdp)
+    if ctx.main:  # refuse before anything is written: no checkpoint ever holds a NaN
+        health.check_finite_state(at_step, model_state, "weight")
+        health.check_finite_state(at_step, health.optimizer_tensors(optimizer_state), "optimizer state")
+    tmp = checkpoints.temporary_dir(run.model_dir, at_step, run.attempt)
     if ctx.main:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash while writing this step before
         tmp.mkdir(parents=True)
     ctx.barrier()
     run.stream.save(tmp / f"data_rank{ctx.rank}")
     rng = _gather_rng(ctx)
-    model_state, optimizer_state = full_state(run.model, run.optimizer, run.fsdp)
     if ctx.main:
         model_lib.save(run.model, tmp / "model.safetensors", model_state)
         torch.save({"step": at_step, "optimizer": optimizer_state, "rng": rng, "tasks": run.meter.state(),
-                    "losses_since_log": run.losses_since_log, "first_step": run.first_step}, tmp / "train_state.pt")
-        (tmp / "meta.json").write_text(json.dumps({"step": at_step, "world_size": ctx.world}))
+                    "losses_since_log": run.losses_since_log, "first_step": run.first_step,
+                    "recent_losses": list(run.spikes.recent)}, tmp / "train_state.pt")
         (tmp / "config.gin").write_text(run.config_text)
-        checkpoints.commit(run.model_dir, at_step, keep_checkpoints)
+        recent = list(run.spikes.recent)[-10:]
+        checkpoints.write_meta(tmp, at_step, ctx.world, sum(recent) / len(recent) if recent else None, run.healthy)
+        checkpoints.commit(run.model_dir, at_step, keep_checkpoints, run.attempt)
+    run.healthy = True
     ctx.barrier()
 
 
@@ -459,6 +533,9 @@ def train(
     eval_every: int = 0,
     eval_num_examples: int | None = 256,
     eval_max_decode_length: int = 32,
+    max_nonfinite_skips: int = 0,
+    loss_spike_factor: float = 3.0,
+    max_truncated_share: float = 0.9,
     progress: bool = True,
 ) -> dict:
     """Train until `train_steps` (resuming from MODEL_DIR if it holds a checkpoint); return the last logged values.
@@ -468,7 +545,19 @@ def train(
     state over the processes (FSDP2) instead of replicating them (DDP), for models that do not fit one device;
     checkpoints are gathered to the same unsharded files either way. `task_loss_weights` ({task: weight}, 1 for
     tasks not named) weights each task's target tokens in the loss, which stays normalised by the total weight.
+
+    A non-finite loss or gradient norm stops the run before the update (`max_nonfinite_skips` > 0 skips up to that
+    many such updates in a row instead); a step loss above `loss_spike_factor` times its recent mean is reported
+    (0: never). Feature lengths that would cut more than `max_truncated_share` of a task's examples are refused.
+    One run writes a MODEL_DIR at a time (`run_lock`); SIGTERM or SIGINT checkpoints and stops
+    (`interrupts.Stopped`).
     """
+    validation.check_train_settings(
+        train_steps=train_steps, batch_size=batch_size, task_feature_lengths=task_feature_lengths,
+        grad_accum_steps=grad_accum_steps, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
+        log_every=log_every, eval_every=eval_every, clip_grad_norm=clip_grad_norm, dropout_rate=dropout_rate,
+        z_loss=z_loss, max_nonfinite_skips=max_nonfinite_skips, loss_spike_factor=loss_spike_factor,
+        max_truncated_share=max_truncated_share)
     configure_tensorflow()  # before the input pipeline's first op; a no-op when the CLI already did it
     mixing.register_declared()
     ctx, device = setup_distributed()
@@ -479,11 +568,32 @@ def train(
         raise ValueError(f"BATCH_SIZE={batch_size} must be a multiple of processes ({ctx.world}) x "
                          f"grad_accum_steps ({grad_accum_steps})")
     _check_settings(fsdp, ctx, eval_every)
-    run = setup(model_dir, mixture_or_task_name, task_feature_lengths, train_steps, batch_size, per_rank,
-                initial_checkpoint_path, finetune, dropout_rate, fsdp, precision_lib.resolve(precision, device),
-                pack, seed, task_loss_weights, ctx, device)
-    logger = Logger(model_dir, ctx.main)
-    lengths = dict(task_feature_lengths)
+    with run_lock.hold(model_dir, enabled=ctx.main), interrupts.StopRequests() as stops:
+        run = setup(model_dir, mixture_or_task_name, task_feature_lengths, train_steps, batch_size, per_rank,
+                    initial_checkpoint_path, finetune, dropout_rate, fsdp, precision_lib.resolve(precision, device),
+                    pack, seed, task_loss_weights, loss_spike_factor, max_truncated_share, ctx, device)
+        logger = Logger(model_dir, ctx.main, resumed_at=run.step)
+        try:
+            last = _loop(run, logger, stops, train_steps=train_steps, batch_size=batch_size,
+                         grad_accum_steps=grad_accum_steps, z_loss=z_loss, clip_grad_norm=clip_grad_norm,
+                         max_nonfinite_skips=max_nonfinite_skips, checkpoint_every=checkpoint_every,
+                         keep_checkpoints=keep_checkpoints, log_every=log_every, eval_every=eval_every,
+                         eval_settings=(eval_num_examples, eval_max_decode_length), progress=progress,
+                         lengths=dict(task_feature_lengths), mixture_or_task_name=mixture_or_task_name)
+        finally:
+            logger.close()
+    if not last and ctx.main:
+        print(f"mtp: {model_dir} is already at step {run.step} >= TRAIN_STEPS; nothing to do", file=sys.stderr)
+    return {"step": run.step, "model_dir": str(model_dir), **last}
+
+
+def _loop(run: Run, logger: Logger, stops: interrupts.StopRequests, *, train_steps: int, batch_size: int,
+          grad_accum_steps: int, z_loss: float, clip_grad_norm: float | None, max_nonfinite_skips: int,
+          checkpoint_every: int, keep_checkpoints: int | None, log_every: int, eval_every: int,
+          eval_settings: tuple[int | None, int], progress: bool, lengths: dict[str, int],
+          mixture_or_task_name: str) -> dict[str, float]:
+    """Steps until `train_steps`, logging, evaluating and checkpointing on their intervals; the last logged values."""
+    ctx = run.ctx
     example_flops = run.model.training_flops(lengths.get("inputs", 0), lengths["targets"])
     bar = None
     if ctx.main and progress:
@@ -492,43 +602,77 @@ def train(
         bar = tqdm(total=train_steps, initial=run.step, desc="train", unit="step", dynamic_ncols=True,
                    file=sys.stderr)
     last: dict[str, float] = {}
-    tokens_since, time_since, tokens_per_second = 0, time.perf_counter(), 0.0
+    window = _Window()
     while run.step < train_steps:
         lr = optim.learning_rate(run.step, train_steps)
-        step_loss, grad_norm, tokens = train_step(run, lr, grad_accum_steps, z_loss, clip_grad_norm)
+        step_loss, grad_norm, tokens = train_step(run, lr, grad_accum_steps, z_loss, clip_grad_norm,
+                                                  max_nonfinite_skips)
         run.step += 1
-        tokens_since += tokens
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(f"loss is {step_loss} at step {run.step}; the last checkpoint is intact")
-        run.losses_since_log.append(step_loss)
+        window.tokens += tokens
+        _observe_health(run, step_loss, grad_norm)
         window_ends = run.step % log_every == 0
         if window_ends or run.step == train_steps:
             # A run's last step is logged too; its window goes on (and is saved) unless it ends there, so that a
             # resumed run logs what an uninterrupted one would.
-            elapsed = time.perf_counter() - time_since
-            tokens_per_second = ctx.sum(tokens_since) / elapsed
-            steps_logged = len(run.losses_since_log)
-            last = {"loss": sum(run.losses_since_log) / steps_logged, "learning_rate": lr, "grad_norm": grad_norm,
-                    "tokens_per_second": tokens_per_second,
-                    "flops_per_second": example_flops * batch_size * steps_logged / elapsed,
-                    **run.meter.log_values(new_window=window_ends)}
+            last = window.values(run, lr, grad_norm, example_flops * batch_size, window_ends)
             logger.log(run.step, last)
-            if window_ends:
-                tokens_since, time_since, run.losses_since_log = 0, time.perf_counter(), []
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_second:.0f}", refresh=False)
+            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{window.tokens_per_second:.0f}", refresh=False)
         if eval_every and run.step % eval_every == 0:
-            _evaluate_and_log(run.model, mixture_or_task_name, lengths, eval_num_examples, eval_max_decode_length,
-                              run.precision, device, run.step, ctx, logger)
-        if run.step % checkpoint_every == 0 or run.step == train_steps:
+            _evaluate_and_log(run.model, mixture_or_task_name, lengths, *eval_settings, run.precision, run.device,
+                              run.step, ctx, logger)
+        stop = _stop_requested(stops, ctx)
+        if run.step % checkpoint_every == 0 or run.step == train_steps or stop:
             save(run, keep_checkpoints)
+        if stop:
+            if bar is not None:
+                bar.close()
+            raise interrupts.Stopped(stop, f"stopped by {signal.Signals(stop).name} at step {run.step}; wrote "
+                                           f"{checkpoints.checkpoint_dir(run.model_dir, run.step)}; run the same "
+                                           "command again to resume")
     if bar is not None:
         bar.close()
-    if not last and ctx.main:
-        print(f"mtp: {model_dir} is already at step {run.step} >= TRAIN_STEPS; nothing to do", file=sys.stderr)
-    logger.close()
-    return {"step": run.step, "model_dir": str(model_dir), **last}
+    return last
+
+
+class _Window:
+    """Throughput over the current logging window."""
+
+    def __init__(self) -> None:
+        self.tokens, self.start, self.tokens_per_second = 0, time.perf_counter(), 0.0
+
+    def values(self, run: Run, lr: float, grad_norm: float, flops_per_step: float, ends: bool) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.start
+        self.tokens_per_second = run.ctx.sum(self.tokens) / elapsed
+        steps = len(run.losses_since_log)
+        values = {"loss": sum(run.losses_since_log) / steps} if steps else {}  # none: every update was skipped
+        values.update({"learning_rate": lr, "grad_norm": grad_norm, "tokens_per_second": self.tokens_per_second,
+                       "flops_per_second": flops_per_step * steps / elapsed, **run.meter.log_values(new_window=ends)})
+        if ends:
+            self.tokens, self.start, run.losses_since_log = 0, time.perf_counter(), []
+        return values
+
+
+def _observe_health(run: Run, loss: float, grad_norm: float) -> None:
+    """Record a finite step's loss; a spike, a skipped update or a zero gradient marks the next checkpoint
+    unhealthy (pruning keeps the newest healthy one)."""
+    if not math.isfinite(loss):
+        return  # a skipped update (health.check_step said so already)
+    run.losses_since_log.append(loss)
+    if run.spikes.observe(run.step, loss):
+        run.healthy = False
+    if grad_norm == 0.0:
+        print(f"mtp: step {run.step}: the gradient is exactly zero (loss {loss:.4f})", file=sys.stderr)
+        run.healthy = False
+
+
+def _stop_requested(stops: interrupts.StopRequests, ctx: Distributed) -> int:
+    """The signal to stop on, or 0; every process stops when any one was signalled (at the same step)."""
+    signum = stops.signum or 0
+    if ctx.world > 1 and ctx.sum(float(signum > 0)) > 0:
+        return signum or int(signal.SIGTERM)
+    return signum
 
 
 def _gather_rng(ctx: Distributed) -> list | dict:

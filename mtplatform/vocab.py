@@ -40,12 +40,21 @@ class ConfiguredVocabulary(seqio.SentencePieceVocabulary):
 
     def _model_context(self):
         path = settings.vocab_path()
-        if self._model is None and not path.is_file():
+        if self._model is not None and getattr(self, "_loaded_from", None) == path:
+            return self._model
+        self._model = None  # the setting changed since the model was loaded (one process, several runs)
+        if not path.is_file():
             raise FileNotFoundError(
                 f"no SentencePiece model at {path}: train one with `mtp vocab train --output={path}`, "
                 f"or point {settings.VOCAB_ENV} (gin: vocab_path.path) at an existing T5 .model file"
             )
-        return super()._model_context()
+        try:
+            context = super()._model_context()
+        except Exception as e:  # sentencepiece's parse errors name neither the file nor the cause
+            raise ValueError(f"{path}: not a SentencePiece model file ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else 'unreadable'})") from e
+        self._loaded_from = path
+        return context
 
 
 def vocabulary_from_file(path: str | os.PathLike, extra_ids: int = EXTRA_IDS) -> seqio.SentencePieceVocabulary:

@@ -1,15 +1,24 @@
 #!/usr/bin/env bash
-# The test command of the README and of CI: set up the environment, lint, run the default test suite.
+# The test command of the README and of CI: set up the environment, lint, run the default test suite, then (without
+# arguments) the slow fault-tolerance test as its own step (21 SIGKILLs of a real run; about 5 minutes on 2 cores).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
 VENV="${MTP_VENV:-$PWD/.venv}"
 export MTP_DATA_DIR="${MTP_DATA_DIR:-$PWD/../shared/data}"
 "$VENV/bin/ruff" check . || exit 1
-"$VENV/bin/python" -m pytest -q "$@"
-rc=$?
-if [[ $rc -eq 5 ]]; then
-  echo "test.sh: pytest collected no tests; that is a failure, not a pass" >&2
-  exit 1
+
+run_pytest() {
+  "$VENV/bin/python" -m pytest -q "$@"
+  local rc=$?
+  if [[ $rc -eq 5 ]]; then
+    echo "test.sh: pytest collected no tests; that is a failure, not a pass" >&2
+    return 1
+  fi
+  return $rc
+}
+
+run_pytest "$@" || exit $?
+if [[ $# -eq 0 ]]; then
+  run_pytest -m slow tests/test_faults.py || exit $?
 fi
-exit $rc

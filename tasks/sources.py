@@ -119,6 +119,24 @@ def read_tsv(path: Path, fieldnames: Sequence[str] | None = None) -> Iterator[tu
     Quote handling is off: the official files contain stray `"` (QNLI) that are text, not quoting. A UTF-8 byte-order
     mark (MRPC) is dropped. Column names come from the header row, or from `fieldnames` for files without one (CoLA).
     """
+    try:
+        yield from _tsv_rows(path, fieldnames)
+    except UnicodeDecodeError as e:
+        raise DataFormatError(f"{path}:{_first_undecodable_line(path)}: not UTF-8 ({e.reason}, byte "
+                              f"{e.object[e.start:e.start + 1]!r})") from e
+
+
+def _first_undecodable_line(path: Path) -> int:
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return 0
+
+
+def _tsv_rows(path: Path, fieldnames: Sequence[str] | None) -> Iterator[tuple[int, dict[str, str]]]:
     with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         header = list(fieldnames) if fieldnames is not None else next(reader, None)
@@ -142,31 +160,40 @@ def read_squad(path: Path, keep_article: Callable[[str], bool] | None = None) ->
     try:
         with open(path, encoding="utf-8") as f:
             articles = json.load(f)["data"]
-    except (json.JSONDecodeError, KeyError) as e:
+    except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
         raise DataFormatError(f"{path}: not a SQuAD v1.1 JSON file with a top-level 'data' list ({e})") from e
     rows = []
     for a, article in enumerate(articles):
         title = article.get("title", "")
         if keep_article is not None and not keep_article(title):
             continue
-        for p, paragraph in enumerate(article["paragraphs"]):
-            for qa in paragraph["qas"]:
-                answers = [ans["text"] for ans in qa.get("answers", [])]
+        for p, paragraph in enumerate(_field(article, "paragraphs", path, f"data[{a}]")):
+            where = f"data[{a}].paragraphs[{p}]"
+            for q, qa in enumerate(_field(paragraph, "qas", path, where)):
+                answers = [_field(ans, "text", path, f"{where}.qas[{q}].answers[{i}]")
+                           for i, ans in enumerate(qa.get("answers", []))]
                 if not answers:
                     raise DataFormatError(
-                        f"{path}: data[{a}].paragraphs[{p}] question {qa.get('id')!r} has no answers "
+                        f"{path}: {where} question {qa.get('id')!r} has no answers "
                         "(SQuAD v1.1 questions always have one; is this a v2.0 file?)"
                     )
                 rows.append(
                     {
-                        "id": qa["id"],
+                        "id": _field(qa, "id", path, f"{where}.qas[{q}]"),
                         "title": title,
-                        "context": paragraph["context"],
-                        "question": qa["question"],
+                        "context": _field(paragraph, "context", path, where),
+                        "question": _field(qa, "question", path, f"{where}.qas[{q}]"),
                         "answers": answers,
                     }
                 )
     return rows
+
+
+def _field(record: Any, key: str, path: Path, where: str) -> Any:
+    """record[key], or an error naming the file and the place in it that lacks `key`."""
+    if not isinstance(record, dict) or key not in record:
+        raise DataFormatError(f"{path}: {where} has no {key!r} field (SQuAD v1.1 layout)")
+    return record[key]
 
 
 def in_squad_dev_train_split(title: str) -> bool:

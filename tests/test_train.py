@@ -66,6 +66,14 @@ def test_resume_gives_identical_losses(tmp_path, vocab_file):
                             for k in ("loss", "examples", "target_tokens")}
 
 
+def test_another_seed_gives_other_losses(tmp_path, vocab_file):
+    _train(tmp_path / "seed0", 2)
+    _train(tmp_path / "seed1", 2, seed=1)
+    _train(tmp_path / "again", 2)
+    assert _losses(tmp_path / "seed0") == _losses(tmp_path / "again")
+    assert _losses(tmp_path / "seed0")[1] != _losses(tmp_path / "seed1")[1]
+
+
 def test_bf16_training_repeats_exactly_and_stays_near_fp32(tmp_path, vocab_file):
     """`precision="auto"` is bf16 where the CPU multiplies bf16 natively and fp32 elsewhere (README, Precision).
     On one machine a bf16 run is as repeatable as an fp32 one (resume gives the same losses bit for bit); between
@@ -97,7 +105,7 @@ def test_keep_last_checkpoints_and_ignore_partial(tmp_path, vocab_file):
     _train(model_dir, 12, keep_checkpoints=2)
     assert checkpoints.all_steps(model_dir) == [8, 12]
     # A crash while writing leaves only a temporary directory: it is never read.
-    partial = checkpoints.temporary_dir(model_dir, 16)
+    partial = checkpoints.temporary_dir(model_dir, 16, "crashed-attempt")
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"truncated")
     assert checkpoints.latest(model_dir) == model_dir / "checkpoint_12"

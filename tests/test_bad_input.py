@@ -1,0 +1,231 @@
+"""Bad input of every kind, through the `mtp` command: each case must end with exit code 2 and one line on stderr
+that names the culprit (the setting, the file and line, the task), with no traceback. Run in this process (the
+command's own `cli.main`) so that forty cases cost seconds, not forty TensorFlow start-ups."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gin
+import pytest
+
+import tasks  # noqa: F401
+from mtplatform import cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _train_args(model_dir: Path, *overrides: str, command: str = "train") -> list[str]:
+    return [command, "--gin_file=gin/models/tiny.gin", "--gin_file=gin/runs/pretrain.gin",
+            "--gin.MIXTURE_OR_TASK_NAME='glue_rte'", "--gin.TRAIN_STEPS=1", "--gin.BATCH_SIZE=2",
+            "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 8}", "--gin.train.progress=False",
+            f"--gin.MODEL_DIR='{model_dir}'", *overrides]
+
+
+@dataclass
+class Case:
+    name: str
+    args: Callable[[Path], list[str]]  # from the case's own temporary directory
+    says: tuple[str, ...]  # what the one-line message must contain
+    prepare: Callable[[Path, Path], dict[str, str]] = field(default=lambda tmp, data: {})  # -> environment
+
+
+def _train(*overrides: str) -> Callable[[Path], list[str]]:
+    return lambda tmp: _train_args(tmp / "run", *overrides)
+
+
+# --- data directories with one broken file (the rest linked to the real data) ---------------------------------------
+
+
+def _data_with(tmp: Path, data: Path, relative: str, content: bytes) -> dict[str, str]:
+    root = tmp / "data"
+    for item in data.rglob("*"):
+        target = root / item.relative_to(data)
+        if item.is_file() and item.relative_to(data).as_posix() != relative:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(item)
+    (root / relative).parent.mkdir(parents=True, exist_ok=True)
+    (root / relative).write_bytes(content)
+    return {"MTP_DATA_DIR": str(root)}
+
+
+def _rte_train(edit: Callable[[list[bytes]], None]) -> Callable[[Path, Path], dict[str, str]]:
+    def prepare(tmp: Path, data: Path) -> dict[str, str]:
+        lines = (data / "glue/RTE/train.tsv").read_bytes().splitlines(keepends=True)
+        edit(lines)
+        return _data_with(tmp, data, "glue/RTE/train.tsv", b"".join(lines))
+    return prepare
+
+
+def _squad(edit: Callable[[dict], None]) -> Callable[[Path, Path], dict[str, str]]:
+    def prepare(tmp: Path, data: Path) -> dict[str, str]:
+        squad = json.loads((data / "squad/dev-v1.1.json").read_text())
+        edit(squad)
+        return _data_with(tmp, data, "squad/dev-v1.1.json", json.dumps(squad).encode())
+    return prepare
+
+
+def _set_line(number: int, content: bytes) -> Callable[[list[bytes]], None]:
+    def edit(lines: list[bytes]) -> None:
+        lines[number - 1] = content
+    return edit
+
+
+def _vocab(content: bytes) -> Callable[[Path, Path], dict[str, str]]:
+    def prepare(tmp: Path, data: Path) -> dict[str, str]:
+        (tmp / "bad.model").write_bytes(content)
+        return {"MTP_VOCAB": str(tmp / "bad.model")}
+    return prepare
+
+
+def _file(name: str, content: str) -> Callable[[Path, Path], dict[str, str]]:
+    def prepare(tmp: Path, data: Path) -> dict[str, str]:
+        (tmp / name).write_text(content)
+        return {"PYTHONPATH_EXTRA": str(tmp)}
+    return prepare
+
+
+def _checkpoint(edit: Callable[[Path], None] | None = None) -> Callable[[Path, Path], dict[str, str]]:
+    """A real one-step tiny checkpoint in tmp/run, then `edit` applied to it."""
+    def prepare(tmp: Path, data: Path) -> dict[str, str]:
+        gin.clear_config()
+        assert cli.main(_train_args(tmp / "run")) == 0
+        gin.clear_config()
+        if edit:
+            edit(tmp / "run" / "checkpoint_1")
+        return {}
+    return prepare
+
+
+def _truncate(name: str) -> Callable[[Path], None]:
+    def edit(checkpoint: Path) -> None:
+        path = checkpoint / name
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return edit
+
+
+CASES = [
+    # Step counts, batch sizes, intervals, rates
+    Case("train_steps_zero", _train("--gin.TRAIN_STEPS=0"), ("TRAIN_STEPS", "= 0", ">= 1")),
+    Case("train_steps_negative", _train("--gin.TRAIN_STEPS=-5"), ("TRAIN_STEPS", "= -5")),
+    Case("train_steps_quoted", _train("--gin.TRAIN_STEPS='10'"), ("TRAIN_STEPS", "= '10'")),
+    Case("train_steps_word", _train("--gin.TRAIN_STEPS=abc"), ("--gin.TRAIN_STEPS=abc", "Python literals")),
+    Case("batch_negative", _train("--gin.BATCH_SIZE=-8"), ("BATCH_SIZE", "= -8")),
+    Case("batch_fraction", _train("--gin.BATCH_SIZE=2.5"), ("BATCH_SIZE", "= 2.5")),
+    Case("batch_not_multiple", _train("--gin.train.grad_accum_steps=4", "--gin.BATCH_SIZE=6"),
+         ("BATCH_SIZE=6", "grad_accum_steps (4)")),
+    Case("checkpoint_every_zero", _train("--gin.train.checkpoint_every=0"), ("train.checkpoint_every = 0",)),
+    Case("log_every_zero", _train("--gin.train.log_every=0"), ("train.log_every = 0",)),
+    Case("grad_accum_zero", _train("--gin.train.grad_accum_steps=0"), ("train.grad_accum_steps = 0",)),
+    Case("keep_checkpoints_zero", _train("--gin.train.keep_checkpoints=0"), ("train.keep_checkpoints = 0",)),
+    Case("dropout_above_one", _train("--gin.train.dropout_rate=1.5"), ("train.dropout_rate = 1.5",)),
+    Case("z_loss_negative", _train("--gin.train.z_loss=-1.0"), ("train.z_loss = -1.0",)),
+    Case("clip_negative", _train("--gin.train.clip_grad_norm=-1.0"), ("train.clip_grad_norm = -1.0",)),
+    Case("precision_unknown", _train("--gin.train.precision='fp64'"), ("fp64",)),
+    Case("optimizer_unknown", _train("--gin.make_optimizer.name='sgdx'"), ("sgdx",)),
+    Case("schedule_unknown", _train("--gin.learning_rate.name='bogus'"), ("bogus",)),
+    # Feature lengths
+    Case("targets_length_zero", _train("--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 0}"),
+         ("TASK_FEATURE_LENGTHS['targets'] = 0",)),
+    Case("lengths_not_a_dict", _train("--gin.TASK_FEATURE_LENGTHS=64"), ("TASK_FEATURE_LENGTHS = 64",)),
+    Case("lengths_without_targets", _train("--gin.TASK_FEATURE_LENGTHS={'inputs': 64}"),
+         ("TASK_FEATURE_LENGTHS", "'targets'")),
+    Case("lengths_cut_everything", _train("--gin.TASK_FEATURE_LENGTHS={'inputs': 2, 'targets': 2}"),
+         ("TASK_FEATURE_LENGTHS['inputs'] = 2", "cuts 100% of task glue_rte")),
+    # Names: tasks, mixtures, gin, modules
+    Case("task_unknown", _train("--gin.MIXTURE_OR_TASK_NAME='no_such_task'"), ("no_such_task",)),
+    Case("task_weight_unknown", _train("--gin.train.task_loss_weights={'glue_sst9': 2.0}"), ("glue_sst9",)),
+    Case("mixing_strategy_unknown", _train("--gin.MIXTURE_OR_TASK_NAME='glue'", "--gin.mixing.strategy='bogus'"),
+         ("mixture glue", "mixing.strategy='bogus'")),
+    Case("gin_parameter_misspelt", _train("--gin.T5Config.d_modle=3"), ("d_modle",)),
+    Case("gin_override_without_value", _train("--gin.TRAIN_STEPS"), ("--gin.TRAIN_STEPS", "needs a value")),
+    Case("gin_file_missing", lambda tmp: _train_args(tmp / "run", "--gin_file=no/such/file.gin"),
+         ("no/such/file.gin",)),
+    Case("gin_syntax_error", lambda tmp: _train_args(tmp / "run", f"--gin_file={tmp / 'broken.gin'}"),
+         ("broken.gin", "line 2"), _file("broken.gin", "T5Config.d_model = 64\nT5Config.d_ff = = 3\n")),
+    Case("module_missing", lambda tmp: ["tasks", "list", "--module=no_such_module_xyz"], ("no_such_module_xyz",)),
+    Case("module_raises", lambda tmp: ["tasks", "list", "--module=broken_tasks_module"],
+         ("broken_tasks_module", "task registry is down"),
+         _file("broken_tasks_module.py", "raise RuntimeError('task registry is down')\n")),
+    Case("required_setting_missing", lambda tmp: [a for a in _train_args(tmp / "run") if "TRAIN_STEPS" not in a],
+         ("TRAIN_STEPS",)),
+    # Files: data, vocabulary, checkpoints, directories
+    Case("data_dir_missing", _train("--gin.DATA_DIR='/no/such/data'"), ("/no/such/data",)),
+    Case("tsv_not_utf8", _train(), ("glue/RTE/train.tsv:5", "UTF-8"),
+         _rte_train(_set_line(5, b"5\tCaf\xe9 au lait.\tA drink.\tentailment\n"))),
+    Case("tsv_missing_field", _train(), ("glue/RTE/train.tsv:3", "expected 4 tab-separated fields"),
+         _rte_train(_set_line(3, b"3\tonly two\n"))),
+    Case("squad_context_missing", _train("--gin.MIXTURE_OR_TASK_NAME='squad_v1_devsplit'",
+                                         "--gin.TASK_FEATURE_LENGTHS={'inputs': 256, 'targets': 16}"),
+         ("dev-v1.1.json", "data[0].paragraphs[0]", "'context'"),
+         _squad(lambda s: s["data"][0]["paragraphs"][0].pop("context"))),
+    Case("squad_answer_text_missing", _train("--gin.MIXTURE_OR_TASK_NAME='squad_v1_devsplit'",
+                                             "--gin.TASK_FEATURE_LENGTHS={'inputs': 256, 'targets': 16}"),
+         ("dev-v1.1.json", "data[0].paragraphs[0]", "'text'"),
+         _squad(lambda s: s["data"][0]["paragraphs"][0]["qas"][0]["answers"][0].pop("text"))),
+    Case("vocab_missing", _train("--gin.VOCAB_PATH='/no/such/vocab.model'"), ("/no/such/vocab.model",)),
+    Case("vocab_empty", _train(), ("bad.model", "SentencePiece"), _vocab(b"")),
+    Case("vocab_corrupt", _train(), ("bad.model", "SentencePiece"), _vocab(b"\x00garbage\xff" * 100)),
+    Case("model_dir_is_a_file", lambda tmp: _train_args(tmp / "file"), ("file",),
+         lambda tmp, data: (tmp / "file").write_text("x") and {}),
+    Case("initial_checkpoint_missing", lambda tmp: _train_args(
+        tmp / "ft", "--gin.INITIAL_CHECKPOINT_PATH='/no/such/run'", command="finetune"), ("/no/such/run",)),
+    Case("initial_checkpoint_truncated", lambda tmp: _train_args(
+        tmp / "ft", f"--gin.INITIAL_CHECKPOINT_PATH='{tmp / 'run'}'", "--gin.TRAIN_STEPS=2", command="finetune"),
+         ("checkpoint_1", "model.safetensors has"), _checkpoint(_truncate("model.safetensors"))),
+    Case("resume_with_another_model", lambda tmp: [a.replace("tiny.gin", "small.gin")
+                                                   for a in _train_args(tmp / "run", "--gin.TRAIN_STEPS=2")],
+         ("T5Config.d_model = 512 in gin, 64 in the checkpoint",), _checkpoint()),
+    Case("eval_checkpoint_missing", lambda tmp: ["eval", "--gin_file=gin/runs/eval.gin",
+                                                 "--gin.CHECKPOINT_PATH='/no/such/run'",
+                                                 "--gin.MIXTURE_OR_TASK_NAME='glue_rte'"], ("/no/such/run",)),
+    Case("eval_checkpoint_truncated", lambda tmp: ["eval", "--gin_file=gin/runs/eval.gin",
+                                                   f"--gin.CHECKPOINT_PATH='{tmp / 'run'}'",
+                                                   "--gin.MIXTURE_OR_TASK_NAME='glue_rte'"],
+         ("checkpoint_1", "model.safetensors has"), _checkpoint(_truncate("model.safetensors"))),
+    Case("report_not_an_experiment", lambda tmp: ["report", str(tmp)], ("no experiment.json",)),
+    Case("mixture_unknown", lambda tmp: ["mixture", "show", "no_such_mixture"], ("no_such_mixture",)),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_is_one_line_naming_the_culprit(case: Case, tmp_path, vocab_file, data_dir, capfd, monkeypatch):
+    env = case.prepare(tmp_path, data_dir)
+    for key, value in env.items():
+        if key == "PYTHONPATH_EXTRA":
+            monkeypatch.syspath_prepend(value)
+        else:
+            monkeypatch.setenv(key, value)
+    capfd.readouterr()
+    gin.clear_config()
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        code = cli.main(case.args(tmp_path))
+    finally:
+        os.chdir(cwd)
+        gin.clear_config()
+    err = capfd.readouterr().err
+    assert code == 2, err[-2000:]
+    assert "Traceback" not in err
+    message = err.strip().splitlines()[-1]
+    assert message.startswith("mtp: error: "), err[-2000:]
+    for part in case.says:
+        assert part in message, message
+
+
+def test_at_least_thirty_cases():
+    assert len(CASES) >= 30
+
+
+def test_debug_prints_the_traceback(tmp_path, vocab_file):
+    gin.clear_config()
+    try:
+        with pytest.raises(ValueError, match="TRAIN_STEPS"):
+            cli.main(["--debug", *_train_args(tmp_path / "run", "--gin.TRAIN_STEPS=0")])
+    finally:
+        gin.clear_config()
