@@ -123,7 +123,7 @@ def rates_from_sizes(sizes: Mapping[str, float], settings: Settings, mixture: st
             raise MixingError(f"mixture {mixture}: task {task} has rate {rate!r}; rates must be finite and >= 0")
     if not any(rates.values()):
         raise MixingError(f"mixture {mixture}: every task's rate is zero ({settings.strategy})")
-    return rates
+    return {task: float(rate) for task, rate in rates.items()}  # floats, also where a cap K made every rate an int
 
 
 def _explicit(sizes: Mapping[str, float], weights: Mapping[str, float], mixture: str) -> dict[str, float]:

@@ -149,6 +149,18 @@ def test_measured_shares_match_rates(strategy, params, wrong, data_dir, vocab_fi
     assert mixture_view.chi_square_p(other, measured) < 1e-6
 
 
+def test_a_cap_below_every_size_still_mixes(data_dir, vocab_file):
+    """K = 2**10 caps every task (sizes 2,490 to 67,349 and the corpus' 1e6): the rates are all K, as floats, and
+    the pipeline draws every task (integer rates once crashed tf.data's sample_from_datasets)."""
+    name = "test_mixing_all_capped"
+    mixing.register(name, list(REAL), replace_existing=True, strategy="proportional", cap=2**10)
+    ds, resolved = data.train_dataset(mixture_or_task_name=name, task_feature_lengths=SMALL, batch_size=8)
+    assert list(resolved.rates.values()) == [1024.0] * len(REAL)
+    assert all(isinstance(rate, float) for rate in resolved.rates.values())
+    seen = {int(i) for batch in ds.take(8).as_numpy_iterator() for i in np.unique(batch[data.TASK_IDS]) if i > 0}
+    assert len(seen) >= 3
+
+
 def test_task_ids_survive_packing(data_dir, vocab_file):
     """Every target token carries its example's task, packed or not; padding carries 0."""
     for pack in (True, False):
