@@ -11,7 +11,8 @@
     mtp report   runs/demo
     mtp mixture show span_corruption_and_glue [--gin.mixing.strategy="'temperature'" --gin.mixing.temperature=2.0]
 
-`--debug` anywhere on the line prints an error's traceback as well as its one-line message.
+`--debug` anywhere on the line prints an error's traceback as well as its one-line message; `--verbose` shows
+TensorFlow's and absl's logs, hidden by default.
 
 Gin overrides follow t5x: `--gin.NAME=VALUE` binds NAME (a macro or `configurable.param`) to a Python literal,
 after all --gin_file files. The resolved config is saved as MODEL_DIR/config.gin.
@@ -163,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     2 for bad input, 3 for a diverged run, 128 + the signal for a run stopped by SIGTERM/SIGINT after its
     checkpoint, 1 for anything unforeseen."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    argv = [a for a in argv if a != "--debug"]
+    debug, verbose = "--debug" in argv, "--verbose" in argv
+    argv = [a for a in argv if a not in ("--debug", "--verbose")]
+    configure_tensorflow(verbose=verbose)
     from mtplatform import health, interrupts
 
     try:
@@ -179,8 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         known = isinstance(e, FileNotFoundError | ValueError | ModuleNotFoundError | OSError | health.Diverged)
-        message = _without_gin_context(e) if known else f"{type(e).__name__}: {_first_line(e)} (mtp --debug ... " \
-                                                                                 "prints the traceback)"
+        if known:
+            message = _without_gin_context(e)
+        else:
+            message = f"{type(e).__name__}: {_first_line(e)} (rerun with --debug for the traceback)"
         print(f"mtp: error: {message}", file=sys.stderr)
         return 3 if isinstance(e, health.Diverged) else 2 if known else 1
 
@@ -189,7 +193,6 @@ def _dispatch(argv: list[str]) -> int:
     args, extra = build_parser().parse_known_args(argv)
     if extra and args.command not in ACCEPTS_GIN:
         build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
-    configure_tensorflow()
     from mtplatform import catalog
 
     catalog.import_modules(args.module)

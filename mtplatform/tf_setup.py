@@ -1,24 +1,31 @@
 """TensorFlow is only seqio's input pipeline here: keep it on the CPU, quiet, and on few threads.
 
 Call `configure_tensorflow()` before the first TensorFlow op runs (the CLI does it first thing), so that TF neither
-grabs a GPU that torch needs nor spawns a thread per core that competes with torch's matrix products.
+grabs a GPU that torch needs nor spawns a thread per core that competes with torch's matrix products. By default
+TensorFlow's C++ log (the `failed call to cuInit` line on machines without a GPU, cache warnings) and absl's
+warnings (seqio's advice to cache tasks, its evaluator's logger) are hidden: errors reach the user as exceptions,
+which `mtp` prints as one line. `mtp --verbose ...` shows them all.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 _configured = False
 
 
-def configure_tensorflow(threads: int = 2) -> None:
-    """Hide GPUs from TensorFlow and cap its thread pools; idempotent."""
+def configure_tensorflow(threads: int = 2, verbose: bool = False) -> None:
+    """Hide GPUs from TensorFlow, cap its thread pools, silence its and absl's logs unless `verbose`; idempotent."""
     global _configured
     if _configured:
         return
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "3")
     import tensorflow as tf
+    from absl import logging as absl_logging
 
+    absl_logging.set_verbosity(absl_logging.INFO if verbose else absl_logging.ERROR)
+    logging.getLogger("absl").setLevel(logging.INFO if verbose else logging.ERROR)
     try:
         tf.config.set_visible_devices([], "GPU")
         tf.config.threading.set_inter_op_parallelism_threads(threads)

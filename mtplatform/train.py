@@ -625,7 +625,7 @@ def _loop(run: Run, logger: Logger, stops: interrupts.StopRequests, *, train_ste
         stop = _stop_requested(stops, ctx)
         if run.step % checkpoint_every == 0 or run.step == train_steps or stop:
             save(run, keep_checkpoints)
-        if stop:
+        if stop and run.step < train_steps:  # on the last step the run is simply done
             if bar is not None:
                 bar.close()
             raise interrupts.Stopped(stop, f"stopped by {signal.Signals(stop).name} at step {run.step}; wrote "

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import seqio
 
-from mtplatform import mixing
+from mtplatform import mixing, settings
 
 SAMPLE = 200  # training examples per task measured against the feature lengths
 WARN_CUT_SHARE = 0.1  # more than this share of a task's examples cut by a length is reported
@@ -68,13 +68,8 @@ def check_lengths_fit(task_names: list[str], lengths: Mapping[str, int], max_sha
     for name in task_names:
         if name in mixing.UNSUPERVISED_TASKS:
             continue
-        task = seqio.get_mixture_or_task(name)
-        ds = task.get_dataset(None, split="train", shuffle=False, use_cached=False).take(SAMPLE)
-        sizes: dict[str, list[int]] = {f: [] for f in lengths if f in task.output_features}
-        for ex in ds.as_numpy_iterator():
-            for feature, seen in sizes.items():
-                seen.append(len(ex[feature]))
-        for feature, seen in sizes.items():
+        sizes = _example_lengths(name)
+        for feature, seen in ((f, sizes[f]) for f in lengths if sizes.get(f)):
             cut = sum(n > lengths[feature] for n in seen) / max(1, len(seen))
             what = (f"TASK_FEATURE_LENGTHS[{feature!r}] = {lengths[feature]} cuts {cut:.0%} of task {name}'s "
                     f"examples (of its first {len(seen)}; median length {sorted(seen)[len(seen) // 2]} tokens)")
@@ -82,3 +77,22 @@ def check_lengths_fit(task_names: list[str], lengths: Mapping[str, int], max_sha
                 raise ValueError(f"{what}: more than train.max_truncated_share = {max_share}; raise the length")
             if cut > WARN_CUT_SHARE:
                 print(f"mtp: {what}", file=sys.stderr)
+
+
+_measured: dict[tuple, dict[str, list[int]]] = {}
+
+
+def _example_lengths(name: str) -> dict[str, list[int]]:
+    """Token lengths of each feature of a task's first SAMPLE training examples; measured once per process for each
+    task, vocabulary and data directory (an experiment's stages share the measurement)."""
+    key = (name, str(settings.vocab_path()), str(settings.data_dir()))
+    if key not in _measured:
+        task = seqio.get_mixture_or_task(name)
+        ds = task.get_dataset(None, split="train", shuffle=False, use_cached=False).take(SAMPLE)
+        sizes: dict[str, list[int]] = {f: [] for f in task.output_features}
+        for ex in ds.as_numpy_iterator():
+            for feature, seen in sizes.items():
+                if feature in ex:
+                    seen.append(len(ex[feature]))
+        _measured[key] = sizes
+    return _measured[key]

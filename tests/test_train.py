@@ -170,6 +170,8 @@ def test_cli_train_resume_finetune_eval_infer(tmp_path, vocab_file):
     assert out.returncode == 0, out.stderr[-3000:]
     assert checkpoints.all_steps(run) == [20] and (run / "metrics.jsonl").is_file()
     assert "TRAIN_STEPS = 20" in (run / "config.gin").read_text()
+    for noise in ("cuInit", "WARNING:absl", "tensorflow/core"):  # TensorFlow's and absl's logs: only with --verbose
+        assert noise not in out.stderr
     out = _cli_train("train", run, 40)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"resuming from {run / 'checkpoint_20'}" in out.stderr
