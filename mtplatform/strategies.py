@@ -111,7 +111,7 @@ def mixing_strategies(
     tasks: Sequence[str] = gin.REQUIRED,
     unsupervised_task: str = "span_corruption",
     budget: float = gin.REQUIRED,
-    caps: Sequence[int] = (2**10, 2**12, 2**14, 2**16),
+    caps: Sequence[int] = (2**12, 2**14, 2**16, 2**18),
     temperatures: Sequence[float] = (2.0, 4.0, 8.0),
     temperature_cap: int | None = 2**16,
     unimax_epochs: float = 1.0,

@@ -126,8 +126,8 @@ def test_training_and_mixing_strategies_make_the_papers_arms():
         assert all(s.init is None and s.steps == 24 for s in scratch)
 
         sweep = strategies.mixing_strategies(tasks=["glue_rte", "glue_mrpc"], budget=2**-15)
-        assert [a.name for a in sweep] == ["equal", "proportional K=2^10", "proportional K=2^12",
-                                           "proportional K=2^14", "proportional K=2^16", "temperature T=2",
+        assert [a.name for a in sweep] == ["equal", "proportional K=2^12", "proportional K=2^14",
+                                           "proportional K=2^16", "proportional K=2^18", "temperature T=2",
                                            "temperature T=4", "temperature T=8", "UniMax N=1"]
         t2 = seqio.get_mixture_or_task(sweep[5].stages[0].train_on)
         from mtplatform import mixing
