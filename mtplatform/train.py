@@ -296,7 +296,7 @@ class Restored:
 def restore_or_init(model_dir: Path, vocab_size: int, initial_checkpoint_path: str | None,
                     finetune: bool) -> Restored:
     """Resume MODEL_DIR's latest checkpoint, else start from INITIAL_CHECKPOINT_PATH, else from scratch."""
-    resume = checkpoints.latest_readable(model_dir)
+    resume = checkpoints.latest(model_dir)  # setup has set unreadable ones aside
     if resume is not None:
         state = torch.load(resume / "train_state.pt", map_location="cpu", weights_only=False)
         model = model_lib.load(resume / "model.safetensors")
@@ -393,6 +393,9 @@ def setup(model_dir: Path, mixture_or_task_name: str, task_feature_lengths: dict
     """Model, optimizer and data stream, from MODEL_DIR's latest checkpoint (exactly where it stopped), an initial
     checkpoint, or scratch; writes config.gin and mixture.json."""
     torch.manual_seed(seed)  # the same initial weights on every process (FSDP shards them without a broadcast)
+    if ctx.main:
+        checkpoints.latest_readable(model_dir)  # verifies checksums; moves an unreadable checkpoint aside, saying so
+    ctx.barrier()
     start = restore_or_init(model_dir, vocab_size_for(mixture_or_task_name), initial_checkpoint_path, finetune)
     model, state = start.model, start.state or {}
     first_step = state.get("first_step", start.step)
