@@ -260,8 +260,13 @@ def text_files(patterns: Sequence[str]) -> Callable[[Path], list[Path]]:
     return resolve
 
 
+WRAPPED_LINE_CHARS = 100  # a file whose median non-empty line is shorter, and that has blank lines, is wrapped
+
+
 def read_text_lines(path: Path, keep_line: Callable[[str], bool] | None = None) -> list[Row]:
-    """Non-empty lines of a text file as `{"text": line}`.
+    """The documents of a text file as `{"text": document}`: each non-empty line, or, in a file laid out as BERT's
+    pretraining text (one sentence or wrapped line per line, a blank line between documents: short lines and
+    blank ones, as the NLTK Gutenberg texts), each run of non-empty lines joined by spaces.
 
     UTF-8, falling back to Latin-1 for files that are not (NLTK ships `shakespeare-caesar.txt` in Latin-1);
     CRLF line ends are dropped (`melville-moby_dick.txt`).
@@ -271,14 +276,28 @@ def read_text_lines(path: Path, keep_line: Callable[[str], bool] | None = None) 
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         text = raw.decode("latin-1")
-    rows = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line and (keep_line is None or keep_line(line)):
-            rows.append({"text": line})
-    return rows
+    lines = [line.strip() for line in text.splitlines()]
+    documents = _paragraphs(lines) if _is_wrapped(lines) else [line for line in lines if line]
+    return [{"text": doc} for doc in documents if keep_line is None or keep_line(doc)]
+
+
+def _is_wrapped(lines: list[str]) -> bool:
+    sizes = sorted(len(line) for line in lines if line)
+    return bool(sizes) and len(sizes) < len(lines) and sizes[len(sizes) // 2] < WRAPPED_LINE_CHARS
+
+
+def _paragraphs(lines: list[str]) -> list[str]:
+    paragraphs, current = [], []
+    for line in [*lines, ""]:
+        if line:
+            current.append(line)
+        elif current:
+            paragraphs.append(" ".join(current))
+            current = []
+    return paragraphs
 
 
 def in_text_validation_split(line: str) -> bool:
-    """Lines held out for validation of the unsupervised objectives: crc32 of the line modulo 100 is 0 (about 1%)."""
+    """Documents held out for validation of the unsupervised objectives: crc32 of the document modulo 100 is 0
+    (about 1%)."""
     return zlib.crc32(line.encode("utf-8")) % 100 == 0

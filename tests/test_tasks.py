@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import seqio
 import tensorflow as tf
@@ -208,82 +207,6 @@ def test_every_task_tokenizes(data_dir, vocab_file):
 
 def _vocab():
     return seqio.get_mixture_or_task("span_corruption").output_features["targets"].vocabulary
-
-
-def test_span_corruption_density_and_sentinels(data_dir, vocab_file):
-    vocab = _vocab()
-    first_sentinel = vocab.vocab_size - 1  # <extra_id_0>
-    task = seqio.get_mixture_or_task("span_corruption")
-    ds = task.get_dataset({"inputs": 512, "targets": 114}, split="train", shuffle=False, use_cached=False, seed=3)
-    noise = total = n_spans = 0
-    for ex in ds.take(50).as_numpy_iterator():
-        inputs, targets = ex["inputs"][:-1].tolist(), ex["targets"][:-1].tolist()  # drop EOS
-        in_sent = [t for t in inputs if t > first_sentinel - 100]
-        tgt_sent = [t for t in targets if t > first_sentinel - 100]
-        n = len(in_sent)
-        assert n > 0 and in_sent == tgt_sent == list(range(first_sentinel, first_sentinel - n, -1))
-        assert targets[0] == first_sentinel
-        # Rebuild the original text: each input sentinel stands for the target span after the same sentinel.
-        spans, cur = {}, None
-        for t in targets:
-            if t in tgt_sent:
-                cur = t
-                spans[cur] = []
-            else:
-                spans[cur].append(t)
-        rebuilt = [tok for t in inputs for tok in (spans[t] if t in spans else [t])]
-        assert len(rebuilt) == len(inputs) - n + sum(len(s) for s in spans.values())
-        noise += sum(len(s) for s in spans.values())
-        total += len(rebuilt)
-        n_spans += n
-    assert noise / total == pytest.approx(0.15, abs=0.01)
-    assert noise / n_spans == pytest.approx(3.0, abs=0.3)  # mean noise span length
-
-
-def test_bert_mlm_80_10_10(data_dir, vocab_file):
-    mask = _vocab().vocab_size - 1
-    task = seqio.get_mixture_or_task("bert_mlm")
-    ds = task.get_dataset({"inputs": 256, "targets": 256}, split="train", shuffle=False, use_cached=False, seed=5)
-    counts = np.zeros(3)
-    n_tokens = 0
-    for ex in ds.take(200).as_numpy_iterator():
-        inputs, targets = ex["inputs"][:-1], ex["targets"][:-1]
-        assert len(inputs) == len(targets)  # the target is the original text, token for token
-        changed = inputs != targets
-        counts += [(inputs == mask).sum(), (changed & (inputs != mask)).sum(), 0]
-        n_tokens += len(inputs)
-    masked, randomised = counts[0] / n_tokens, counts[1] / n_tokens
-    assert masked == pytest.approx(0.15 * 0.8, abs=0.01)
-    assert randomised == pytest.approx(0.15 * 0.1, abs=0.006)
-
-
-def test_iid_denoising_and_prefix_lm(data_dir, vocab_file):
-    first_sentinel = _vocab().vocab_size - 1
-    lengths = {"inputs": 256, "targets": 256}
-    ex = next(seqio.get_mixture_or_task("iid_denoising").get_dataset(
-        lengths, split="train", shuffle=False, use_cached=False, seed=2).as_numpy_iterator())
-    assert ex["inputs"].tolist().count(first_sentinel) == 1 and ex["targets"][0] == first_sentinel
-    for ex in seqio.get_mixture_or_task("prefix_lm").get_dataset(
-            lengths, split="train", shuffle=False, use_cached=False, seed=2).take(5).as_numpy_iterator():
-        assert not (ex["inputs"] > first_sentinel - 100).any()  # plain prefix and continuation
-        assert len(ex["inputs"]) > 1 and len(ex["targets"]) > 1
-
-
-def test_user_text_tasks(tmp_path, vocab_file):
-    from tasks.unsupervised import register_text_tasks
-
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(f"line {i} of my own corpus with some words." for i in range(300)))
-    names = register_text_tasks("mycorpus", [str(corpus)])
-    try:
-        task = seqio.get_mixture_or_task("mycorpus_span_corruption")
-        assert task.num_input_examples("train") + task.num_input_examples("validation") == 300
-        ex = next(task.get_dataset({"inputs": 64, "targets": 32}, split="train", use_cached=False, shuffle=False)
-                  .as_numpy_iterator())
-        assert len(ex["inputs"]) > 10
-    finally:
-        for name in names:
-            seqio.TaskRegistry.remove(name)
 
 
 # --- vocabulary and CLI --------------------------------------------------------------------------------------

@@ -1,0 +1,456 @@
+"""Pretraining objectives as seqio preprocessors: T5's (Tables 4 to 7), BERT's, SpanBERT's, BART's and NSP.
+
+Each objective is one function `(dataset, sequence_length, output_features)` over text already tokenized into
+"targets" (NSP takes the raw "text"); `OBJECTIVES` maps registry names to them and `tasks.unsupervised` registers
+each over any text source. Their parameters are gin-configurable (`objectives.span_corruption.noise_density = 0.5`)
+and read when a dataset is built, so a run's gin file (or an experiment stage's scope) sets them.
+
+Lengths: every objective cuts its text into chunks sized from the run's feature lengths, so that a target never
+needs truncating: objectives whose target is the whole chunk (BERT-style, BART, deshuffling, prefix LM) cut at
+min(inputs, targets) - 1 tokens; those whose target holds the corrupted tokens size the chunk so that the largest
+possible target fits. Lengths too short for a useful chunk are an error naming the objective and the lengths.
+
+Random choices use seqio's per-example stateless seeds, so a dataset is reproducible from `get_dataset(seed=...)`
+and its iterator can be checkpointed. Noise counts are exact (round(length * density) tokens, as T5's span
+corruption), not Bernoulli draws, which is also what lets the target bounds above be exact.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+
+import gin
+import numpy as np
+import seqio
+import tensorflow as tf
+from t5.data import preprocessors as t5p
+
+MIN_CHUNK = 8  # tokens; shorter chunks teach nothing and mean the lengths are a mistake
+NO_LENGTHS = {"inputs": 512, "targets": 512}  # where a dataset is built without lengths (`mtp tasks show`)
+WORD_START = "\u2581"  # SentencePiece's marker of a piece that starts a word
+SENTENCE_END = (".", "!", "?", '."', '?"', '!"')
+
+
+# --- chunking: the lengths decide the chunk --------------------------------------------------------------------
+
+
+def chunk_length(objective: str, sequence_length: Mapping[str, int] | None,
+                 targets_needed: Callable[[int], int] = lambda n: n + 1,
+                 inputs_needed: Callable[[int], int] = lambda n: n + 1) -> int:
+    """The longest chunk n whose inputs and target (EOS included) fit the run's lengths, or a one-line error."""
+    lengths = {**NO_LENGTHS, **(sequence_length or {})}
+    n = lengths["inputs"] - 1
+    while n >= MIN_CHUNK and (targets_needed(n) > lengths["targets"] or inputs_needed(n) > lengths["inputs"]):
+        n -= 1
+    if n < MIN_CHUNK:
+        raise ValueError(f"objective {objective}: TASK_FEATURE_LENGTHS inputs {lengths['inputs']}, targets "
+                         f"{lengths['targets']} leave chunks under {MIN_CHUNK} tokens (its target would be cut); "
+                         "raise the lengths")
+    return n
+
+
+def chunks(dataset: tf.data.Dataset, output_features, length: int, concatenate: bool = True) -> tf.data.Dataset:
+    """T5's chunking: a random chunk of each document, documents concatenated (unless not `concatenate`), then
+    split into pieces of at most `length` tokens."""
+    ds = t5p.select_random_chunk(dataset, output_features=output_features, feature_key="targets", max_length=65536)
+    if concatenate:
+        ds = t5p.reduce_concat_tokens(ds, feature_key="targets", batch_size=128)
+    return t5p.split_tokens(ds, feature_key="targets", min_tokens_per_segment=None, max_tokens_per_segment=length)
+
+
+# --- noise: which tokens, and what becomes of them ---------------------------------------------------------------
+
+
+def num_noise(length: tf.Tensor, density: float) -> tf.Tensor:
+    """round(length * density), at least 1 and at most length - 1 (where length allows)."""
+    k = tf.cast(tf.math.round(tf.cast(length, tf.float32) * density), tf.int32)
+    return tf.clip_by_value(k, tf.minimum(1, length), tf.maximum(length - 1, 1))
+
+
+def exact_noise_mask(length: tf.Tensor, density: float, seed: tf.Tensor) -> tf.Tensor:
+    """Exactly num_noise(length, density) tokens, chosen uniformly without replacement."""
+    order = tf.random.experimental.stateless_shuffle(tf.range(length), seed=seed)
+    return tf.scatter_nd(order[:, None], tf.range(length) < num_noise(length, density), [length])
+
+
+def random_segmentation(num_items: tf.Tensor, num_segments: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """Lengths of `num_segments` segments, each at least 1, summing to `num_items`; uniform over such splits."""
+    cuts = tf.random.experimental.stateless_shuffle(tf.range(1, num_items), seed=seed)[:num_segments - 1]
+    bounds = tf.concat([[0], tf.sort(cuts), [num_items]], axis=0)
+    return bounds[1:] - bounds[:-1]
+
+
+def place_spans(num_items: tf.Tensor, span_lengths: tf.Tensor,
+                seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Spans of the given lengths at random non-overlapping places, with at least one clean item between two:
+    per item, whether it is noise and which span it belongs to; and per span, the item it starts at."""
+    m = tf.size(span_lengths)
+    gaps = random_segmentation(num_items - tf.reduce_sum(span_lengths), m + 1, seed)
+    segments = tf.reshape(tf.stack([gaps[:-1], span_lengths], axis=1), [-1])
+    segments = tf.concat([segments, gaps[-1:]], axis=0)  # gap, span, gap, span, ..., gap
+    is_span = tf.range(2 * m + 1) % 2 == 1
+    noise = tf.repeat(is_span, segments)
+    span_of_item = tf.repeat(tf.range(2 * m + 1) // 2, segments)
+    starts = tf.cumsum(segments, exclusive=True)[1::2]
+    return noise, span_of_item, starts
+
+
+def budgeted_spans(lengths: tf.Tensor, budget: tf.Tensor, max_spans: tf.Tensor) -> tf.Tensor:
+    """The prefix of sampled span `lengths` that covers exactly `budget` items (the last span cut to fit), as
+    BART samples its spans; at most `max_spans` of them, so that clean items can separate them."""
+    covered = tf.cumsum(lengths)
+    m = tf.minimum(tf.reduce_sum(tf.cast(covered < budget, tf.int32)) + 1, tf.maximum(max_spans, 1))
+    kept = lengths[:m]
+    return tf.concat([kept[:-1], [budget - tf.reduce_sum(kept[:-1])]], axis=0)
+
+
+def first_random_id(vocabulary: seqio.Vocabulary) -> tuple[int, int]:
+    """The range of ordinary pieces a random replacement is drawn from: after pad, EOS and unk; before sentinels."""
+    return 3, vocabulary.vocab_size - getattr(vocabulary, "extra_ids", 0)
+
+
+def bert_corrupt(tokens: tf.Tensor, noise: tf.Tensor, choice: tf.Tensor, vocabulary: seqio.Vocabulary,
+                 seed: tf.Tensor, mask_prob: float, random_prob: float) -> tf.Tensor:
+    """BERT's rule on the noise tokens: where `choice` (uniform in [0, 1)) < mask_prob the mask sentinel, below
+    mask_prob + random_prob a random ordinary piece, else unchanged."""
+    low, high = first_random_id(vocabulary)
+    random_ids = tf.random.stateless_uniform(tf.shape(tokens), seed=seed, minval=low, maxval=high, dtype=tokens.dtype)
+    mask = tf.fill(tf.shape(tokens), tf.cast(t5p.sentinel_id(vocabulary), tokens.dtype))
+    replaced = tf.where(choice < mask_prob, mask, tf.where(choice < mask_prob + random_prob, random_ids, tokens))
+    return tf.where(noise, replaced, tokens)
+
+
+@functools.lru_cache(maxsize=8)
+def _piece_table(model_file: str, vocab_size: int, kind: str) -> np.ndarray:
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
+    table = np.zeros(vocab_size, dtype=bool)
+    for i in range(sp.get_piece_size()):
+        piece = sp.id_to_piece(i)
+        table[i] = piece.startswith(WORD_START) if kind == "word_start" else piece.endswith(SENTENCE_END)
+    return table
+
+
+def piece_table(vocabulary: seqio.Vocabulary, kind: str) -> tf.Tensor:
+    """Per id, whether its piece starts a word (`kind="word_start"`) or ends a sentence (`"sentence_end"`)."""
+    return tf.constant(_piece_table(vocabulary.sentencepiece_model_file, vocabulary.vocab_size, kind))
+
+
+def word_ids(tokens: tf.Tensor, word_start: tf.Tensor) -> tf.Tensor:
+    """Per token, the index of its word in the chunk (the chunk's first token starts a word)."""
+    starts = tf.gather(word_start, tokens)
+    starts = tf.concat([[True], starts[1:]], axis=0)
+    return tf.cumsum(tf.cast(starts, tf.int32)) - 1
+
+
+def _vocabulary(output_features) -> seqio.Vocabulary:
+    return output_features["targets"].vocabulary
+
+
+# --- T5's objectives -------------------------------------------------------------------------------------------
+
+
+@gin.configurable(module="objectives", denylist=["dataset", "sequence_length", "output_features"])
+def span_corruption(dataset, sequence_length, output_features, noise_density: float = 0.15,
+                    mean_noise_span_length: float = 3.0):
+    """T5's objective: spans (mean length `mean_noise_span_length`) covering `noise_density` of the tokens, each
+    replaced by a unique sentinel; the target lists the spans after their sentinels (Tables 6 and 7's knobs)."""
+    lengths = {**NO_LENGTHS, **(sequence_length or {})}
+    _, needed = t5p.random_spans_helper(inputs_length=lengths["inputs"], noise_density=noise_density,
+                                        mean_noise_span_length=mean_noise_span_length,
+                                        extra_tokens_per_span_inputs=1, extra_tokens_per_span_targets=1)
+    if needed > lengths["targets"]:
+        raise ValueError(f"objective span_corruption (noise_density {noise_density}, mean span "
+                         f"{mean_noise_span_length}): inputs length {lengths['inputs']} needs targets length "
+                         f"{needed}, TASK_FEATURE_LENGTHS gives {lengths['targets']}; raise it or lower the inputs")
+    return t5p.span_corruption(dataset, lengths, output_features, noise_density=noise_density,
+                               mean_noise_span_length=mean_noise_span_length)
+
+
+def _iid_denoise(dataset, output_features, noise_density, inputs_fn, targets_fn):
+    return t5p.denoise(dataset, output_features, noise_density=noise_density,
+                       noise_mask_fn=lambda length, density, seeds: exact_noise_mask(length, density, seeds[0]),
+                       inputs_fn=inputs_fn, targets_fn=targets_fn)
+
+
+@gin.configurable(module="objectives", denylist=["dataset", "sequence_length", "output_features"])
+def iid_denoising(dataset, sequence_length, output_features, noise_density: float = 0.15):
+    """T5's "replace corrupted spans": i.i.d. noise tokens, each run of them one unique sentinel in the inputs; the
+    target lists the runs after their sentinels."""
+    n = chunk_length("iid_denoising", sequence_length, targets_needed=lambda n: 2 * _noise_count(n, noise_density) + 1)
+    ds = chunks(dataset, output_features, n)
+    return _iid_denoise(ds, output_features, noise_density, t5p.noise_span_to_unique_sentinel,
+                        t5p.nonnoise_span_to_unique_sentinel)
+
+
+@gin.configurable(module="objectives", denylist=["dataset", "sequence_length", "output_features"])
+def drop_corrupted_tokens(dataset, sequence_length, output_features, noise_density: float = 0.15):
+    """T5's "drop corrupted tokens": i.i.d. noise tokens removed from the inputs; the target is them, in order."""
+    n = chunk_length("drop_corrupted_tokens", sequence_length,
+                     targets_needed=lambda n: _noise_count(n, noise_density) + 1)
+    ds = chunks(dataset, output_features, n)
+    return _iid_denoise(ds, output_features, noise_density, t5p.drop_noise_tokens, t5p.drop_nonnoise_tokens)
+
+
+def _noise_count(n: int, density: float) -> int:
+    return min(max(round(n * density), 1), max(n - 1, 1))
+
+
+def prefix_lm(dataset, sequence_length, output_features):
+    """T5's prefix language modelling: a random prefix of the chunk as inputs, the rest as target."""
+    ds = chunks(dataset, output_features, chunk_length("prefix_lm", sequence_length), concatenate=False)
+    return t5p.denoise(ds, output_features, noise_density=0.5, noise_mask_fn=t5p.random_prefix_noise_mask,
+                       inputs_fn=t5p.drop_nonnoise_tokens, targets_fn=t5p.drop_noise_tokens)
+
+
+def deshuffling(dataset, sequence_length, output_features):
+    """T5's deshuffling (Table 4): the chunk's tokens shuffled as inputs, the original order as target."""
+    ds = chunks(dataset, output_features, chunk_length("deshuffling", sequence_length))
+
+    @seqio.map_over_dataset(num_seeds=1)
+    def shuffle(features, seed):
+        tokens = features["targets"]
+        return {"inputs": tf.random.experimental.stateless_shuffle(tokens, seed=seed), "targets": tokens}
+
+    return shuffle(ds)
+
+
+# --- BERT and SpanBERT ------------------------------------------------------------------------------------------
+
+
+@gin.configurable(module="objectives", denylist=["dataset", "sequence_length", "output_features"])
+def bert_mlm(dataset, sequence_length, output_features, noise_density: float = 0.15, mask_prob: float = 0.8,
+             random_prob: float = 0.1):
+    """BERT's masked LM in text-to-text form: `noise_density` of the tokens chosen; of those 80% become the mask
+    sentinel, 10% a random piece, 10% stay. The target is the original chunk."""
+    ds = chunks(dataset, output_features, chunk_length("bert_mlm", sequence_length))
+    vocabulary = _vocabulary(output_features)
+
+    @seqio.map_over_dataset(num_seeds=3)
+    def corrupt(features, seeds):
+        tokens = features["targets"]
+        noise = exact_noise_mask(tf.size(tokens), noise_density, seeds[0])
+        choice = tf.random.stateless_uniform(tf.shape(tokens), seed=seeds[1])
+        inputs = bert_corrupt(tokens, noise, choice, vocabulary, seeds[2], mask_prob, random_prob)
+        return {"inputs": inputs, "targets": tokens}
+
+    return corrupt(ds)
+
+
+@gin.configurable(module="objectives", denylist=["dataset", "sequence_length", "output_features"])
+def bert_mlm_wwm(dataset, sequence_length, output_features, noise_density: float = 0.15, mask_prob: float = 0.8,
+                 random_prob: float = 0.1):
+    """BERT with whole-word masking: words (a piece with SentencePiece's word-start marker and the pieces after it)
+    are chosen in random order until `noise_density` of the tokens are; each chosen token then follows 80/10/10."""
+    ds = chunks(dataset, output_features, chunk_length("bert_mlm_wwm", sequence_length))
+    vocabulary = _vocabulary(output_features)
+
+    @seqio.map_over_dataset(num_seeds=3)
+    def corrupt(features, seeds):
+        tokens = features["targets"]
+        words = word_ids(tokens, piece_table(vocabulary, "word_start"))
+        word_lengths = tf.math.bincount(words)
+        order = tf.random.experimental.stateless_shuffle(tf.range(tf.size(word_lengths)), seed=seeds[0])
+        in_order = tf.gather(word_lengths, order)
+        # A word is chosen when the budget is reached by its middle: the token share is `noise_density` on average
+        # (BERT stops one word short of the budget, which biases it down by half a word per sequence).
+        middles = tf.cast(tf.cumsum(in_order), tf.float32) - tf.cast(in_order, tf.float32) / 2
+        budget = tf.cast(tf.size(tokens), tf.float32) * noise_density
+        chosen = tf.scatter_nd(order[:, None], middles <= budget, tf.shape(word_lengths))
+        noise = tf.gather(chosen, words)
+        choice = tf.random.stateless_uniform(tf.shape(tokens), seed=seeds[1])
+        inputs = bert_corrupt(tokens, noise, choice, vocabulary, seeds[2], mask_prob, random_prob)
+        return {"inputs": inputs, "targets": tokens}
+
+    return corrupt(ds)
+
+
+def truncated_geometric_lengths(count: tf.Tensor, p: float, max_length: int, seed: tf.Tensor) -> tf.Tensor:
+    """Span lengths 1..max_length with probabilities proportional to p (1 - p)^(l - 1), as SpanBERT samples them
+    (mean 3.8 words at p = 0.2, max 10)."""
+    logits = tf.math.log(p) + tf.range(max_length, dtype=tf.float32) * tf.math.log(1.0 - p)
+    draws = tf.random.stateless_categorical(logits[None, :], count, seed=seed, dtype=tf.int32)[0]
+    return draws + 1
+
+
+@gin.configurable(module="objectives", denylist=["dataset", "sequence_length", "output_features"])
+def spanbert(dataset, sequence_length, output_features, noise_density: float = 0.15, geometric_p: float = 0.2,
+             max_span_words: int = 10, mask_prob: float = 0.8, random_prob: float = 0.1):
+    """SpanBERT's span masking: spans of whole words, their lengths in words from a geometric distribution
+    (p = `geometric_p`, clipped at `max_span_words`), until `noise_density` of the words are covered; the 80/10/10
+    rule is applied per span (every token of a span masked, or every token random, or all kept). The target is
+    the original chunk."""
+    ds = chunks(dataset, output_features, chunk_length("spanbert", sequence_length))
+    vocabulary = _vocabulary(output_features)
+
+    @seqio.map_over_dataset(num_seeds=4)
+    def corrupt(features, seeds):
+        tokens = features["targets"]
+        words = word_ids(tokens, piece_table(vocabulary, "word_start"))
+        num_words = words[-1] + 1
+        budget = num_noise(num_words, noise_density)
+        lengths = truncated_geometric_lengths(num_words, geometric_p, max_span_words, seeds[0])
+        spans = budgeted_spans(tf.minimum(lengths, budget), budget, max_spans=num_words - budget - 1)
+        noisy_word, span_of_word, _ = place_spans(num_words, spans, seeds[1])
+        span_choice = tf.random.stateless_uniform([tf.size(spans) + 1], seed=seeds[2])
+        noise = tf.gather(noisy_word, words)
+        choice = tf.gather(span_choice, tf.gather(span_of_word, words))
+        inputs = bert_corrupt(tokens, noise, choice, vocabulary, seeds[3], mask_prob, random_prob)
+        return {"inputs": inputs, "targets": tokens}
+
+    return corrupt(ds)
+
+
+# --- BART's noising ---------------------------------------------------------------------------------------------
+
+
+@gin.configurable(module="objectives", denylist=["dataset", "sequence_length", "output_features"])
+def bart_infilling(dataset, sequence_length, output_features, noise_density: float = 0.3,
+                   poisson_lambda: float = 3.0):
+    """BART's text infilling: span lengths from Poisson(`poisson_lambda`), spans sampled until `noise_density` of
+    the tokens are covered; each span, zero-length ones included (an insertion), becomes one mask sentinel."""
+    ds = chunks(dataset, output_features, chunk_length("bart_infilling", sequence_length))
+    mask_id = t5p.sentinel_id(_vocabulary(output_features))
+
+    @seqio.map_over_dataset(num_seeds=2)
+    def corrupt(features, seeds):
+        tokens = features["targets"]
+        n = tf.size(tokens)
+        budget = num_noise(n, noise_density)
+        lengths = tf.random.stateless_poisson([n], seeds[0], lam=poisson_lambda, dtype=tf.int32)
+        spans = budgeted_spans(lengths, budget, max_spans=n - budget - 1)
+        noise, _, starts = place_spans(n, spans, seeds[1])
+        # Each span leaves one mask before the first token after its start; tokens of spans are dropped.
+        mask_before = tf.scatter_nd(starts[:, None], tf.ones_like(starts), [n + 1])[:n] > 0
+        pieces = tf.stack([tf.fill([n], tf.cast(mask_id, tokens.dtype)), tokens], axis=1)
+        keep = tf.stack([mask_before, tf.logical_not(noise)], axis=1)
+        return {"inputs": tf.boolean_mask(pieces, keep), "targets": tokens}
+
+    return corrupt(ds)
+
+
+@gin.configurable(module="objectives", denylist=["dataset", "sequence_length", "output_features"])
+def bart_token_masking(dataset, sequence_length, output_features, noise_density: float = 0.3):
+    """BART's token masking: `noise_density` of the tokens replaced by the mask sentinel; the target is the chunk."""
+    ds = chunks(dataset, output_features, chunk_length("bart_token_masking", sequence_length))
+    return _iid_denoise(ds, output_features, noise_density, t5p.noise_token_to_sentinel, None)
+
+
+@gin.configurable(module="objectives", denylist=["dataset", "sequence_length", "output_features"])
+def bart_token_deletion(dataset, sequence_length, output_features, noise_density: float = 0.3):
+    """BART's token deletion: `noise_density` of the tokens removed (the model must find where); the target is
+    the chunk."""
+    ds = chunks(dataset, output_features, chunk_length("bart_token_deletion", sequence_length))
+    return _iid_denoise(ds, output_features, noise_density, t5p.drop_noise_tokens, None)
+
+
+def bart_sentence_permutation(dataset, sequence_length, output_features):
+    """BART's sentence permutation: a document's sentences (ended by a piece ending in . ! or ?) in random order.
+    A document is one line of the corpus, cut to the lengths where longer (its first and last sentences may then
+    be partial)."""
+    n = chunk_length("bart_sentence_permutation", sequence_length)
+    ds = chunks(dataset, output_features, n, concatenate=False)
+    vocabulary = _vocabulary(output_features)
+
+    @seqio.map_over_dataset(num_seeds=1)
+    def permute(features, seed):
+        tokens = features["targets"]
+        ends = tf.cast(tf.gather(piece_table(vocabulary, "sentence_end"), tokens), tf.int32)
+        sentence = tf.cumsum(ends, exclusive=True)
+        rank = tf.argsort(tf.random.experimental.stateless_shuffle(tf.range(sentence[-1] + 1), seed=seed))
+        order = tf.argsort(tf.gather(rank, sentence) * tf.size(tokens) + tf.range(tf.size(tokens)))
+        return {"inputs": tf.gather(tokens, order), "targets": tokens}
+
+    return permute(ds)
+
+
+def bart_document_rotation(dataset, sequence_length, output_features):
+    """BART's document rotation: a token chosen uniformly starts the document, the tokens before it moved to its
+    end. A document is one line of the corpus (cut to the lengths where longer)."""
+    ds = chunks(dataset, output_features, chunk_length("bart_document_rotation", sequence_length),
+                concatenate=False)
+
+    @seqio.map_over_dataset(num_seeds=1)
+    def rotate(features, seed):
+        tokens = features["targets"]
+        start = tf.random.stateless_uniform([], seed=seed, maxval=tf.size(tokens), dtype=tf.int32)
+        return {"inputs": tf.roll(tokens, -start, axis=0), "targets": tokens}
+
+    return rotate(ds)
+
+
+# --- next-sentence prediction -----------------------------------------------------------------------------------
+
+SENTENCE_BREAK = r"""([.!?]["')]?)\s+(["'(]?[A-Z])"""
+# Full stops that end no sentence: titles and initials ("Mr. Elton", "H. americanus"), hidden while splitting.
+ABBREVIATION = r"\b(Mr|Mrs|Ms|Dr|St|Mt|Jr|Sr|Prof|Gen|Col|Capt|Lt|Rev|Hon|Gov|Sen|Rep|No|vs|[A-Z])\."
+NSP_LABELS = ("next", "not_next")
+NSP_NEGATIVE_BLOCK = 4096  # sentences; negatives are drawn from a shuffled block this far ahead in the stream
+
+
+def split_sentences(text: tf.Tensor) -> tf.Tensor:
+    """A document's sentences: it breaks after . ! or ? (and a closing quote or bracket) followed by white space
+    and a capital letter (or an opening quote or bracket and one), except after a title or an initial."""
+    hidden = tf.strings.regex_replace(text, ABBREVIATION, "\\1\x1f")
+    marked = tf.strings.regex_replace(hidden, SENTENCE_BREAK, "\\1\x1e\\2")
+    return tf.strings.regex_replace(tf.strings.split(marked, "\x1e"), "\x1f", ".")
+
+
+@gin.configurable(module="objectives", denylist=["dataset", "sequence_length", "output_features"])
+def nsp(dataset, sequence_length=None, output_features=None, negative_block: int = NSP_NEGATIVE_BLOCK):
+    """BERT's next-sentence prediction as text to text: for each pair of consecutive sentences of a document,
+    with probability 1/2 the second is kept (target "next"), else replaced by a sentence of another document
+    (target "not_next"). A document is one line of the corpus. Inputs: "nsp sentence1: ... sentence2: ...".
+
+    The other document's sentence comes from the stream of all sentences, shuffled in blocks of
+    `negative_block` and read half a block ahead, so it is far from the current document (and never from it)."""
+    del sequence_length, output_features  # targets are one word; inputs longer than the length are cut as GLUE's
+    documents = dataset.map(lambda ex: {"sentences": split_sentences(ex["text"]),
+                                        "doc": tf.strings.to_hash_bucket_fast(ex["text"], 2**62)})
+    pairs = documents.flat_map(lambda d: tf.data.Dataset.from_tensor_slices(
+        {"first": d["sentences"][:-1], "second": d["sentences"][1:],
+         "doc": tf.fill([tf.maximum(tf.size(d["sentences"]) - 1, 0)], d["doc"])}))
+    sentences = documents.flat_map(lambda d: tf.data.Dataset.from_tensor_slices(
+        {"sentence": d["sentences"], "doc": tf.fill(tf.shape(d["sentences"]), d["doc"])}))
+
+    @seqio.map_over_dataset(num_seeds=1)
+    def shuffle_block(block, seed):
+        order = tf.random.experimental.stateless_shuffle(tf.range(tf.size(block["doc"])), seed=seed)
+        return {k: tf.gather(v, order) for k, v in block.items()}
+
+    negatives = shuffle_block(sentences.repeat().skip(negative_block // 2).batch(negative_block)).unbatch()
+    both = tf.data.Dataset.zip(pairs, negatives).filter(lambda pair, other: pair["doc"] != other["doc"])
+    both = both.map(lambda pair, other: {"first": pair["first"], "second": pair["second"], "other": other["sentence"]})
+
+    @seqio.map_over_dataset(num_seeds=1)
+    def label(pair, seed):
+        is_next = tf.random.stateless_uniform([], seed=seed) < 0.5
+        second = tf.where(is_next, pair["second"], pair["other"])
+        inputs = tf.strings.join(["nsp sentence1: ", pair["first"], " sentence2: ", second])
+        return {"inputs": inputs, "targets": tf.where(is_next, NSP_LABELS[0], NSP_LABELS[1])}
+
+    return label(both)
+
+
+# --- the registry -----------------------------------------------------------------------------------------------
+
+OBJECTIVES: dict[str, Callable] = {
+    "span_corruption": span_corruption,
+    "iid_denoising": iid_denoising,
+    "drop_corrupted_tokens": drop_corrupted_tokens,
+    "prefix_lm": prefix_lm,
+    "deshuffling": deshuffling,
+    "bert_mlm": bert_mlm,
+    "bert_mlm_wwm": bert_mlm_wwm,
+    "spanbert": spanbert,
+    "bart_infilling": bart_infilling,
+    "bart_token_masking": bart_token_masking,
+    "bart_token_deletion": bart_token_deletion,
+    "bart_sentence_permutation": bart_sentence_permutation,
+    "bart_document_rotation": bart_document_rotation,
+    "nsp": nsp,
+}
+TEXT_OBJECTIVES = frozenset({"nsp"})  # these take the raw text; the others tokenized text in "targets"
+

@@ -1,0 +1,386 @@
+"""Each pretraining objective measured on the real corpus against its definition.
+
+Tolerances are four standard deviations of the measured share at the sample size drawn (stated at each assert),
+so a correct objective fails about once in 15,000 runs; noise counts are exact by construction and asserted so.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import gin
+import numpy as np
+import pytest
+import seqio
+import tensorflow as tf
+
+import tasks  # noqa: F401
+from tasks import objectives
+from tasks.sources import read_text_lines
+
+LENGTHS = {"inputs": 128, "targets": 128}
+EOS = 1
+
+
+def _vocab():
+    return seqio.get_mixture_or_task("span_corruption").output_features["targets"].vocabulary
+
+
+def _examples(name: str, n: int, lengths=LENGTHS, seed: int = 7) -> list[dict]:
+    ds = seqio.get_mixture_or_task(name).get_dataset(lengths, split="train", shuffle=False, use_cached=False,
+                                                     seed=seed)
+    return [{k: v[:-1] if v.dtype != object and v[-1] == EOS else v for k, v in ex.items()}  # EOS dropped
+            for ex in ds.take(n).as_numpy_iterator()]
+
+
+def _applied(objective, n: int, seed: int = 11, lengths=LENGTHS, **params) -> list[dict]:
+    """`objective` with explicit parameters over the tokenized corpus, without EOS."""
+    task = seqio.get_mixture_or_task("span_corruption")
+    ds = task.source.get_dataset("train", shuffle=False)
+    ds = seqio.preprocessors.rekey(ds, {"inputs": None, "targets": "text"})
+    ds = seqio.preprocessors.tokenize(ds, task.output_features)
+    with seqio.utils.map_seed_manager(seed):
+        ds = objective(ds, lengths, task.output_features, **params)
+    return list(ds.take(n).as_numpy_iterator())
+
+
+def _tolerance(p: float, n: int) -> float:
+    """Four standard deviations of a share p measured over n independent draws."""
+    return 4 * math.sqrt(p * (1 - p) / n)
+
+
+def _word_ids(tokens: np.ndarray) -> np.ndarray:
+    return objectives.word_ids(tf.constant(tokens), objectives.piece_table(_vocab(), "word_start")).numpy()
+
+
+def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) of each maximal run of True."""
+    edges = np.diff(np.concatenate([[0], flags.astype(int), [0]]))
+    return list(zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1), strict=True))
+
+
+def _is_subsequence(short, long) -> bool:
+    it = iter(long.tolist())
+    return all(t in it for t in short.tolist())
+
+
+# --- T5's objectives -----------------------------------------------------------------------------------------
+
+
+def test_span_corruption_density_and_sentinels(data_dir, vocab_file):
+    first_sentinel = _vocab().vocab_size - 1  # <extra_id_0>
+    noise = total = n_spans = 0
+    for ex in _examples("span_corruption", 50, {"inputs": 512, "targets": 114}, seed=3):
+        inputs, targets = ex["inputs"].tolist(), ex["targets"].tolist()
+        in_sent = [t for t in inputs if t > first_sentinel - 100]
+        tgt_sent = [t for t in targets if t > first_sentinel - 100]
+        n = len(in_sent)
+        assert n > 0 and in_sent == tgt_sent == list(range(first_sentinel, first_sentinel - n, -1))
+        assert targets[0] == first_sentinel
+        spans, cur = {}, None  # each input sentinel stands for the target span after the same sentinel
+        for t in targets:
+            if t in tgt_sent:
+                cur = t
+                spans[cur] = []
+            else:
+                spans[cur].append(t)
+        noise += sum(len(s) for s in spans.values())
+        total += len(inputs) - n + sum(len(s) for s in spans.values())
+        n_spans += n
+    assert noise / total == pytest.approx(0.15, abs=0.01)  # exact per example up to rounding
+    assert noise / n_spans == pytest.approx(3.0, abs=0.3)  # mean noise span length
+
+
+@pytest.mark.parametrize("density,span", [(0.5, 3.0), (0.15, 10.0)])
+def test_span_corruption_settings_take_effect_from_gin(data_dir, vocab_file, density, span):
+    """T5 Tables 6 and 7's knobs, bound as a run's gin file binds them, change the examples built afterwards."""
+    first_sentinel = _vocab().vocab_size - 1
+    with gin.unlock_config():
+        gin.bind_parameter("objectives.span_corruption.noise_density", density)
+        gin.bind_parameter("objectives.span_corruption.mean_noise_span_length", span)
+    try:
+        examples = _examples("span_corruption", 30, {"inputs": 256, "targets": 256})
+    finally:
+        with gin.unlock_config():
+            gin.bind_parameter("objectives.span_corruption.noise_density", 0.15)
+            gin.bind_parameter("objectives.span_corruption.mean_noise_span_length", 3.0)
+    spans = sum(int((ex["inputs"] > first_sentinel - 100).sum()) for ex in examples)
+    noise = sum(len(ex["targets"]) for ex in examples) - spans
+    total = sum(len(ex["inputs"]) for ex in examples) - spans + noise
+    assert noise / total == pytest.approx(density, abs=0.01)
+    assert noise / spans == pytest.approx(span, rel=0.1)
+
+
+def test_span_corruption_refuses_a_target_length_that_would_cut(data_dir, vocab_file):
+    with pytest.raises(ValueError, match=r"objective span_corruption .*inputs length 512 needs targets length 114, "
+                                         r"TASK_FEATURE_LENGTHS gives 64"):
+        _examples("span_corruption", 1, {"inputs": 512, "targets": 64})
+
+
+def test_iid_objectives_have_exact_noise_counts(data_dir, vocab_file):
+    """Replace corrupted spans and drop corrupted tokens (T5 Table 5): exactly round(15%) of each chunk's tokens."""
+    first_sentinel = _vocab().vocab_size - 1
+    for ex in _examples("iid_denoising", 40):
+        runs_in = int((ex["inputs"] > first_sentinel - 100).sum())
+        runs_out = int((ex["targets"] > first_sentinel - 100).sum())
+        noise = len(ex["targets"]) - runs_out
+        assert abs(runs_in - runs_out) <= 1  # a sentinel per noise run in the inputs, per clean run in the target
+        assert noise == round(0.15 * (len(ex["inputs"]) - runs_in + noise))
+    for ex in _examples("drop_corrupted_tokens", 40):
+        n = len(ex["inputs"]) + len(ex["targets"])
+        assert len(ex["targets"]) == round(0.15 * n) and not (ex["inputs"] > first_sentinel - 100).any()
+
+
+def test_deshuffling_and_prefix_lm(data_dir, vocab_file):
+    shuffled = 0
+    for ex in _examples("deshuffling", 40):
+        assert sorted(ex["inputs"].tolist()) == sorted(ex["targets"].tolist())  # every token, once
+        shuffled += not np.array_equal(ex["inputs"], ex["targets"])
+    assert shuffled >= 39
+    first_sentinel = _vocab().vocab_size - 1
+    for ex in _examples("prefix_lm", 20):
+        assert not (ex["inputs"] > first_sentinel - 100).any()  # plain prefix and continuation
+        assert len(ex["inputs"]) >= 1 and len(ex["targets"]) >= 1
+
+
+# --- BERT, whole words, SpanBERT -----------------------------------------------------------------------------
+
+
+def test_bert_mlm_80_10_10(data_dir, vocab_file):
+    mask = _vocab().vocab_size - 1
+    masked = randomised = noise = tokens = 0
+    for ex in _examples("bert_mlm", 200):
+        inputs, targets = ex["inputs"], ex["targets"]
+        assert len(inputs) == len(targets)  # the target is the original text, token for token
+        k = round(0.15 * len(targets))
+        m, r = int((inputs == mask).sum()), int(((inputs != targets) & (inputs != mask)).sum())
+        assert m + r <= k  # the other chosen tokens stayed as they were
+        masked, randomised, noise, tokens = masked + m, randomised + r, noise + k, tokens + len(targets)
+    assert noise / tokens == pytest.approx(0.15, abs=0.002)  # exact per chunk, up to rounding
+    assert masked / noise == pytest.approx(0.8, abs=_tolerance(0.8, noise))  # ~3,800 noise tokens: +-0.026
+    assert randomised / noise == pytest.approx(0.1, abs=_tolerance(0.1, noise))
+
+
+def test_whole_word_masking_masks_whole_words(data_dir, vocab_file):
+    mask = _vocab().vocab_size - 1
+    chosen = tokens = 0
+    for ex in _applied(objectives.bert_mlm_wwm, 150, mask_prob=1.0, random_prob=0.0):
+        inputs, targets = ex["inputs"], ex["targets"]
+        words = _word_ids(targets)
+        for w in np.unique(words[inputs == mask]):
+            assert (inputs[words == w] == mask).all(), "a word was masked in part"
+        chosen, tokens = chosen + int((inputs == mask).sum()), tokens + len(targets)
+    # ~19,000 tokens in ~14,000 words: the word-level draw's share is within 4 sd (about 0.012) of 15%.
+    assert chosen / tokens == pytest.approx(0.15, abs=0.012)
+    # With BERT's default 80/10/10 the masked share of tokens is 80% of that.
+    examples = _examples("bert_mlm_wwm", 150)
+    masked = sum(int((ex["inputs"] == mask).sum()) for ex in examples) / sum(len(ex["targets"]) for ex in examples)
+    assert masked == pytest.approx(0.12, abs=0.012)
+
+
+def _truncated_geometric(p: float, max_length: int) -> np.ndarray:
+    probs = p * (1 - p) ** np.arange(max_length)
+    return probs / probs.sum()
+
+
+def _reference_spans(draw, budget: int, rng: np.random.Generator) -> list[int]:
+    """The definition, written independently: draw span lengths until they cover `budget`, the last cut to fit."""
+    spans: list[int] = []
+    while sum(spans) < budget:
+        spans.append(min(int(draw(rng)), budget - sum(spans)))
+    return spans
+
+
+def _assert_same_distribution(observed: list[int], reference: list[int], bins: int) -> None:
+    seen = np.bincount(observed, minlength=bins)[:bins] / len(observed)
+    expected = np.bincount(reference, minlength=bins)[:bins] / len(reference)
+    for length in range(bins):
+        tolerance = _tolerance(expected[length], len(observed)) + 1e-9
+        assert seen[length] == pytest.approx(expected[length], abs=tolerance), f"span length {length}"
+    assert np.mean(observed) == pytest.approx(np.mean(reference), abs=4 * np.std(reference) / len(observed) ** .5)
+
+
+def test_spanbert_span_lengths_follow_the_clipped_geometric(data_dir, vocab_file):
+    """Spans of whole words whose lengths are drawn from SpanBERT's geometric (p 0.2, clipped at 10: mean 3.8)
+    until 15% of the words are covered, the last cut to the budget: compared with that process simulated."""
+    mask = _vocab().vocab_size - 1
+    geometric = _truncated_geometric(0.2, 10)
+    rng = np.random.default_rng(0)
+    observed, reference, covered, words_seen = [], [], 0, 0
+    for ex in _applied(objectives.spanbert, 250, mask_prob=1.0, random_prob=0.0):
+        inputs, targets = ex["inputs"], ex["targets"]
+        words = _word_ids(targets)
+        masked_words = np.zeros(words[-1] + 1, dtype=bool)
+        masked_words[words[inputs == mask]] = True
+        for w in np.flatnonzero(masked_words):
+            assert (inputs[words == w] == mask).all(), "a word was masked in part"
+        observed += [end - start for start, end in _runs(masked_words)]
+        budget = round(0.15 * len(masked_words))
+        assert masked_words.sum() == budget  # 15% of the words, exactly
+        for _ in range(20):
+            reference += _reference_spans(lambda r: r.choice(10, p=geometric) + 1, budget, rng)
+        covered, words_seen = covered + budget, words_seen + len(masked_words)
+    assert len(observed) > 800 and max(observed) <= 10
+    _assert_same_distribution(observed, reference, bins=11)
+    assert float(np.arange(1, 11) @ geometric) == pytest.approx(3.8, abs=0.05)  # the paper's mean span length
+
+
+def test_spanbert_applies_80_10_10_per_span(data_dir, vocab_file):
+    mask = _vocab().vocab_size - 1
+    spans_seen = mixed = 0
+    for ex in _examples("spanbert", 150):
+        inputs, targets = ex["inputs"], ex["targets"]
+        words = _word_ids(targets)
+        changed = inputs != targets
+        for start, end in _runs(inputs == mask):
+            spans_seen += 1
+            # A masked span is masked whole: no token of the words it touches was randomised or kept.
+            touched = np.isin(words, np.unique(words[start:end]))
+            mixed += bool((touched & changed & (inputs != mask)).any() or (inputs[touched] != mask).any())
+    assert spans_seen > 200 and mixed == 0
+
+
+# --- BART ----------------------------------------------------------------------------------------------------
+
+
+def test_bart_infilling_masks_exactly_the_budget(data_dir, vocab_file):
+    mask = _vocab().vocab_size - 1
+    for ex in _examples("bart_infilling", 60):
+        inputs, targets = ex["inputs"], ex["targets"]
+        spans = int((inputs == mask).sum())
+        assert len(targets) - (len(inputs) - spans) == round(0.3 * len(targets))  # 30% of tokens covered
+        assert _is_subsequence(inputs[inputs != mask], targets)
+
+
+def test_bart_infilling_span_lengths_are_poisson(data_dir, vocab_file):
+    """The sampler the objective uses, at the corpus's chunk length: lengths Poisson(3), zero included (an
+    insertion), drawn until 30% of the tokens are covered, spans placed apart; compared with that process
+    simulated."""
+    n, budget, observed, reference = 127, round(0.3 * 127), [], []
+    rng = np.random.default_rng(0)
+    for seed in range(300):
+        sampled = tf.random.stateless_poisson([n], [seed, 1], lam=3.0, dtype=tf.int32)
+        spans = objectives.budgeted_spans(sampled, objectives.num_noise(n, 0.3), max_spans=n - budget - 1)
+        noise, _, starts = objectives.place_spans(n, spans, tf.constant([seed, 2]))
+        assert int(tf.reduce_sum(spans)) == int(tf.reduce_sum(tf.cast(noise, tf.int32))) == budget
+        assert (np.diff(starts.numpy()) > spans.numpy()[:-1]).all()  # a clean token between two spans
+        observed += spans.numpy().tolist()
+        for _ in range(10):
+            reference += _reference_spans(lambda r: r.poisson(3.0), budget, rng)
+    assert observed.count(0) > 100  # insertions happen
+    _assert_same_distribution(observed, reference, bins=10)
+
+
+def test_bart_token_masking_and_deletion(data_dir, vocab_file):
+    mask = _vocab().vocab_size - 1
+    for ex in _examples("bart_token_masking", 40):
+        assert int((ex["inputs"] == mask).sum()) == round(0.3 * len(ex["targets"]))
+        assert np.array_equal(ex["inputs"][ex["inputs"] != mask], ex["targets"][ex["inputs"] != mask])
+    for ex in _examples("bart_token_deletion", 40):
+        assert len(ex["targets"]) - len(ex["inputs"]) == round(0.3 * len(ex["targets"]))  # deletion removes
+        assert _is_subsequence(ex["inputs"], ex["targets"])  # and nothing else changes
+
+
+def _sentences(tokens: np.ndarray) -> list[list[int]]:
+    ends = objectives.piece_table(_vocab(), "sentence_end").numpy()[tokens]
+    return [s.tolist() for s in np.split(tokens, np.flatnonzero(ends) + 1) if len(s)]
+
+
+def _is_reordering(inputs: list[int], sentences: list[list[int]]) -> bool:
+    """Whether `inputs` is `sentences` laid end to end in some order (depth-first over the choices)."""
+    if not sentences:
+        return not inputs
+    return any(inputs[:len(s)] == s and _is_reordering(inputs[len(s):], sentences[:i] + sentences[i + 1:])
+               for i, s in enumerate(sentences))
+
+
+def test_bart_sentence_permutation_keeps_every_sentence(data_dir, vocab_file):
+    permuted = several = 0
+    for ex in _examples("bart_sentence_permutation", 80):
+        sentences = _sentences(ex["targets"])
+        assert _is_reordering(ex["inputs"].tolist(), sentences)  # the same sentences, every token kept
+        if len(sentences) > 1:
+            several += 1
+            permuted += not np.array_equal(ex["inputs"], ex["targets"])
+    assert several > 30 and permuted / several > 0.4
+
+
+def test_bart_document_rotation_is_a_rotation(data_dir, vocab_file):
+    starts = []
+    for ex in _examples("bart_document_rotation", 80):
+        inputs, targets = ex["inputs"].tolist(), ex["targets"].tolist()
+        doubled = targets + targets
+        offsets = [i for i in range(len(targets)) if doubled[i:i + len(targets)] == inputs]
+        assert offsets, "the inputs are not a rotation of the document"
+        starts.append(offsets[0] / len(targets))
+    assert np.mean(starts) == pytest.approx(0.5, abs=4 * math.sqrt(1 / 12 / len(starts)))  # uniform start
+
+
+# --- next-sentence prediction ---------------------------------------------------------------------------------
+
+
+def test_nsp_pairs_and_label_balance(data_dir, vocab_file):
+    task = seqio.get_mixture_or_task("nsp")
+    ds = task.get_dataset(LENGTHS, split="train", shuffle=False, use_cached=False, seed=4).take(1500)
+    vocab = task.output_features["targets"].vocabulary
+    documents = [row["text"] for path in task.source.files("train") for row in read_text_lines(path)]
+    corpus = re.sub(r"\s+", " ", "\n".join(documents))
+    labels = []
+    for ex in ds.as_numpy_iterator():
+        text = ex["inputs_pretokenized"].decode()
+        label = ex["targets_pretokenized"].decode()
+        assert vocab.decode(ex["targets"][:-1].tolist()) == label and label in objectives.NSP_LABELS
+        first, second = (re.sub(r"\s+", " ", s) for s in text.removeprefix("nsp sentence1: ").split(" sentence2: "))
+        labels.append(label)
+        if len(labels) <= 300 and (label == "next" or len(second) > 30):
+            # The positive pair is in a document as it is; a negative pair (save a short chance match) in none.
+            assert (f"{first} {second}" in corpus) == (label == "next"), (label, first, second)
+    share = labels.count("next") / len(labels)
+    assert share == pytest.approx(0.5, abs=_tolerance(0.5, len(labels)))  # 1,500 pairs: +-0.052
+
+
+def test_sentences_are_split_after_full_stops(data_dir):
+    text = 'He left. "Why?" she asked. Mr. Smith and H. G. Wells stayed! (Then) quiet.'
+    split = objectives.split_sentences(tf.constant(text))
+    assert [s.decode() for s in split.numpy()] == ["He left.", '"Why?" she asked.',
+                                                  "Mr. Smith and H. G. Wells stayed!", "(Then) quiet."]
+
+
+# --- lengths ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["bert_mlm", "bert_mlm_wwm", "spanbert", "bart_infilling", "bart_token_deletion",
+                                  "deshuffling", "prefix_lm"])
+def test_whole_text_targets_are_never_cut(data_dir, vocab_file, name):
+    """Under pretrain.gin's 512/114 lengths the chunk is sized by the targets, so the target is the whole chunk
+    (before, `bert_mlm` cut its 511-token target to 114 without a word)."""
+    for ex in _examples(name, 20, {"inputs": 512, "targets": 114}):
+        assert len(ex["targets"]) <= 113
+        if name in ("bert_mlm", "bert_mlm_wwm", "spanbert"):
+            assert len(ex["inputs"]) == len(ex["targets"])
+
+
+def test_lengths_too_short_for_an_objective_are_named(data_dir, vocab_file):
+    with pytest.raises(ValueError, match=r"objective bart_infilling: TASK_FEATURE_LENGTHS inputs 512, targets 4 "
+                                         r"leave chunks under 8 tokens"):
+        _examples("bart_infilling", 1, {"inputs": 512, "targets": 4})
+
+
+def test_every_objective_is_registered_over_user_files(tmp_path, vocab_file):
+    from tasks.unsupervised import register_text_tasks
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"Line {i} of my own corpus has words. It has two sentences." for i in range(300)))
+    names = register_text_tasks("mycorpus", [str(corpus)])
+    try:
+        assert names == [f"mycorpus_{name}" for name in objectives.OBJECTIVES]
+        for name in names:
+            task = seqio.get_mixture_or_task(name)
+            assert task.num_input_examples("train") + task.num_input_examples("validation") == 300
+            ex = next(task.get_dataset({"inputs": 64, "targets": 32}, split="train", use_cached=False,
+                                       shuffle=False, seed=1).as_numpy_iterator())
+            assert len(ex["inputs"]) > 3 and len(ex["targets"]) >= 2, name
+    finally:
+        for name in names:
+            seqio.TaskRegistry.remove(name)
