@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -29,19 +30,39 @@ class StageChanged(ValueError):
 
 
 def _gin_lines(scope: str) -> list[str]:
-    """The parsed gin bindings that apply under `scope` (unscoped ones and the scope's own), without the
-    experiment's own settings, which say how arms are made, not how a stage trains."""
-    keep = []
-    for line in gin.config_str().splitlines():
-        selector = line.split(" = ", 1)[0].strip()
-        if not selector or line.startswith("#") or selector == "EXPERIMENT_DIR":
-            continue
-        scope_of = selector.rsplit("/", 1)[0] if "/" in selector else ""
-        name = selector.rsplit("/", 1)[-1]
-        if scope_of in ("", scope) and not name.startswith(("experiment.", "training_strategies.",
-                                                               "mixing_strategies.", "pretrain_then_finetune.")):
-            keep.append(line.strip())
-    return keep
+    """The parsed gin bindings that apply under `scope` (unscoped ones and the scope's own) and the macros they use,
+    without the experiment's own settings (how arms are made, not how a stage trains): adding an arm or a task
+    to an experiment leaves its finished stages valid."""
+    bindings = _bindings(gin.config_str())
+    kept = {}
+    for selector, text in bindings.items():
+        scope_of, _, name = selector.rpartition("/")
+        configurable = name.rpartition(".")[0].rpartition(".")[2]
+        if "." in name and scope_of in ("", scope) and configurable not in ("experiment", *strategies.STRATEGIES):
+            kept[selector] = text
+    used = set()
+    while True:  # the macros the kept bindings use, and the macros those use
+        wanted = {m for text in kept.values() for m in re.findall(r"%([\w.]+)", text)} - used
+        if not wanted:
+            break
+        used |= wanted
+        kept.update({m: bindings[m] for m in wanted if m in bindings})
+    return sorted(kept.values())
+
+
+def _bindings(config: str) -> dict[str, str]:
+    """Selector -> its binding as one line, from gin's config string (a value may span several lines)."""
+    out: dict[str, str] = {}
+    selector = None
+    for line in config.splitlines():
+        if not line.strip() or line.startswith("#"):
+            selector = None
+        elif not line[0].isspace() and " = " in line:
+            selector = line.split(" = ", 1)[0].strip()
+            out[selector] = line.rstrip(" \\").strip()
+        elif selector is not None:
+            out[selector] += " " + line.strip().rstrip(" \\")
+    return out
 
 
 def stage_config(stage: strategies.Stage, seed: int, init_config: dict | None) -> dict:

@@ -20,6 +20,8 @@ from mtplatform import mixing
 
 PAPER_PRETRAIN_STEPS = 2**19
 PAPER_FINETUNE_STEPS = 2**18
+STRATEGIES = ("training_strategies", "mixing_strategies", "pretrain_then_finetune", "pretraining_objectives")
+"""The strategy functions below: their settings say how arms are made, so they are no part of a stage's config."""
 
 
 @dataclass(frozen=True)
@@ -156,4 +158,24 @@ def pretrain_then_finetune(
     if from_scratch_baseline:
         arms.append(Arm("from scratch, same total steps", tuple(
             Stage(f"scratch_{t}", t, pretrain_steps + finetune_steps, "scratch", None, (t,)) for t in tasks)))
+    return arms
+
+
+@gin.configurable
+def pretraining_objectives(
+    objectives: Sequence[str] = gin.REQUIRED,
+    tasks: Sequence[str] = gin.REQUIRED,
+    budget: float = gin.REQUIRED,
+    from_scratch_baseline: bool = True,
+) -> list[Arm]:
+    """T5's Tables 4 to 7 (and BERT's, SpanBERT's, BART's objectives beside them): one model pre-trained per
+    objective for the same steps, each fine-tuned on every task; and each task from scratch for the same total."""
+    pre, ft = steps_for(budget)
+    arms = []
+    for objective in objectives:
+        pretrain = Stage(f"pretrain_{objective}", objective, pre)
+        arms.append(Arm(objective, (pretrain, *_finetunes(objective, pretrain, tasks, ft))))
+    if from_scratch_baseline:
+        arms.append(Arm("no pre-training (each task from scratch)",
+                        tuple(Stage(f"scratch_{t}", t, pre + ft, "scratch", None, (t,)) for t in tasks)))
     return arms

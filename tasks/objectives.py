@@ -27,6 +27,7 @@ import tensorflow as tf
 from t5.data import preprocessors as t5p
 
 MIN_CHUNK = 8  # tokens; shorter chunks teach nothing and mean the lengths are a mistake
+MIN_NOISED = 3  # words (SpanBERT) or tokens (BART): the last piece of a corpus may be shorter, and stays clean
 NO_LENGTHS = {"inputs": 512, "targets": 512}  # where a dataset is built without lengths (`mtp tasks show`)
 WORD_START = "\u2581"  # SentencePiece's marker of a piece that starts a word
 SENTENCE_END = (".", "!", "?", '."', '?"', '!"')
@@ -290,15 +291,18 @@ def spanbert(dataset, sequence_length, output_features, noise_density: float = 0
         tokens = features["targets"]
         words = word_ids(tokens, piece_table(vocabulary, "word_start"))
         num_words = words[-1] + 1
-        budget = num_noise(num_words, noise_density)
+        return {"inputs": tf.cond(num_words >= MIN_NOISED, lambda: mask_spans(tokens, words, num_words, seeds),
+                                  lambda: tokens), "targets": tokens}
+
+    def mask_spans(tokens, words, num_words, seeds):
+        budget = tf.minimum(num_noise(num_words, noise_density), num_words - 2)  # two clean words around a span
         lengths = truncated_geometric_lengths(num_words, geometric_p, max_span_words, seeds[0])
         spans = budgeted_spans(tf.minimum(lengths, budget), budget, max_spans=num_words - budget - 1)
         noisy_word, span_of_word, _ = place_spans(num_words, spans, seeds[1])
         span_choice = tf.random.stateless_uniform([tf.size(spans) + 1], seed=seeds[2])
         noise = tf.gather(noisy_word, words)
         choice = tf.gather(span_choice, tf.gather(span_of_word, words))
-        inputs = bert_corrupt(tokens, noise, choice, vocabulary, seeds[3], mask_prob, random_prob)
-        return {"inputs": inputs, "targets": tokens}
+        return bert_corrupt(tokens, noise, choice, vocabulary, seeds[3], mask_prob, random_prob)
 
     return corrupt(ds)
 
@@ -318,7 +322,11 @@ def bart_infilling(dataset, sequence_length, output_features, noise_density: flo
     def corrupt(features, seeds):
         tokens = features["targets"]
         n = tf.size(tokens)
-        budget = num_noise(n, noise_density)
+        return {"inputs": tf.cond(n >= MIN_NOISED, lambda: infill(tokens, n, seeds), lambda: tokens),
+                "targets": tokens}
+
+    def infill(tokens, n, seeds):
+        budget = tf.minimum(num_noise(n, noise_density), n - 2)  # two clean tokens around a span
         lengths = tf.random.stateless_poisson([n], seeds[0], lam=poisson_lambda, dtype=tf.int32)
         spans = budgeted_spans(lengths, budget, max_spans=n - budget - 1)
         noise, _, starts = place_spans(n, spans, seeds[1])
@@ -326,7 +334,7 @@ def bart_infilling(dataset, sequence_length, output_features, noise_density: flo
         mask_before = tf.scatter_nd(starts[:, None], tf.ones_like(starts), [n + 1])[:n] > 0
         pieces = tf.stack([tf.fill([n], tf.cast(mask_id, tokens.dtype)), tokens], axis=1)
         keep = tf.stack([mask_before, tf.logical_not(noise)], axis=1)
-        return {"inputs": tf.boolean_mask(pieces, keep), "targets": tokens}
+        return tf.boolean_mask(pieces, keep)
 
     return corrupt(ds)
 

@@ -367,6 +367,18 @@ def test_lengths_too_short_for_an_objective_are_named(data_dir, vocab_file):
         _examples("bart_infilling", 1, {"inputs": 512, "targets": 4})
 
 
+@pytest.mark.parametrize("density", [0.15, 0.9])
+def test_short_and_dense_chunks_are_noised_or_left_clean(vocab_file, density):
+    """The last piece of a corpus can be a word or two; a density near 1 leaves almost no clean token."""
+    features = seqio.get_mixture_or_task("span_corruption").output_features
+    for objective in (objectives.spanbert, objectives.bart_infilling):
+        pieces = [list(range(5, 5 + n)) for n in range(1, 12)]
+        ds = tf.data.Dataset.from_tensor_slices({"targets": tf.ragged.constant(pieces)}).map(
+            lambda ex: {"targets": ex["targets"]})
+        for ex in objective(ds, LENGTHS, features, noise_density=density).as_numpy_iterator():
+            assert len(ex["inputs"]) >= 1
+
+
 def test_every_objective_is_registered_over_user_files(tmp_path, vocab_file):
     from tasks.unsupervised import register_text_tasks
 
