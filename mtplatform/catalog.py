@@ -41,23 +41,24 @@ def tasks_of(name: str) -> list[seqio.Task]:
 @dataclass(frozen=True)
 class TaskSummary:
     name: str
-    splits: dict[str, int | None]
+    splits: dict[str, int | None]  # examples read from the files (declared, for sources that cannot count)
+    declared: dict[str, int | None]  # the official sizes given at registration
     metrics: list[str]
-    missing_files: list[str]  # splits whose data files are not under the data directory
+    missing_files: dict[str, str]  # split -> the expected file that is not under the data directory
 
 
 def summarize(task: seqio.Task) -> TaskSummary:
-    """Splits with example counts (declared, or counted where not declared) and metric names."""
+    """Splits with the example counts their files hold, the official counts, missing files and metric names."""
     metric_names = [getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", repr(fn))
                     for fn in task.metric_fns]
-    missing = []
-    files = getattr(task.source, "files", None)  # our FileSource; other seqio sources cannot tell
-    for split in task.splits if files else ():
-        try:
-            files(split)
-        except FileNotFoundError:
-            missing.append(split)
-    return TaskSummary(task.name, {s: task.num_input_examples(s) for s in task.splits}, metric_names, missing)
+    source = task.source
+    if not hasattr(source, "missing"):  # not our FileSource: it can only declare
+        counts = {s: task.num_input_examples(s) for s in task.splits}
+        return TaskSummary(task.name, counts, counts, metric_names, {})
+    missing = {s: where for s in task.splits if (where := source.missing(s))}
+    counts = {s: None if s in missing else source.count(s) for s in task.splits}
+    declared = {s: source.declared_examples(s) for s in task.splits}
+    return TaskSummary(task.name, counts, declared, metric_names, missing)
 
 
 def _is_tokenizer(fn) -> bool:

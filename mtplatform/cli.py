@@ -285,8 +285,8 @@ def _tasks_list() -> int:
     rows = []
     for name in sorted(seqio.TaskRegistry.names()):
         s = catalog.summarize(seqio.get_mixture_or_task(name))
-        splits = ", ".join(f"{k} {v:,}" if v is not None else f"{k} ?" for k, v in s.splits.items())
-        missing = f"  (no data files for: {', '.join(s.missing_files)})" if s.missing_files else ""
+        splits = ", ".join(_split_size(s, split) for split in s.splits)
+        missing = "".join(f"  ({split}: missing file {where})" for split, where in s.missing_files.items())
         rows.append((name, splits, (", ".join(s.metrics) or "-") + missing))
     width = [max(len(r[i]) for r in rows) for i in range(2)]
     print(f"{'task':<{width[0]}}  {'splits (examples)':<{width[1]}}  metrics")
@@ -296,6 +296,16 @@ def _tasks_list() -> int:
     if mixtures:
         print("\nmixtures: " + ", ".join(mixtures))
     return 0
+
+
+def _split_size(summary, split: str) -> str:
+    """`train 2,490`; `train 2,489 (official 2,490)` where the files hold another count; `train missing`."""
+    read, declared = summary.splits[split], summary.declared[split]
+    if split in summary.missing_files:
+        return f"{split} missing"
+    if read is None:
+        return f"{split} ?"
+    return f"{split} {read:,}" + (f" (official {declared:,})" if declared is not None and declared != read else "")
 
 
 def _tasks_show(args: argparse.Namespace) -> int:

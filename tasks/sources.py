@@ -59,19 +59,29 @@ class FileSource(seqio.FunctionDataSource):
 
     def files(self, split: str) -> list[Path]:
         """The files of `split`; a clear error names the task and the expected path when one is missing."""
+        missing = self.missing(split)
+        if missing:
+            raise FileNotFoundError(f"task {self._task_name}, split {split!r}: expected data file {missing} "
+                                    f"(data directory from {settings.DATA_DIR_ENV} or gin DATA_DIR)")
+        return self._paths(split)
+
+    def missing(self, split: str) -> str | None:
+        """The expected file (or glob) of `split` that is not there, or None where every file is."""
+        spec = self._split_paths[split] if split in self._split_paths else None
+        paths = self._paths(split)
+        absent = [p for p in paths if not p.is_file()]
+        if absent:
+            return str(absent[0])
+        if not paths:
+            return f"{' or '.join(getattr(spec, 'patterns', ['files']))} under {settings.data_dir()}"
+        return None
+
+    def _paths(self, split: str) -> list[Path]:
         if split not in self._split_paths:
             raise ValueError(f"task {self._task_name} has no split {split!r}; its splits are {list(self._split_paths)}")
-        root = settings.data_dir()
         spec = self._split_paths[split]
-        paths = spec(root) if callable(spec) else [root / spec]
-        missing = [p for p in paths if not p.is_file()]
-        if missing or not paths:
-            expected = missing[0] if missing else f"files for split {split!r} under {root}"
-            raise FileNotFoundError(
-                f"task {self._task_name}, split {split!r}: expected data file {expected} "
-                f"(data directory from {settings.DATA_DIR_ENV} or gin DATA_DIR)"
-            )
-        return paths
+        root = settings.data_dir()
+        return spec(root) if callable(spec) else [root / spec]
 
     def read_rows(self, split: str) -> list[Row]:
         """All rows of `split` as Python dicts, in file order."""
@@ -82,8 +92,14 @@ class FileSource(seqio.FunctionDataSource):
 
     def num_input_examples(self, split: str) -> int | None:
         declared = self._num_input_examples.get(split)
-        if declared is not None:
-            return declared
+        return declared if declared is not None else self.count(split)
+
+    def declared_examples(self, split: str) -> int | None:
+        """The official size given at registration, if any."""
+        return self._num_input_examples.get(split)
+
+    def count(self, split: str) -> int:
+        """The examples the files of `split` hold, read once."""
         if split not in self._counted:
             self._counted[split] = len(self.read_rows(split))
         return self._counted[split]
@@ -257,6 +273,7 @@ def text_files(patterns: Sequence[str]) -> Callable[[Path], list[Path]]:
             found.update(p for p in anchor.glob(str(base.relative_to(anchor))) if p.is_file())
         return sorted(found)
 
+    resolve.patterns = list(patterns)  # named in the error when nothing matches
     return resolve
 
 

@@ -160,6 +160,41 @@ def test_shipped_experiment_files_make_their_arms_on_our_data(name, arms, data_d
         gin.clear_config()
 
 
+def _objectives_config(*bindings: str) -> None:
+    from mtplatform import cli
+
+    gin.clear_config()
+    cli.parse_gin(["gin/models/mini.gin", "gin/experiments/objectives.gin"],
+                  ["--gin.EXPERIMENT_DIR='/nowhere'", "--gin.BUDGET=0.0005", *bindings], [])
+
+
+def test_objectives_experiment_and_what_a_stage_depends_on(data_dir):
+    """One pre-training per objective, fine-tuned on each task, beside from scratch; a stage's configuration holds
+    the bindings it trains under and the macros those use, not the experiment's list of arms."""
+    from mtplatform import experiment
+
+    try:
+        _objectives_config()
+        arms = strategies.pretraining_objectives()
+        assert [a.name for a in arms][:3] == ["prefix_lm", "bert_mlm", "deshuffling"] and len(arms) == 9
+        assert [s.name for s in arms[1].stages] == ["pretrain_bert_mlm", "bert_mlm_ft_glue_sst2",
+                                                    "bert_mlm_ft_glue_mrpc"]
+        assert arms[1].stages[0].train_on == "bert_mlm" and arms[1].stages[1].init == "pretrain_bert_mlm"
+        assert arms[-1].stages[0].steps == 262 + 131
+        before = {scope: experiment._gin_lines(scope) for scope in ("pretrain", "finetune")}
+        assert "pretrain/train.task_feature_lengths = {'inputs': 128, 'targets': 128}" in before["pretrain"]
+        assert "TASK_FEATURE_LENGTHS = {'inputs': 128, 'targets': 32}" in before["finetune"]  # a macro it uses
+        _objectives_config("--gin.OBJECTIVES=['bert_mlm', 'nsp']", "--gin.TASKS=['glue_rte']")
+        assert {scope: experiment._gin_lines(scope) for scope in ("pretrain", "finetune")} == before
+        _objectives_config("--gin.pretrain/objectives.span_corruption.noise_density=0.5")
+        after = {scope: experiment._gin_lines(scope) for scope in ("pretrain", "finetune")}
+        assert after["finetune"] == before["finetune"]
+        assert set(after["pretrain"]) - set(before["pretrain"]) == {
+            "pretrain/span_corruption.noise_density = 0.5"}
+    finally:
+        gin.clear_config()
+
+
 def test_multitask_training_alone_is_an_arm():
     # finetune_steps = 0 (multi-task training without fine-tuning) used to crash `mtp experiment`.
     arms = strategies.pretrain_then_finetune(mixture="span_corruption_and_glue", tasks=["glue_rte"],

@@ -250,6 +250,9 @@ def test_cli_tasks_list(data_dir):
     lines = {line.split()[0]: line for line in out.stdout.splitlines() if line.strip()}
     assert "train 67,349, validation 872" in lines["glue_sst2"]
     assert "train 14,041, validation 3,250" in lines["conll2003_ner"]
+    # Counts are what the files hold; a split whose file is absent says so instead of an official count.
+    assert "train missing, validation 5,463" in lines["glue_qnli"] and "train: missing file " in lines["glue_qnli"]
+    assert "glue/QNLI/train.tsv" in lines["glue_qnli"]
     assert "matthews_corrcoef" in lines["glue_cola"]
     for name in ("glue_mnli", "glue_qqp", "squad_v1_devsplit", "span_corruption", "bert_mlm", "prefix_lm"):
         assert name in lines
@@ -275,17 +278,101 @@ def test_cli_bad_data_dir_is_explained(tmp_path):
     assert "MTP_DATA_DIR" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_readme_user_module_example(tmp_path, data_dir, vocab_file):
-    """The README's `--module` example, run as written."""
+def _sst2_rows(data_dir, split: str, n: int) -> list[dict]:
+    lines = (data_dir / "glue" / "SST-2" / f"{split}.tsv").read_text().splitlines()[1:n + 1]
+    return [{"sentence": line.split("\t")[0], "label": int(line.split("\t")[1])} for line in lines]
+
+
+def test_readme_file_task_example(tmp_path, data_dir, vocab_file):
+    """The README's "Your own tasks" example, run as written, on SST-2 rows written as a user's CSV and JSON lines."""
+    import csv
+    import json
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     code = readme.split("<!-- my_tasks.py -->\n```python\n", 1)[1].split("```", 1)[0]
+    assert len(code.strip().splitlines()) <= 10
     (tmp_path / "my_tasks.py").write_text(code)
-    out = _mtp("tasks", "list", "--module", "my_tasks", cwd=tmp_path,
-               env_extra={"PYTHONPATH": str(tmp_path), "MTP_VOCAB": str(vocab_file)})
+    reviews = tmp_path / "data" / "reviews"
+    reviews.mkdir(parents=True)
+    with open(reviews / "train.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, ["sentence", "label"])
+        writer.writeheader()
+        writer.writerows(_sst2_rows(data_dir, "train", 500))
+    dev = _sst2_rows(data_dir, "dev", 300)
+    for part in (0, 1):
+        (reviews / f"dev-{part}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dev[part::2]))
+    env = {"PYTHONPATH": str(tmp_path), "MTP_VOCAB": str(vocab_file), "MTP_DATA_DIR": str(tmp_path / "data")}
+    out = _mtp("tasks", "show", "--module", "my_tasks", "--mixture_or_task=my_reviews", "--split=validation",
+               cwd=tmp_path, env_extra=env)
     assert out.returncode == 0, out.stderr
-    assert "my_rte_yesno" in out.stdout and "train 2,490, validation 277" in out.stdout
+    first = dev[0]["sentence"].strip()
+    assert f"inputs text:   review: {first}" in out.stdout
+    assert f"targets text:   {'positive' if dev[0]['label'] else 'negative'}" in out.stdout
+    out = _mtp("tasks", "list", "--module", "my_tasks", cwd=tmp_path, env_extra=env)
+    assert out.returncode == 0, out.stderr
+    line = next(line for line in out.stdout.splitlines() if line.startswith("my_reviews"))
+    assert "train 500, validation 300" in line and "accuracy" in line
+
+
+@pytest.mark.parametrize("fmt", ["tsv", "csv", "jsonl", "parquet"])
+def test_file_tasks_read_every_format(tmp_path, monkeypatch, data_dir, vocab_file, fmt):
+    import json
+
+    import pandas as pd
+
+    from tasks.files import register_file_task
+
+    monkeypatch.setenv("MTP_DATA_DIR", str(tmp_path))
+    rows = _sst2_rows(data_dir, "dev", 200)
+    frame = pd.DataFrame(rows)
+    path = tmp_path / f"sst.{fmt}"
+    {"tsv": lambda: frame.to_csv(path, sep="\t", index=False), "csv": lambda: frame.to_csv(path, index=False),
+     "jsonl": lambda: path.write_text("".join(json.dumps(r) + "\n" for r in rows)),
+     "parquet": lambda: frame.to_parquet(path)}[fmt]()
+    task = register_file_task(f"my_sst_{fmt}", {"validation": f"sst.{fmt}"}, inputs="sst2 sentence: {sentence}",
+                              targets=lambda row: ("negative", "positive")[int(row["label"])])
+    try:
+        assert task.num_input_examples("validation") == 200
+        ex = next(task.get_dataset(None, split="validation", shuffle=False).as_numpy_iterator())
+        assert ex["inputs_pretokenized"].decode() == f"sst2 sentence: {rows[0]['sentence']}"
+        assert ex["targets_pretokenized"].decode() == ("negative", "positive")[rows[0]["label"]]
+    finally:
+        seqio.TaskRegistry.remove(f"my_sst_{fmt}")
+
+
+@pytest.mark.parametrize("fmt,content,error", [
+    ("csv", "sentence,label\ngood film,1\nbad,film,0\n", r"bad\.csv:3: expected 2 comma-separated fields"),
+    ("tsv", "sentence\tlabel\ngood film\t1\nbad film\n", r"bad\.tsv:3: expected 2 tab-separated fields"),
+    ("jsonl", '{"sentence": "good", "label": 1}\n{"sentence": "bad", "label": 0\n', r"bad\.jsonl:2: not a JSON"),
+    ("jsonl", '{"sentence": "good", "label": 1}\n{"text": "bad", "label": 0}\n',
+     r"bad\.jsonl:2: inputs needs column 'sentence'; the row has text, label"),
+    ("parquet", "not parquet", r"bad\.parquet: not a readable Parquet file"),
+])
+def test_malformed_rows_of_file_tasks_name_file_and_line(tmp_path, monkeypatch, fmt, content, error):
+    from tasks.files import register_file_task
+
+    monkeypatch.setenv("MTP_DATA_DIR", str(tmp_path))
+    (tmp_path / f"bad.{fmt}").write_text(content)
+    task = register_file_task("my_bad", {"train": f"bad.{fmt}"}, inputs="s: {sentence}", targets="{label}")
+    try:
+        with pytest.raises(DataFormatError, match=error):
+            task.source.read_rows("train")
+    finally:
+        seqio.TaskRegistry.remove("my_bad")
+
+
+def test_missing_files_of_file_tasks_are_named(tmp_path, monkeypatch):
+    from tasks.files import register_file_task
+
+    monkeypatch.setenv("MTP_DATA_DIR", str(tmp_path))
+    task = register_file_task("my_absent", {"train": "nowhere/*.csv"}, inputs="{a}", targets="{b}")
+    try:
+        with pytest.raises(FileNotFoundError, match=r"task my_absent, split 'train': expected data file "
+                                                     r"nowhere/\*\.csv under"):
+            task.source.files("train")
+    finally:
+        seqio.TaskRegistry.remove("my_absent")
 
 
 def test_file_source_counts_undeclared_splits(tmp_path, monkeypatch):
