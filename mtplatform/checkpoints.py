@@ -27,6 +27,7 @@ TMP_PREFIX = ".tmp-checkpoint_"
 DELETING_PREFIX = ".deleting-checkpoint_"
 UNREADABLE_PREFIX = "unreadable-checkpoint_"
 META = "meta.json"
+MODEL = "model.safetensors"
 
 
 def checkpoint_dir(model_dir: Path, step: int) -> Path:
@@ -60,6 +61,16 @@ def resolve(path: str | Path) -> Path:
     if found is None:
         raise FileNotFoundError(f"{path}: neither a checkpoint_<step> directory nor a model directory holding one")
     return found
+
+
+def verified_weights(path: str | Path, setting: str) -> tuple[Path, int]:
+    """The model file of a checkpoint (or of a model directory's latest), checked against its checksum, and its
+    step: what evaluation, fine-tuning and export read. `setting` names where the path came from in an error."""
+    ckpt = resolve(path)
+    why = problem(ckpt, only=(MODEL,))
+    if why:
+        raise ValueError(f"{setting}={path}: {ckpt} cannot be read ({why})")
+    return ckpt / MODEL, read_meta(ckpt)["step"]
 
 
 def _sha256(path: Path) -> str:

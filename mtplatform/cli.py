@@ -9,6 +9,7 @@
     mtp infer    --gin_file=gin/runs/infer.gin --gin.CHECKPOINT_PATH=... --gin.OUTPUT_FILE="'/tmp/preds.jsonl'"
     mtp experiment --gin_file=gin/models/tiny.gin --gin_file=gin/experiments/demo.gin --gin.EXPERIMENT_DIR=...
     mtp report   runs/demo
+    mtp export   --checkpoint=/tmp/run --output=/tmp/run_hf
     mtp mixture show span_corruption_and_glue [--gin.mixing.strategy="'temperature'" --gin.mixing.temperature=2.0]
 
 `--debug` anywhere on the line prints an error's traceback as well as its one-line message; `--verbose` shows
@@ -58,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output", required=True, help="path of the .model file to write")
     train.add_argument("--split", default="train")
     train.add_argument("--max_examples_per_task", type=int, default=None)
+
+    export = commands.add_parser("export", help="write a checkpoint as a Hugging Face T5 directory")
+    export.add_argument("--checkpoint", required=True, help="checkpoint_<step> directory, or a model directory")
+    export.add_argument("--output", required=True, help="directory to write (config.json, safetensors, spiece.model)")
+    export.add_argument("--vocab", help="SentencePiece model the run tokenized with (default: $MTP_VOCAB)")
+    _add_module_flag(export)
 
     rep = commands.add_parser("report", help="rebuild an experiment's results.md/json and plots from its runs")
     rep.add_argument("experiment_dir")
@@ -208,6 +215,12 @@ def _dispatch(argv: list[str]) -> int:
 
         report.build(args.experiment_dir)
         print((Path(args.experiment_dir) / "results.md").read_text())
+        return 0
+    if args.command == "export":
+        from mtplatform import export
+
+        out = export.export_checkpoint(args.checkpoint, args.output, args.vocab)
+        print(f"wrote {out}: T5ForConditionalGeneration.from_pretrained and T5Tokenizer.from_pretrained load it")
         return 0
     if args.command == "tasks" and args.tasks_command == "list":
         return _tasks_list()

@@ -108,12 +108,8 @@ def _model_from(checkpoint_path: str | Path, device) -> tuple[T5, int, Path]:
     from mtplatform import checkpoints
     from mtplatform import model as model_lib
 
-    ckpt = checkpoints.resolve(checkpoint_path)
-    why = checkpoints.problem(ckpt, only=("model.safetensors",))
-    if why:
-        raise ValueError(f"{ckpt} cannot be evaluated ({why})")
-    step = json.loads((ckpt / "meta.json").read_text())["step"]
-    return model_lib.load(ckpt / "model.safetensors").to(device).eval(), step, ckpt
+    weights, step = checkpoints.verified_weights(checkpoint_path, "CHECKPOINT_PATH")
+    return model_lib.load(weights).to(device).eval(), step, weights.parent
 
 
 @gin.configurable

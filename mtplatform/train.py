@@ -153,13 +153,9 @@ def load_initial_weights(path: str | Path, vocab_size: int) -> tuple[model_lib.T
     path = Path(path)
     if (path / "config.json").is_file():  # Hugging Face layout; our checkpoints have meta.json and config.gin
         model, step = model_lib.load_hf(path), 0
-    else:
-        ckpt = checkpoints.resolve(path)
-        why = checkpoints.problem(ckpt)
-        if why:
-            raise ValueError(f"INITIAL_CHECKPOINT_PATH={path}: {ckpt} cannot be restored ({why})")
-        model = model_lib.load(ckpt / "model.safetensors")
-        step = checkpoints.read_meta(ckpt)["step"]
+    else:  # fine-tuning starts a fresh optimizer: the weights are all it reads
+        weights, step = checkpoints.verified_weights(path, "INITIAL_CHECKPOINT_PATH")
+        model = model_lib.load(weights)
     if model.cfg.vocab_size < vocab_size:
         raise ValueError(f"INITIAL_CHECKPOINT_PATH={path}: its vocabulary has {model.cfg.vocab_size} ids, "
                          f"the tasks' needs {vocab_size}")

@@ -204,11 +204,40 @@ def test_cli_train_resume_finetune_eval_infer(tmp_path, vocab_file):
     inputs = tmp_path / "inputs.txt"
     inputs.write_text("rte sentence1: The cat sat. sentence2: A cat sat.\n\nrte sentence1: It rains. sentence2: Dry.\n")
     out = _mtp("infer", "--gin_file=gin/runs/infer.gin", f"--gin.CHECKPOINT_PATH='{ft}/checkpoint_60'",
-               f"--gin.INPUT_FILE='{inputs}'", f"--gin.OUTPUT_FILE='{preds}'", "--gin.infer.max_decode_length=4")
+               f"--gin.INPUT_FILE='{inputs}'", f"--gin.OUTPUT_FILE='{preds}'", "--gin.infer.max_decode_length=4",
+               "--gin.infer.precision='fp32'")
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in preds.read_text().splitlines()]
     assert [r["input"] for r in rows] == ["rte sentence1: The cat sat. sentence2: A cat sat.",
                                           "rte sentence1: It rains. sentence2: Dry."]
+    _check_export_round_trip(ft, tmp_path / "hf", vocab_file, rows)
+
+
+def _check_export_round_trip(model_dir: Path, hf_dir: Path, vocab_file: Path, predictions: list[dict]) -> None:
+    """`mtp export` writes a directory Hugging Face loads: the same ids from its tokenizer, the same logits and
+    the same greedy predictions as `mtp infer` (fp32 on both sides)."""
+    import torch
+    from transformers import T5ForConditionalGeneration, T5Tokenizer
+
+    from mtplatform import model as model_lib
+    from mtplatform.vocab import vocabulary_from_file
+
+    out = _mtp("export", f"--checkpoint={model_dir}", f"--output={hf_dir}", f"--vocab={vocab_file}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    hf = T5ForConditionalGeneration.from_pretrained(hf_dir).eval()
+    tokenizer = T5Tokenizer.from_pretrained(hf_dir, legacy=False)
+    ours = vocabulary_from_file(vocab_file)
+    for row in predictions:
+        ids = tokenizer(row["input"]).input_ids
+        assert ids == [*ours.encode(row["input"]), 1]  # our tokenizer's ids, EOS appended as the tasks do
+        generated = hf.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False, num_beams=1)
+        assert tokenizer.decode(generated[0], skip_special_tokens=True) == row["prediction"]
+    assert tokenizer.convert_ids_to_tokens(len(tokenizer) - 1) == "<extra_id_0>" == ours.decode([len(tokenizer) - 1])
+    mine = model_lib.load(checkpoints.latest(model_dir) / "model.safetensors").eval()
+    enc, dec = torch.tensor([ids]), torch.tensor([[0, *ids[:3]]])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=enc, decoder_input_ids=dec).logits, mine(enc, dec), atol=1e-4,
+                                   rtol=0)
 
 
 def test_cli_reports_missing_required_setting(tmp_path, vocab_file):
