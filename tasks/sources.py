@@ -1,8 +1,10 @@
 """Readers for the official data files and the seqio `DataSource` that serves them.
 
-Files are parsed in Python (so that a bad row is reported with its file and line) into columns, and handed to
+Task files are parsed in Python (so that a bad row is reported with its file and line) into columns, and handed to
 `tf.data.Dataset.from_tensor_slices`: unlike `from_generator`, such a dataset can be checkpointed mid-stream, which
-exact resume of training needs. Paths are resolved under `settings.data_dir()` when a dataset is built.
+exact resume of training needs. Plain-text corpora, which can be far larger than memory, are streamed instead by
+tf.data's own readers (`TextSource`), checkpointable too. Paths are resolved under `settings.data_dir()` when a
+dataset is built.
 """
 
 from __future__ import annotations
@@ -278,43 +280,90 @@ def text_files(patterns: Sequence[str]) -> Callable[[Path], list[Path]]:
 
 
 WRAPPED_LINE_CHARS = 100  # a file whose median non-empty line is shorter, and that has blank lines, is wrapped
+LAYOUT_SAMPLE_LINES = 2000  # lines read from the start of a file to tell its layout
+VALIDATION_BUCKETS = 100  # one document in this many, by a hash of its text, is held out for validation
 
 
-def read_text_lines(path: Path, keep_line: Callable[[str], bool] | None = None) -> list[Row]:
-    """The documents of a text file as `{"text": document}`: each non-empty line, or, in a file laid out as BERT's
-    pretraining text (one sentence or wrapped line per line, a blank line between documents: short lines and
-    blank ones, as the NLTK Gutenberg texts), each run of non-empty lines joined by spaces.
+class TextSource(FileSource):
+    """Documents of plain-text files, streamed from disk by tf.data: memory does not grow with the corpus, the time
+    to the first example does not either, and the iterator (file offsets, a partial paragraph) can be checkpointed
+    for exact resume. About 1% of documents, chosen by a hash of the text, form the validation split.
 
-    UTF-8, falling back to Latin-1 for files that are not (NLTK ships `shakespeare-caesar.txt` in Latin-1);
-    CRLF line ends are dropped (`melville-moby_dick.txt`).
+    A document is a non-empty line, except in files laid out as BERT's pretraining text (short lines and blank ones,
+    as the NLTK Gutenberg books, whose lines are wrapped): there a run of non-empty lines joined by spaces. Lines
+    that are not UTF-8 are read as Latin-1 (NLTK's `shakespeare-caesar.txt`); CR line ends are dropped.
     """
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        text = raw.decode("latin-1")
-    lines = [line.strip() for line in text.splitlines()]
-    documents = _paragraphs(lines) if _is_wrapped(lines) else [line for line in lines if line]
-    return [{"text": doc} for doc in documents if keep_line is None or keep_line(doc)]
+
+    def __init__(self, task_name: str, patterns: Sequence[str]):
+        files = text_files(patterns)
+        super().__init__(task_name, {"train": files, "validation": files}, reader=None)
+
+    def read_rows(self, split: str) -> list[Row]:
+        return [{"text": text.decode("utf-8")} for text in self._documents(split).as_numpy_iterator()]
+
+    def num_input_examples(self, split: str) -> None:
+        """Unknown, as for any stream: counting would read the whole corpus before the first batch (seqio asks,
+        to cache small datasets in memory). Mixing rates give text corpora an artificial size; `count` reads."""
+        return None
+
+    def count(self, split: str) -> int:
+        if split not in self._counted:  # streamed: a corpus of any size is counted in constant memory
+            self._counted[split] = int(self._documents(split).reduce(0, lambda n, _: n + 1))
+        return self._counted[split]
+
+    def _dataset_fn(self, split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
+        files = self.files(split)
+        return self._documents(split, files, shuffle_files, seed).map(lambda text: {"text": text})
+
+    def _documents(self, split: str, files: list[Path] | None = None, shuffle_files: bool = False,
+                   seed: int | None = None) -> tf.data.Dataset:
+        files = files or self.files(split)
+        ds = tf.data.Dataset.from_tensor_slices(([str(f) for f in files], [_is_wrapped_file(f) for f in files]))
+        if shuffle_files and len(files) > 1:
+            ds = ds.shuffle(len(files), seed=seed)
+        held_out = split == "validation"
+        return ds.flat_map(lambda path, wrapped: _file_documents(path, wrapped, held_out))
 
 
-def _is_wrapped(lines: list[str]) -> bool:
+LINES_PER_BATCH = 1024  # lines handled together: per-line tf.data ops would make reading the bottleneck
+
+
+def _file_documents(path: tf.Tensor, wrapped: tf.Tensor, held_out: bool) -> tf.data.Dataset:
+    """One file's documents of one split, read in batches of lines: a scan carries the paragraph a batch ends in
+    to the next (an empty line appended to the file closes the last one)."""
+    lines = tf.data.TextLineDataset(path).concatenate(tf.data.Dataset.from_tensors(tf.constant("")))
+    batches = lines.batch(LINES_PER_BATCH).map(_clean_lines)
+
+    def step(carry, batch):
+        carry, documents = tf.cond(wrapped, lambda: _paragraphs(carry, batch), lambda: (carry, batch))
+        keep = tf.logical_and(tf.strings.length(documents) > 0,
+                              tf.equal(tf.strings.to_hash_bucket_fast(documents, VALIDATION_BUCKETS) == 0, held_out))
+        return carry, tf.boolean_mask(documents, keep)
+
+    return batches.scan(tf.constant(""), step).unbatch()
+
+
+def _paragraphs(carry: tf.Tensor, lines: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(the paragraph still open after `lines`, the paragraphs they close): a blank line ends a paragraph."""
+    blank = tf.equal(lines, "")
+    segment = tf.cumsum(tf.cast(blank, tf.int32), exclusive=True)
+    closed = tf.reduce_sum(tf.cast(blank, tf.int32))
+    joined = tf.strings.unsorted_segment_join(tf.concat([[carry], lines], 0), tf.concat([[0], segment], 0),
+                                              closed + 1, separator=" ")
+    joined = tf.strings.strip(tf.strings.regex_replace(joined, " +", " "))
+    return joined[closed], joined[:closed]
+
+
+def _clean_lines(lines: tf.Tensor) -> tf.Tensor:
+    """Stripped lines; those that are not UTF-8 decoded as Latin-1."""
+    valid = tf.equal(tf.strings.unicode_transcode(lines, "UTF-8", "UTF-8", errors="replace"), lines)
+    latin1 = tf.strings.unicode_transcode(lines, "ISO-8859-1", "UTF-8")
+    return tf.strings.strip(tf.where(valid, lines, latin1))
+
+
+def _is_wrapped_file(path: Path) -> bool:
+    """Whether a file is laid out as BERT's pretraining text, from its first LAYOUT_SAMPLE_LINES lines."""
+    with open(path, "rb") as f:
+        lines = [line.strip() for line, _ in zip(f, range(LAYOUT_SAMPLE_LINES), strict=False)]
     sizes = sorted(len(line) for line in lines if line)
     return bool(sizes) and len(sizes) < len(lines) and sizes[len(sizes) // 2] < WRAPPED_LINE_CHARS
-
-
-def _paragraphs(lines: list[str]) -> list[str]:
-    paragraphs, current = [], []
-    for line in [*lines, ""]:
-        if line:
-            current.append(line)
-        elif current:
-            paragraphs.append(" ".join(current))
-            current = []
-    return paragraphs
-
-
-def in_text_validation_split(line: str) -> bool:
-    """Documents held out for validation of the unsupervised objectives: crc32 of the document modulo 100 is 0
-    (about 1%)."""
-    return zlib.crc32(line.encode("utf-8")) % 100 == 0

@@ -1,8 +1,8 @@
 """The pretraining objectives of `tasks.objectives` registered over plain text: the shipped corpus, or any files.
 
-The corpus is every `text/**/*.txt` under the data directory (one example, a document, per non-empty line; about 1%
-of lines, chosen by a hash of the line, form the validation split). `register_text_tasks` registers the same
-objectives over any files a user names, as `<prefix>_<objective>`.
+The corpus is every `text/**/*.txt` under the data directory, streamed by `tasks.sources.TextSource` (which says
+what a document is; about 1% of them, by a hash of the text, form the validation split). `register_text_tasks`
+registers the same objectives over any files a user names, as `<prefix>_<objective>`.
 
 Registry names: T5's `span_corruption`, `iid_denoising` ("replace corrupted spans"), `drop_corrupted_tokens`,
 `prefix_lm`, `deshuffling`; BERT's `bert_mlm`, `bert_mlm_wwm`, `nsp`; SpanBERT's `spanbert`; BART's
@@ -20,7 +20,7 @@ import seqio
 from mtplatform import mixing
 from tasks import objectives
 from tasks.common import OUTPUT_FEATURES
-from tasks.sources import FileSource, in_text_validation_split, read_text_lines, text_files
+from tasks.sources import TextSource
 
 _TOKENIZED = [
     functools.partial(seqio.preprocessors.rekey, key_map={"inputs": None, "targets": "text"}),
@@ -36,22 +36,11 @@ def objective_preprocessors(objective: str) -> list:
     return [*_TOKENIZED, step, seqio.preprocessors.append_eos_after_trim]
 
 
-def text_source(name: str, patterns: Sequence[str]) -> FileSource:
-    """Lines of the files matching `patterns`, split into train and validation by `in_text_validation_split`."""
-
-    def read(path, split):
-        keep = in_text_validation_split if split == "validation" else lambda line: not in_text_validation_split(line)
-        return read_text_lines(path, keep_line=keep)
-
-    files = text_files(patterns)
-    return FileSource(name, {"train": files, "validation": files}, reader=read)
-
-
 def register_text_tasks(prefix: str, patterns: Sequence[str]) -> list[str]:
     """Register every objective over the text files matching `patterns` as `<prefix>_<objective>`; return names."""
     names = []
     # One source for all objectives: its lines are read (and counted, for rate functions) once, not per objective.
-    source = text_source(f"{prefix or 'unsupervised'} text tasks ({', '.join(patterns)})", patterns)
+    source = TextSource(f"{prefix or 'unsupervised'} text tasks ({', '.join(patterns)})", patterns)
     for objective in objectives.OBJECTIVES:
         name = f"{prefix}_{objective}" if prefix else objective
         seqio.TaskRegistry.add(

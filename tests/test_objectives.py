@@ -17,7 +17,6 @@ import tensorflow as tf
 
 import tasks  # noqa: F401
 from tasks import objectives
-from tasks.sources import read_text_lines
 
 LENGTHS = {"inputs": 128, "targets": 128}
 EOS = 1
@@ -324,7 +323,7 @@ def test_nsp_pairs_and_label_balance(data_dir, vocab_file):
     task = seqio.get_mixture_or_task("nsp")
     ds = task.get_dataset(LENGTHS, split="train", shuffle=False, use_cached=False, seed=4).take(1500)
     vocab = task.output_features["targets"].vocabulary
-    documents = [row["text"] for path in task.source.files("train") for row in read_text_lines(path)]
+    documents = [row["text"] for row in task.source.read_rows("train")]
     corpus = re.sub(r"\s+", " ", "\n".join(documents))
     labels = []
     for ex in ds.as_numpy_iterator():
@@ -389,7 +388,7 @@ def test_every_objective_is_registered_over_user_files(tmp_path, vocab_file):
         assert names == [f"mycorpus_{name}" for name in objectives.OBJECTIVES]
         for name in names:
             task = seqio.get_mixture_or_task(name)
-            assert task.num_input_examples("train") + task.num_input_examples("validation") == 300
+            assert task.source.count("train") + task.source.count("validation") == 300
             ex = next(task.get_dataset({"inputs": 64, "targets": 32}, split="train", use_cached=False,
                                        shuffle=False, seed=1).as_numpy_iterator())
             assert len(ex["inputs"]) > 3 and len(ex["targets"]) >= 2, name

@@ -37,10 +37,15 @@ def test_official_sizes(name, data_dir):
 
 
 def test_every_task_declares_sizes():
+    from mtplatform import mixing
+
     for name in seqio.TaskRegistry.names():
         task = seqio.get_mixture_or_task(name)
         for split in task.splits:
-            assert task.num_input_examples(split) > 0, (name, split)
+            if name in mixing.UNSUPERVISED_TASKS:  # streamed corpora: size unknown, rates use an artificial one
+                assert task.num_input_examples(split) is None, (name, split)
+            else:
+                assert task.num_input_examples(split) > 0, (name, split)
 
 
 def test_squad_devsplit_is_by_article(data_dir):
@@ -184,8 +189,9 @@ def test_text_corpus_quirks_are_read(data_dir):
     assert {"shakespeare-caesar.txt", "melville-moby_dick.txt", "valid.txt"} <= names
     lines = [r["text"] for r in source.read_rows("train")]
     assert not [line for line in lines if "\r" in line]
-    assert source.num_input_examples("train") == len(lines)
-    assert source.num_input_examples("validation") == len(source.read_rows("validation"))
+    assert source.count("train") == len(lines) > 20_000  # paragraphs of the wrapped books, lines of the rest
+    assert source.count("validation") == len(source.read_rows("validation")) > 150  # about 1%
+    assert source.num_input_examples("train") is None  # a stream: seqio must not count it before the first batch
 
 
 def test_every_task_tokenizes(data_dir, vocab_file):
