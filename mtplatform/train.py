@@ -378,6 +378,7 @@ class Run:
     attempt: str  # names this attempt's temporary checkpoint directories
     spikes: health.SpikeDetector
     skipped: int = 0  # consecutive updates skipped for a non-finite loss or gradient
+    data_wait_s: float = 0.0  # seconds spent waiting for batches from the input pipeline
     healthy: bool = True  # no spike, skipped update or zero gradient since the last checkpoint
 
 
@@ -449,7 +450,9 @@ def train_step(run: Run, lr: float, grad_accum_steps: int, z_loss: float, clip_g
     ctx, device = run.ctx, run.device
     for group in run.optimizer.param_groups:
         group["lr"] = lr
+    waited = time.perf_counter()
     micro = [next(run.stream) for _ in range(grad_accum_steps)]
+    run.data_wait_s += time.perf_counter() - waited
     weights = [loss_weights(b, run.task_weights) for b in micro]
     total_weight = ctx.sum(sum(w.sum().item() for w in weights))
     loss_sum, tokens = 0.0, 0
@@ -617,7 +620,8 @@ def _loop(run: Run, logger: Logger, stops: interrupts.StopRequests, *, train_ste
             logger.log(run.step, last)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{window.tokens_per_second:.0f}", refresh=False)
+            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{window.tokens_per_second:.0f}",
+                            data_wait=f"{window.data_wait_fraction:.1%}", refresh=False)
         if eval_every and run.step % eval_every == 0:
             _evaluate_and_log(run.model, mixture_or_task_name, lengths, *eval_settings, run.precision, run.device,
                               run.step, ctx, logger)
@@ -636,20 +640,25 @@ def _loop(run: Run, logger: Logger, stops: interrupts.StopRequests, *, train_ste
 
 
 class _Window:
-    """Throughput over the current logging window."""
+    """Throughput over the current logging window, and the share of its time spent waiting for batches (the input
+    pipeline should never be the bottleneck: `data_wait_fraction` in metrics.jsonl and the progress bar)."""
 
     def __init__(self) -> None:
-        self.tokens, self.start, self.tokens_per_second = 0, time.perf_counter(), 0.0
+        self.tokens, self.start, self.tokens_per_second, self.data_wait_fraction = 0, time.perf_counter(), 0.0, 0.0
+        self.wait_at_start = 0.0  # Run.data_wait_s when the window began
 
     def values(self, run: Run, lr: float, grad_norm: float, flops_per_step: float, ends: bool) -> dict[str, float]:
         elapsed = time.perf_counter() - self.start
         self.tokens_per_second = run.ctx.sum(self.tokens) / elapsed
+        self.data_wait_fraction = (run.data_wait_s - self.wait_at_start) / elapsed
         steps = len(run.losses_since_log)
         values = {"loss": sum(run.losses_since_log) / steps} if steps else {}  # none: every update was skipped
         values.update({"learning_rate": lr, "grad_norm": grad_norm, "tokens_per_second": self.tokens_per_second,
-                       "flops_per_second": flops_per_step * steps / elapsed, **run.meter.log_values(new_window=ends)})
+                       "flops_per_second": flops_per_step * steps / elapsed,
+                       "data_wait_fraction": self.data_wait_fraction, **run.meter.log_values(new_window=ends)})
         if ends:
             self.tokens, self.start, run.losses_since_log = 0, time.perf_counter(), []
+            self.wait_at_start = run.data_wait_s
         return values
 
 

@@ -44,11 +44,14 @@ def _losses(model_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (model_dir / "metrics.jsonl").read_text().splitlines())}
 
 
+TIMINGS = ("tokens_per_second", "flops_per_second", "data_wait_fraction")  # differ between runs by nature
+
+
 def _rows(model_dir: Path) -> dict[int, dict]:
     """metrics.jsonl by step, without the timing figures (which no two runs share)."""
     rows = {}
     for row in map(json.loads, (model_dir / "metrics.jsonl").read_text().splitlines()):
-        rows[row["step"]] = {k: v for k, v in row.items() if k not in ("tokens_per_second", "flops_per_second")}
+        rows[row["step"]] = {k: v for k, v in row.items() if k not in TIMINGS}
     return rows
 
 

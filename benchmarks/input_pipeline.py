@@ -1,0 +1,61 @@
+"""How long the trainer waits for batches: `mtp train` on span corruption mixed with GLUE, packing on.
+
+Runs the real command (`gin/runs/pretrain.gin`: 512 input and 114 target tokens, packed) for a few hundred steps
+and reads `data_wait_fraction` from its metrics.jsonl: the share of each logging window spent in `next()` on the
+batch stream (tf.data's pipeline, the seqio mixture, packing, the numpy-to-torch handover). The first window is
+reported apart: it holds the pipeline's start (reading files, filling the shuffle buffer). The smaller the model,
+the faster the steps and the harder the test; the default is the demo's tiny model at batch 32.
+
+    python benchmarks/input_pipeline.py [--quick] [--model gin/models/tiny.gin] [--batch 32]
+
+Needs MTP_DATA_DIR and MTP_VOCAB. The last line is `data_wait_fraction=<mean over windows after the first>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="60 steps instead of 300")
+    p.add_argument("--model", default="gin/models/tiny.gin")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--mixture", default="span_corruption_and_glue")
+    args = p.parse_args()
+    steps, log_every = (60, 10) if args.quick else (300, 25)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        out = subprocess.run(
+            [sys.executable, "-m", "mtplatform.cli", "train", f"--gin_file={args.model}",
+             "--gin_file=gin/runs/pretrain.gin", f"--gin.MIXTURE_OR_TASK_NAME='{args.mixture}'",
+             f"--gin.TRAIN_STEPS={steps}", f"--gin.MODEL_DIR='{tmp}'", f"--gin.BATCH_SIZE={args.batch}",
+             f"--gin.train.log_every={log_every}", f"--gin.train.checkpoint_every={steps}"],
+            cwd=REPO, capture_output=True, text=True, check=False, env=os.environ)
+        if out.returncode != 0:
+            raise SystemExit(f"mtp train failed:\n{out.stderr[-3000:]}")
+        rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+        wall = time.perf_counter() - start
+    first, rest = rows[0], rows[1:]
+    print(f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; {args.model}, batch "
+          f"{args.batch}, {args.mixture}, 512/114 packed, {steps} steps in {wall:.0f} s (process included)")
+    print(f"first window (steps 1-{log_every}, pipeline start included): waiting {first['data_wait_fraction']:.1%}")
+    waits = [r["data_wait_fraction"] for r in rest]
+    print(f"later windows: waiting {statistics.mean(waits):.2%} on average, at most {max(waits):.2%}; "
+          f"{statistics.mean(r['tokens_per_second'] for r in rest):.0f} tokens/s")
+    print(f"data_wait_fraction={statistics.mean(waits):.4f}")
+
+
+if __name__ == "__main__":
+    main()
