@@ -37,12 +37,12 @@ SENTENCE_END = (".", "!", "?", '."', '?"', '!"')
 
 
 def chunk_length(objective: str, sequence_length: Mapping[str, int] | None,
-                 targets_needed: Callable[[int], int] = lambda n: n + 1,
-                 inputs_needed: Callable[[int], int] = lambda n: n + 1) -> int:
-    """The longest chunk n whose inputs and target (EOS included) fit the run's lengths, or a one-line error."""
+                 targets_needed: Callable[[int], float] = lambda n: n + 1) -> int:
+    """The longest chunk n (at most inputs - 1, for EOS) whose target, EOS included, fits the run's targets length;
+    or a one-line error."""
     lengths = {**NO_LENGTHS, **(sequence_length or {})}
     n = lengths["inputs"] - 1
-    while n >= MIN_CHUNK and (targets_needed(n) > lengths["targets"] or inputs_needed(n) > lengths["inputs"]):
+    while n >= MIN_CHUNK and targets_needed(n) > lengths["targets"]:
         n -= 1
     if n < MIN_CHUNK:
         raise ValueError(f"objective {objective}: TASK_FEATURE_LENGTHS inputs {lengths['inputs']}, targets "
@@ -179,9 +179,15 @@ def _iid_denoise(dataset, output_features, noise_density, inputs_fn, targets_fn)
 @gin.configurable(module="objectives", denylist=["dataset", "sequence_length", "output_features"])
 def iid_denoising(dataset, sequence_length, output_features, noise_density: float = 0.15):
     """T5's "replace corrupted spans": i.i.d. noise tokens, each run of them one unique sentinel in the inputs; the
-    target lists the runs after their sentinels."""
-    n = chunk_length("iid_denoising", sequence_length, targets_needed=lambda n: 2 * _noise_count(n, noise_density) + 1)
-    ds = chunks(dataset, output_features, n)
+    target lists the runs after their sentinels. A chunk holds at most as many noise tokens as there are sentinels
+    (100), so that no run borrows an ordinary piece's id as its sentinel."""
+    sentinels = getattr(_vocabulary(output_features), "extra_ids", 100)
+
+    def targets_needed(n: int) -> float:
+        k = _noise_count(n, noise_density)  # k noise tokens make at most k runs: k tokens and k sentinels
+        return 2 * k + 1 if k <= sentinels else float("inf")
+
+    ds = chunks(dataset, output_features, chunk_length("iid_denoising", sequence_length, targets_needed))
     return _iid_denoise(ds, output_features, noise_density, t5p.noise_span_to_unique_sentinel,
                         t5p.nonnoise_span_to_unique_sentinel)
 

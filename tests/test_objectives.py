@@ -131,6 +131,15 @@ def test_iid_objectives_have_exact_noise_counts(data_dir, vocab_file):
         assert len(ex["targets"]) == round(0.15 * n) and not (ex["inputs"] > first_sentinel - 100).any()
 
 
+def test_iid_denoising_never_runs_out_of_sentinels(data_dir, vocab_file):
+    """At 50% noise a 511-token chunk would need about 128 sentinels; there are 100, so the chunk is cut shorter."""
+    vocab = _vocab()
+    examples = _applied(objectives.iid_denoising, 10, lengths={"inputs": 512, "targets": 512}, noise_density=0.5)
+    for ex in examples:
+        noise = len(ex["targets"]) - int((ex["targets"] >= vocab.vocab_size - 100).sum())
+        assert noise <= 100 and int((ex["inputs"] >= vocab.vocab_size - 100).sum()) <= 100
+
+
 def test_deshuffling_and_prefix_lm(data_dir, vocab_file):
     shuffled = 0
     for ex in _examples("deshuffling", 40):
