@@ -300,7 +300,7 @@ class T5(nn.Module):
         The token loss is cross-entropy plus `z_loss * logsumexp(logits)**2` (PaLM/t5x's z-loss) when z_loss > 0.
         `forward` is a wrapper of this model to call instead (DistributedDataParallel, torch.compile).
         """
-        logits = (forward or self)(**batch).float()
+        logits = (forward if forward is not None else self)(**batch).float()  # a compiled module has no bool()
         targets = batch["decoder_target_tokens"]
         weights = batch.get("decoder_loss_weights")
         if weights is None:

@@ -379,6 +379,7 @@ class Run:
     spikes: health.SpikeDetector
     skipped: int = 0  # consecutive updates skipped for a non-finite loss or gradient
     data_wait_s: float = 0.0  # seconds spent waiting for batches from the input pipeline
+    compiling: bool = False  # torch.compile'd, first step not yet taken (its time is reported)
     healthy: bool = True  # no spike, skipped update or zero gradient since the last checkpoint
 
 
@@ -538,6 +539,7 @@ def train(
     max_nonfinite_skips: int = 0,
     loss_spike_factor: float = 3.0,
     max_truncated_share: float = 0.9,
+    torch_compile: bool = False,
     progress: bool = True,
 ) -> dict:
     """Train until `train_steps` (resuming from MODEL_DIR if it holds a checkpoint); return the last logged values.
@@ -551,6 +553,8 @@ def train(
     A non-finite loss or gradient norm stops the run before the update (`max_nonfinite_skips` > 0 skips up to that
     many such updates in a row instead); a step loss above `loss_spike_factor` times its recent mean is reported
     (0: never). Feature lengths that would cut more than `max_truncated_share` of a task's examples are refused.
+    `torch_compile` trains through `torch.compile` of the model; its first step, which compiles, is timed and
+    reported (off by default: on CPUs the compile takes seconds to minutes that short runs do not earn back).
     One run writes a MODEL_DIR at a time (`run_lock`); SIGTERM or SIGINT checkpoints and stops
     (`interrupts.Stopped`).
     """
@@ -560,6 +564,8 @@ def train(
         log_every=log_every, eval_every=eval_every, clip_grad_norm=clip_grad_norm, dropout_rate=dropout_rate,
         z_loss=z_loss, max_nonfinite_skips=max_nonfinite_skips, loss_spike_factor=loss_spike_factor,
         max_truncated_share=max_truncated_share)
+    if not isinstance(torch_compile, bool):
+        raise ValueError(f"train.torch_compile = {torch_compile!r}: must be True or False")
     configure_tensorflow()  # before the input pipeline's first op; a no-op when the CLI already did it
     mixing.register_declared()
     ctx, device = setup_distributed()
@@ -574,6 +580,8 @@ def train(
         run = setup(model_dir, mixture_or_task_name, task_feature_lengths, train_steps, batch_size, per_rank,
                     initial_checkpoint_path, finetune, dropout_rate, fsdp, precision_lib.resolve(precision, device),
                     pack, seed, task_loss_weights, loss_spike_factor, max_truncated_share, ctx, device)
+        if torch_compile:
+            run.wrapped, run.compiling = torch.compile(run.wrapped), True
         logger = Logger(model_dir, ctx.main, resumed_at=run.step)
         try:
             last = _loop(run, logger, stops, train_steps=train_steps, batch_size=batch_size,
@@ -607,8 +615,14 @@ def _loop(run: Run, logger: Logger, stops: interrupts.StopRequests, *, train_ste
     window = _Window()
     while run.step < train_steps:
         lr = optim.learning_rate(run.step, train_steps)
+        began = time.perf_counter()
         step_loss, grad_norm, tokens = train_step(run, lr, grad_accum_steps, z_loss, clip_grad_norm,
                                                   max_nonfinite_skips)
+        if run.compiling:
+            run.compiling = False
+            if ctx.main:
+                print(f"mtp: torch.compile: the first step took {time.perf_counter() - began:.1f} s (compiling)",
+                      file=sys.stderr)
         run.step += 1
         window.tokens += tokens
         _observe_health(run, step_loss, grad_norm)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command of the README and of CI: set up the environment, lint, run the default test suite, then (without
-# arguments) the slow fault-tolerance test as its own step (21 SIGKILLs of a real run; about 5 minutes on 2 cores).
+# arguments) the slow tests as their own step (21 SIGKILLs of a real run, torch.compile; about 8 minutes on 2 cores).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
@@ -20,5 +20,5 @@ run_pytest() {
 
 run_pytest "$@" || exit $?
 if [[ $# -eq 0 ]]; then
-  run_pytest -m slow tests/test_faults.py || exit $?
+  run_pytest -m slow tests/test_faults.py tests/test_train.py || exit $?
 fi

@@ -302,3 +302,44 @@ def test_eval_during_training_logs_task_metrics(tmp_path, vocab_file):
     evals = [r for r in rows if "eval/glue_rte/accuracy" in r]
     assert len(evals) == 1 and evals[0]["step"] == 4 and 0 <= evals[0]["eval/glue_rte/accuracy"] <= 100
     assert (model_dir / "tensorboard").is_dir() and list((model_dir / "tensorboard").iterdir())
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_as_eager(tmp_path, vocab_file, capfd):
+    """`train.torch_compile` gives the losses of eager training (fp32) and reports its compile time. Slow: the
+    first compile on a CPU takes about a minute; run by scripts/test.sh's slow step."""
+    eager = _losses(_train_dir(tmp_path / "eager", 4))
+    compiled = _losses(_train_dir(tmp_path / "compiled", 4, torch_compile=True))
+    assert compiled == pytest.approx(eager, rel=1e-4)
+    assert "torch.compile: the first step took" in capfd.readouterr().err
+
+
+def _train_dir(model_dir: Path, steps: int, **overrides) -> Path:
+    _train(model_dir, steps, dropout=0.0, **overrides)
+    return model_dir
+
+
+def test_loss_takes_a_wrapper_without_truth_value():
+    """A torch.compile'd module has no truth value (its __len__ delegates to the model); `loss` must not ask."""
+    import torch
+
+    from mtplatform import model as model_lib
+
+    model = model_lib.T5(model_lib.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2))
+
+    class NoBool(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def __len__(self):
+            raise TypeError("object of type 'T5' has no len()")
+
+        def forward(self, **batch):
+            return self.inner(**batch)
+
+    tokens = torch.tensor([[5, 6, 1]])
+    batch = {"encoder_input_tokens": tokens, "decoder_input_tokens": torch.tensor([[0, 5, 6]]),
+             "decoder_target_tokens": tokens}
+    with torch.no_grad():
+        assert float(model.loss(batch, forward=NoBool(model))[0]) == pytest.approx(float(model.loss(batch)[0]))
