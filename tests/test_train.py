@@ -257,6 +257,7 @@ def _torchrun(*args, port: int):
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
 
 
+@pytest.mark.slow  # two torchrun processes on two cores: about two minutes; CI's slow step runs it
 def test_two_processes_match_one(tmp_path, vocab_file):
     """torchrun with 2 CPU processes (gloo), each reading its own shard, against one process, same global batch;
     then FSDP on the same 2 processes, stopped and resumed, against DDP."""
