@@ -227,23 +227,34 @@ def deshuffling(dataset, sequence_length, output_features):
 # --- BERT and SpanBERT ------------------------------------------------------------------------------------------
 
 
+def _bert_style(name: str, dataset, sequence_length, output_features, choose, num_seeds: int, mask_prob: float,
+                random_prob: float):
+    """The BERT family's skeleton: whole-text chunks; `choose(tokens, seeds)` picks the noise tokens and, per token,
+    the draw that BERT's 80/10/10 rule reads; the target is the original chunk."""
+    ds = chunks(dataset, output_features, chunk_length(name, sequence_length))
+    vocabulary = _vocabulary(output_features)
+
+    @seqio.map_over_dataset(num_seeds=num_seeds + 1)
+    def corrupt(features, seeds):
+        tokens = features["targets"]
+        noise, choice = choose(tokens, seeds[:num_seeds])
+        inputs = bert_corrupt(tokens, noise, choice, vocabulary, seeds[num_seeds], mask_prob, random_prob)
+        return {"inputs": inputs, "targets": tokens}
+
+    return corrupt(ds)
+
+
 @gin.configurable(module="objectives", denylist=["dataset", "sequence_length", "output_features"])
 def bert_mlm(dataset, sequence_length, output_features, noise_density: float = 0.15, mask_prob: float = 0.8,
              random_prob: float = 0.1):
     """BERT's masked LM in text-to-text form: `noise_density` of the tokens chosen; of those 80% become the mask
     sentinel, 10% a random piece, 10% stay. The target is the original chunk."""
-    ds = chunks(dataset, output_features, chunk_length("bert_mlm", sequence_length))
-    vocabulary = _vocabulary(output_features)
 
-    @seqio.map_over_dataset(num_seeds=3)
-    def corrupt(features, seeds):
-        tokens = features["targets"]
+    def choose(tokens, seeds):
         noise = exact_noise_mask(tf.size(tokens), noise_density, seeds[0])
-        choice = tf.random.stateless_uniform(tf.shape(tokens), seed=seeds[1])
-        inputs = bert_corrupt(tokens, noise, choice, vocabulary, seeds[2], mask_prob, random_prob)
-        return {"inputs": inputs, "targets": tokens}
+        return noise, tf.random.stateless_uniform(tf.shape(tokens), seed=seeds[1])
 
-    return corrupt(ds)
+    return _bert_style("bert_mlm", dataset, sequence_length, output_features, choose, 2, mask_prob, random_prob)
 
 
 @gin.configurable(module="objectives", denylist=["dataset", "sequence_length", "output_features"])
@@ -251,13 +262,10 @@ def bert_mlm_wwm(dataset, sequence_length, output_features, noise_density: float
                  random_prob: float = 0.1):
     """BERT with whole-word masking: words (a piece with SentencePiece's word-start marker and the pieces after it)
     are chosen in random order until `noise_density` of the tokens are; each chosen token then follows 80/10/10."""
-    ds = chunks(dataset, output_features, chunk_length("bert_mlm_wwm", sequence_length))
-    vocabulary = _vocabulary(output_features)
+    word_start = piece_table(_vocabulary(output_features), "word_start")
 
-    @seqio.map_over_dataset(num_seeds=3)
-    def corrupt(features, seeds):
-        tokens = features["targets"]
-        words = word_ids(tokens, piece_table(vocabulary, "word_start"))
+    def choose(tokens, seeds):
+        words = word_ids(tokens, word_start)
         word_lengths = tf.math.bincount(words)
         order = tf.random.experimental.stateless_shuffle(tf.range(tf.size(word_lengths)), seed=seeds[0])
         in_order = tf.gather(word_lengths, order)
@@ -266,12 +274,9 @@ def bert_mlm_wwm(dataset, sequence_length, output_features, noise_density: float
         middles = tf.cast(tf.cumsum(in_order), tf.float32) - tf.cast(in_order, tf.float32) / 2
         budget = tf.cast(tf.size(tokens), tf.float32) * noise_density
         chosen = tf.scatter_nd(order[:, None], middles <= budget, tf.shape(word_lengths))
-        noise = tf.gather(chosen, words)
-        choice = tf.random.stateless_uniform(tf.shape(tokens), seed=seeds[1])
-        inputs = bert_corrupt(tokens, noise, choice, vocabulary, seeds[2], mask_prob, random_prob)
-        return {"inputs": inputs, "targets": tokens}
+        return tf.gather(chosen, words), tf.random.stateless_uniform(tf.shape(tokens), seed=seeds[1])
 
-    return corrupt(ds)
+    return _bert_style("bert_mlm_wwm", dataset, sequence_length, output_features, choose, 2, mask_prob, random_prob)
 
 
 def truncated_geometric_lengths(count: tf.Tensor, p: float, max_length: int, seed: tf.Tensor) -> tf.Tensor:
@@ -288,29 +293,24 @@ def spanbert(dataset, sequence_length, output_features, noise_density: float = 0
     """SpanBERT's span masking: spans of whole words, their lengths in words from a geometric distribution
     (p = `geometric_p`, clipped at `max_span_words`), until `noise_density` of the words are covered; the 80/10/10
     rule is applied per span (every token of a span masked, or every token random, or all kept). The target is
-    the original chunk."""
-    ds = chunks(dataset, output_features, chunk_length("spanbert", sequence_length))
-    vocabulary = _vocabulary(output_features)
+    the original chunk. A chunk of fewer than MIN_NOISED words stays clean."""
+    word_start = piece_table(_vocabulary(output_features), "word_start")
 
-    @seqio.map_over_dataset(num_seeds=4)
-    def corrupt(features, seeds):
-        tokens = features["targets"]
-        words = word_ids(tokens, piece_table(vocabulary, "word_start"))
+    def choose(tokens, seeds):
+        words = word_ids(tokens, word_start)
         num_words = words[-1] + 1
-        return {"inputs": tf.cond(num_words >= MIN_NOISED, lambda: mask_spans(tokens, words, num_words, seeds),
-                                  lambda: tokens), "targets": tokens}
+        clean = (tf.zeros_like(tokens, dtype=tf.bool), tf.ones(tf.shape(tokens)))
+        return tf.cond(num_words >= MIN_NOISED, lambda: spans_of(words, num_words, seeds), lambda: clean)
 
-    def mask_spans(tokens, words, num_words, seeds):
+    def spans_of(words, num_words, seeds):
         budget = tf.minimum(num_noise(num_words, noise_density), num_words - 2)  # two clean words around a span
         lengths = truncated_geometric_lengths(num_words, geometric_p, max_span_words, seeds[0])
         spans = budgeted_spans(tf.minimum(lengths, budget), budget, max_spans=num_words - budget - 1)
         noisy_word, span_of_word, _ = place_spans(num_words, spans, seeds[1])
         span_choice = tf.random.stateless_uniform([tf.size(spans) + 1], seed=seeds[2])
-        noise = tf.gather(noisy_word, words)
-        choice = tf.gather(span_choice, tf.gather(span_of_word, words))
-        return bert_corrupt(tokens, noise, choice, vocabulary, seeds[3], mask_prob, random_prob)
+        return tf.gather(noisy_word, words), tf.gather(span_choice, tf.gather(span_of_word, words))
 
-    return corrupt(ds)
+    return _bert_style("spanbert", dataset, sequence_length, output_features, choose, 3, mask_prob, random_prob)
 
 
 # --- BART's noising ---------------------------------------------------------------------------------------------
