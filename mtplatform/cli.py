@@ -10,6 +10,7 @@
     mtp experiment --gin_file=gin/models/tiny.gin --gin_file=gin/experiments/demo.gin --gin.EXPERIMENT_DIR=...
     mtp report   runs/demo
     mtp export   --checkpoint=/tmp/run --output=/tmp/run_hf
+    mtp cache    --mixture_or_task=span_corruption --output_cache_dir=/data/cache [-- BEAM PIPELINE OPTIONS]
     mtp mixture show span_corruption_and_glue [--gin.mixing.strategy="'temperature'" --gin.mixing.temperature=2.0]
 
 `--debug` anywhere on the line prints an error's traceback as well as its one-line message; `--verbose` shows
@@ -22,6 +23,7 @@ after all --gin_file files. The resolved config is saved as MODEL_DIR/config.gin
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -65,6 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", required=True, help="directory to write (config.json, safetensors, spiece.model)")
     export.add_argument("--vocab", help="SentencePiece model the run tokenized with (default: $MTP_VOCAB)")
     _add_module_flag(export)
+
+    cache = commands.add_parser("cache", help="preprocess tasks once with seqio's Apache Beam pipeline",
+                                description="Caches each task's preprocessing up to its seqio.CacheDatasetPlaceholder. "
+                                "Runs read the cache where gin cache.dirs (or $MTP_CACHE_DIR) names the directory. "
+                                "Arguments after `--` are Beam pipeline options, passed on unchanged "
+                                "(default --runner=DirectRunner).")
+    cache.add_argument("--mixture_or_task", required=True, action="append", help="task or mixture; repeatable")
+    cache.add_argument("--output_cache_dir", required=True)
+    cache.add_argument("--overwrite", action="store_true", help="rebuild caches that exist (stale ones included)")
+    cache.add_argument("--min_shards", type=int, default=64, help="TFRecord files per split (seqio's default)")
+    _add_module_flag(cache)
 
     rep = commands.add_parser("report", help="rebuild an experiment's results.md/json and plots from its runs")
     rep.add_argument("experiment_dir")
@@ -197,7 +210,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(argv: list[str]) -> int:
+    argv, passthrough = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     args, extra = build_parser().parse_known_args(argv)
+    if passthrough and args.command != "cache":
+        build_parser().error(f"arguments after `--` are Beam options of `mtp cache`: {' '.join(passthrough)}")
     if extra and args.command not in ACCEPTS_GIN:
         build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
     from mtplatform import catalog
@@ -222,6 +238,8 @@ def _dispatch(argv: list[str]) -> int:
         out = export.export_checkpoint(args.checkpoint, args.output, args.vocab)
         print(f"wrote {out}: T5ForConditionalGeneration.from_pretrained and T5Tokenizer.from_pretrained load it")
         return 0
+    if args.command == "cache":
+        return _cache(args, passthrough)
     if args.command == "tasks" and args.tasks_command == "list":
         return _tasks_list()
     if args.command == "tasks" and args.tasks_command == "show":
@@ -287,6 +305,27 @@ def _mixture_show(args: argparse.Namespace) -> int:
     print(mixture_view.table(resolved, measured, steps, batch))
     if args.plot:
         print(f"wrote {mixture_view.plot(resolved, measured, args.plot)}")
+    return 0
+
+
+def _cache(args: argparse.Namespace, pipeline_options: list[str]) -> int:
+    import seqio
+
+    from mtplatform import cache
+
+    written = cache.build(args.mixture_or_task, args.output_cache_dir, overwrite=args.overwrite,
+                          min_shards=args.min_shards, pipeline_options=pipeline_options or ["--runner=DirectRunner"],
+                          modules=args.module)
+    for where in written:
+        stats = {split.name.split(".")[1]: json.loads(split.read_text())["examples"]
+                 for split in sorted(where.glob("stats.*.json"))}
+        absent = sorted(set(seqio.get_mixture_or_task(where.name).splits) - set(stats))
+        print(f"cached {where}: " + ", ".join(f"{split} {n:,} examples" for split, n in stats.items())
+              + (f" ({', '.join(absent)}: no data file, not cached)" if absent else ""))
+    if not written:
+        print(f"nothing to do: every task is cached, and fresh, in {args.output_cache_dir}")
+    print(f"runs read it with --gin.cache.dirs=\"['{args.output_cache_dir}']\" or {cache.CACHE_DIR_ENV}="
+          f"{args.output_cache_dir}")
     return 0
 
 

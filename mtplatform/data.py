@@ -18,7 +18,7 @@ import seqio
 import tensorflow as tf
 import torch
 
-from mtplatform import mixing
+from mtplatform import cache, mixing
 
 TASK_IDS = "decoder_task_ids"  # per target token: 1 + the index of its example's task in `task_names`; 0 = padding
 
@@ -67,7 +67,8 @@ def mixed_examples(
     For a mixture this is what `seqio.Mixture.get_dataset` does (one dataset per task, the same seed for each,
     `sample_from_datasets` by rate), with two differences that need the task of each example: the task id is
     added before sampling, and the rates are resolved once (`mixing.resolve`), dropping tasks without data where
-    configured. Task ids follow `resolved.rates` (sorted by name, as seqio orders a mixture's tasks).
+    configured. Task ids follow `resolved.rates` (sorted by name, as seqio orders a mixture's tasks). A task with
+    a fresh cache in the configured cache directories is read from it (`mtplatform.cache`).
     """
     provider = seqio.get_mixture_or_task(mixture_or_task_name)
     resolved = mixing.resolve(provider, budget_examples)
@@ -76,8 +77,8 @@ def mixed_examples(
         task = seqio.get_mixture_or_task(name)
         if split not in task.splits:
             raise ValueError(f"task {name} (in {mixture_or_task_name}) has no {split!r} split; it has {task.splits}")
-        ds = task.get_dataset(dict(task_feature_lengths), split=split, use_cached=False, shuffle=True, seed=seed,
-                              shard_info=shard_info, num_epochs=None)
+        ds = task.get_dataset(dict(task_feature_lengths), split=split, use_cached=cache.use_cached(task),
+                              shuffle=True, seed=seed, shard_info=shard_info, num_epochs=None)
         datasets.append(_with_task_id(ds, task_id))
     if len(datasets) == 1:
         return datasets[0], resolved

@@ -16,6 +16,7 @@ import seqio
 import tensorflow as tf
 import torch
 
+from mtplatform import cache
 from mtplatform import precision as precision_lib
 from mtplatform.model import T5
 
@@ -52,18 +53,20 @@ def evaluate(model: T5, mixture_or_task_name: str, *, split: str = "validation",
     scored = [t for t in tasks if t.metric_fns and split in t.splits]
     if not scored:
         return {}
-    evaluator = seqio.Evaluator(
-        mixture_or_task_name=mixture_or_task_name,
-        feature_converter=seqio.EncDecFeatureConverter(pack=False),
-        eval_split=split,
-        use_cached=False,
-        sequence_length=dict(task_feature_lengths) if task_feature_lengths else None,
-        num_examples=num_examples,
-        async_compute_metrics=False,
-    )
     predict_fn = make_predict_fn(model, batch_size, max_decode_length, num_beams, precision, device)
-    future, _ = evaluator.evaluate(compute_metrics=True, step=step, predict_fn=predict_fn)
-    results = future.result()
+    results = {}
+    for task in scored:  # one evaluator per task: each reads its seqio cache, where it has one, or preprocesses
+        evaluator = seqio.Evaluator(
+            mixture_or_task_name=task.name,
+            feature_converter=seqio.EncDecFeatureConverter(pack=False),
+            eval_split=split,
+            use_cached=cache.use_cached(task),
+            sequence_length=dict(task_feature_lengths) if task_feature_lengths else None,
+            num_examples=num_examples,
+            async_compute_metrics=False,
+        )
+        future, _ = evaluator.evaluate(compute_metrics=True, step=step, predict_fn=predict_fn)
+        results.update(future.result())
     return {task: {k: _scalar(v) for k, v in metrics.items()} for task, metrics in results.items()}
 
 

@@ -26,6 +26,8 @@ def configure_tensorflow(threads: int = 2, verbose: bool = False) -> None:
 
     absl_logging.set_verbosity(absl_logging.INFO if verbose else absl_logging.ERROR)
     logging.getLogger("absl").setLevel(logging.INFO if verbose else logging.ERROR)
+    if not verbose:  # Apache Beam (`mtp cache`) warns about optional Google Cloud clients on the root logger
+        logging.getLogger().setLevel(logging.ERROR)
     try:
         tf.config.set_visible_devices([], "GPU")
         tf.config.threading.set_inter_op_parallelism_threads(threads)

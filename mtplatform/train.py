@@ -32,7 +32,7 @@ import seqio
 import torch
 import torch.distributed as dist
 
-from mtplatform import checkpoints, data, evaluate, health, interrupts, mixing, optim, run_lock, validation
+from mtplatform import cache, checkpoints, data, evaluate, health, interrupts, mixing, optim, run_lock, validation
 from mtplatform import model as model_lib
 from mtplatform import precision as precision_lib
 from mtplatform.tf_setup import configure_tensorflow
@@ -430,6 +430,9 @@ def setup(model_dir: Path, mixture_or_task_name: str, task_feature_lengths: dict
         (model_dir / "mixture.json").write_text(json.dumps(mixture_report(resolved), indent=2) + "\n")
         for task, why in resolved.dropped.items():
             print(f"mtp: mixture {resolved.mixture}: dropped {task} ({why})", file=sys.stderr)
+        for task in names:
+            if where := cache.where_cached(seqio.get_mixture_or_task(task)):
+                print(f"mtp: {task}: reading seqio's cache in {where}", file=sys.stderr)
         print(f"mtp: {model.num_params():,} parameters, {precision}, {ctx.world} process(es), global batch "
               f"{batch_size} ({per_rank} x {batch_size // per_rank // ctx.world} accumulation per process); "
               f"{start.source}", file=sys.stderr)

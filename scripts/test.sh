@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command of the README and of CI: set up the environment, lint, run the default test suite, then (without
 # arguments) the slow tests as their own step (21 SIGKILLs of a real run, torch.compile, two torchrun processes against
-# one; about 11 minutes on 2 cores). Each step lists its ten slowest tests, to keep the default one under 15 minutes.
+# one, `mtp cache` over the whole corpus and training on it; about 16 minutes on 2 cores). Each step lists its ten
+# slowest tests, to keep the default one under 15 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
@@ -21,5 +22,5 @@ run_pytest() {
 
 run_pytest "$@" || exit $?
 if [[ $# -eq 0 ]]; then
-  run_pytest -m slow tests/test_faults.py tests/test_train.py || exit $?
+  run_pytest -m slow tests/test_faults.py tests/test_train.py tests/test_cache.py || exit $?
 fi

@@ -22,7 +22,7 @@ from typing import Any
 import seqio
 import tensorflow as tf
 
-from tasks.common import OUTPUT_FEATURES
+from tasks.common import OUTPUT_FEATURES, tokenized_and_cached
 from tasks.sources import NER_TYPES, FileSource, Row, read_conll
 
 Span = tuple[str, int, int]  # (type, first token, last token), inclusive
@@ -143,7 +143,7 @@ seqio.TaskRegistry.add(
         reader=read_conll_text_to_text,
         num_input_examples={"train": 14041, "validation": 3250, "test": 3453},
     ),
-    preprocessors=[ner_text_to_text, seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
+    preprocessors=tokenized_and_cached(ner_text_to_text),
     postprocess_fn=ner_postprocessor,
     metric_fns=[span_f1],
     output_features=OUTPUT_FEATURES,

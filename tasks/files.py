@@ -22,7 +22,7 @@ from typing import Any
 
 import seqio
 
-from tasks.common import OUTPUT_FEATURES
+from tasks.common import OUTPUT_FEATURES, tokenized_and_cached
 from tasks.sources import DataFormatError, FileSource, read_tsv, text_files
 
 Template = str | Callable[[Mapping[str, Any]], str]
@@ -59,7 +59,7 @@ def register_file_task(
     seqio.TaskRegistry.add(
         name,
         source=FileSource(name, paths, reader=read),
-        preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
+        preprocessors=tokenized_and_cached(),
         output_features=OUTPUT_FEATURES,
         postprocess_fn=postprocess_fn,
         metric_fns=list(metric_fns),

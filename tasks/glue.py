@@ -16,7 +16,7 @@ import seqio
 import tensorflow_datasets as tfds
 from t5.data import glue_utils
 
-from tasks.common import OUTPUT_FEATURES
+from tasks.common import OUTPUT_FEATURES, tokenized_and_cached
 from tasks.sources import DataFormatError, FileSource, Row, read_tsv
 
 _CONFIGS = tfds.text.glue.Glue.builder_configs
@@ -128,11 +128,7 @@ def _register(spec: GlueSpec) -> None:
     seqio.TaskRegistry.add(
         f"glue_{spec.config}",
         source=source,
-        preprocessors=[
-            glue_utils.get_glue_text_preprocessor(config),
-            seqio.preprocessors.tokenize,
-            seqio.preprocessors.append_eos_after_trim,
-        ],
+        preprocessors=tokenized_and_cached(glue_utils.get_glue_text_preprocessor(config)),
         postprocess_fn=glue_utils.get_glue_postprocess_fn(config),
         metric_fns=_METRICS.get(spec.config) or glue_utils.get_glue_metric(spec.config),
         output_features=OUTPUT_FEATURES,

@@ -311,13 +311,21 @@ class TextSource(FileSource):
             self._counted[split] = int(self._documents(split).reduce(0, lambda n, _: n + 1))
         return self._counted[split]
 
-    def _dataset_fn(self, split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
+    def list_shards(self, split: str) -> list[str]:
+        """One shard per file: a Beam cache job (`mtp cache`) reads the files in parallel, and processes that are
+        at most as many as the files each read their own files (fewer are sharded per document by seqio)."""
+        return [str(f) for f in self.files(split)]
+
+    def get_dataset(self, split: str = "train", shuffle: bool = True, seed: int | None = None,
+                    shard_info: seqio.ShardInfo | None = None, **unused) -> tf.data.Dataset:
         files = self.files(split)
-        return self._documents(split, files, shuffle_files, seed).map(lambda text: {"text": text})
+        if shard_info and shard_info.num_shards > 1:  # seqio passes it only where there are at least as many files
+            files = files[shard_info.index::shard_info.num_shards]
+        return self._documents(split, files, shuffle, seed).map(lambda text: {"text": text})
 
     def _documents(self, split: str, files: list[Path] | None = None, shuffle_files: bool = False,
                    seed: int | None = None) -> tf.data.Dataset:
-        files = files or self.files(split)
+        files = self.files(split) if files is None else files
         ds = tf.data.Dataset.from_tensor_slices(([str(f) for f in files], [_is_wrapped_file(f) for f in files]))
         if shuffle_files and len(files) > 1:
             ds = ds.shuffle(len(files), seed=seed)

@@ -20,7 +20,7 @@ import tensorflow as tf
 from t5.data import postprocessors
 from t5.evaluation import metrics
 
-from tasks.common import OUTPUT_FEATURES
+from tasks.common import OUTPUT_FEATURES, tokenized_and_cached
 from tasks.sources import FileSource, Row, in_squad_dev_train_split, read_squad
 
 
@@ -39,7 +39,7 @@ def _register(name: str, source: FileSource) -> None:
     seqio.TaskRegistry.add(
         name,
         source=source,
-        preprocessors=[squad_text_to_text, seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
+        preprocessors=tokenized_and_cached(squad_text_to_text),
         postprocess_fn=postprocessors.qa,  # targets -> all gold answers of the example
         metric_fns=[metrics.squad],
         output_features=OUTPUT_FEATURES,

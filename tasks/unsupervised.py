@@ -29,11 +29,16 @@ _TOKENIZED = [
 
 
 def objective_preprocessors(objective: str) -> list:
-    """The preprocessors of one objective's task: text to tokens, the objective, EOS."""
+    """The preprocessors of one objective's task: text to tokens, seqio's cache point, the objective, EOS.
+
+    The objective comes after the cache point: a cached corpus (`mtp cache`) stores tokenized documents, and each
+    run still draws fresh noise at its own lengths.
+    """
     step = objectives.OBJECTIVES[objective]
     if objective in objectives.TEXT_OBJECTIVES:  # it builds its own text inputs and targets, then they are tokenized
-        return [step, seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim]
-    return [*_TOKENIZED, step, seqio.preprocessors.append_eos_after_trim]
+        return [seqio.CacheDatasetPlaceholder(), step, seqio.preprocessors.tokenize,
+                seqio.preprocessors.append_eos_after_trim]
+    return [*_TOKENIZED, seqio.CacheDatasetPlaceholder(), step, seqio.preprocessors.append_eos_after_trim]
 
 
 def register_text_tasks(prefix: str, patterns: Sequence[str]) -> list[str]:
