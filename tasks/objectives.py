@@ -206,8 +206,10 @@ def _noise_count(n: int, density: float) -> int:
 
 
 def prefix_lm(dataset, sequence_length, output_features):
-    """T5's prefix language modelling: a random prefix of the chunk as inputs, the rest as target."""
+    """T5's prefix language modelling: a random prefix of the chunk as inputs, the rest as target. A one-token
+    piece (a document's last) has no prefix and continuation: it is left out."""
     ds = chunks(dataset, output_features, chunk_length("prefix_lm", sequence_length), concatenate=False)
+    ds = ds.filter(lambda features: tf.size(features["targets"]) >= 2)
     return t5p.denoise(ds, output_features, noise_density=0.5, noise_mask_fn=t5p.random_prefix_noise_mask,
                        inputs_fn=t5p.drop_nonnoise_tokens, targets_fn=t5p.drop_noise_tokens)
 
