@@ -28,6 +28,7 @@ DELETING_PREFIX = ".deleting-checkpoint_"
 UNREADABLE_PREFIX = "unreadable-checkpoint_"
 META = "meta.json"
 MODEL = "model.safetensors"
+TRAIN_STATE = "train_state.pt"  # optimizer, step, data and RNG state, per-task counters
 
 
 def checkpoint_dir(model_dir: Path, step: int) -> Path:
@@ -55,7 +56,7 @@ def latest(model_dir: Path) -> Path | None:
 def resolve(path: str | Path) -> Path:
     """A checkpoint directory, or the latest one inside a model directory; a clear error otherwise."""
     path = Path(path)
-    if _NAME.fullmatch(path.name) and (path / "model.safetensors").is_file():
+    if _NAME.fullmatch(path.name) and (path / MODEL).is_file():
         return path
     found = latest(path)
     if found is None:
@@ -98,7 +99,7 @@ def problem(checkpoint: Path, only: tuple[str, ...] | None = None) -> str | None
         meta = read_meta(checkpoint)
     except (OSError, ValueError) as e:
         return f"{META} unreadable ({e.__class__.__name__})"
-    expected = meta.get("files") or {name: None for name in ("model.safetensors", "train_state.pt")}
+    expected = meta.get("files") or {name: None for name in (MODEL, TRAIN_STATE)}
     for name, record in expected.items():
         if only is not None and name not in only:
             continue

@@ -294,8 +294,8 @@ def restore_or_init(model_dir: Path, vocab_size: int, initial_checkpoint_path: s
     """Resume MODEL_DIR's latest checkpoint, else start from INITIAL_CHECKPOINT_PATH, else from scratch."""
     resume = checkpoints.latest(model_dir)  # setup has set unreadable ones aside
     if resume is not None:
-        state = torch.load(resume / "train_state.pt", map_location="cpu", weights_only=False)
-        model = model_lib.load(resume / "model.safetensors")
+        state = torch.load(resume / checkpoints.TRAIN_STATE, map_location="cpu", weights_only=False)
+        model = model_lib.load(resume / checkpoints.MODEL)
         check_model_shape(model.cfg, str(resume))
         return Restored(model, state["step"], f"resuming from {resume}", resume, state)
     if initial_checkpoint_path:
@@ -503,10 +503,10 @@ def save(run: Run, keep_checkpoints: int | None) -> None:
     run.stream.save(tmp / f"data_rank{ctx.rank}")
     rng = _gather_rng(ctx)
     if ctx.main:
-        model_lib.save(run.model, tmp / "model.safetensors", model_state)
+        model_lib.save(run.model, tmp / checkpoints.MODEL, model_state)
         torch.save({"step": at_step, "optimizer": optimizer_state, "rng": rng, "tasks": run.meter.state(),
                     "losses_since_log": run.losses_since_log, "first_step": run.first_step,
-                    "recent_losses": list(run.spikes.recent)}, tmp / "train_state.pt")
+                    "recent_losses": list(run.spikes.recent)}, tmp / checkpoints.TRAIN_STATE)
         (tmp / "config.gin").write_text(run.config_text)
         recent = list(run.spikes.recent)[-10:]
         checkpoints.write_meta(tmp, at_step, ctx.world, sum(recent) / len(recent) if recent else None, run.healthy)
