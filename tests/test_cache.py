@@ -123,20 +123,23 @@ def test_tasks_cache_their_deterministic_steps_only():
 # --- the command on the whole corpus, training on the cache, exact resume: CI's slow step -------------------------
 
 
-def _mtp(*args: str) -> subprocess.CompletedProcess:
+def _mtp(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mtplatform.cli", *args], capture_output=True, text=True,
-                          cwd=REPO, env=dict(os.environ), timeout=1200)
+                          cwd=REPO, env={**os.environ, **(env or {})}, timeout=1200)
 
 
 @pytest.mark.slow
 def test_mtp_cache_span_corruption_then_train_reads_it(tmp_path, vocab_file):
-    """The issue's check: `mtp cache` over the whole shipped corpus (Beam options passed through), a run that reads
-    the cache, documents equal to the uncached pipeline's, and exact resume on the cached tasks."""
+    """The issue's check: `mtp cache` over the whole shipped corpus and WNLI (Beam options passed through), documents
+    equal to the uncached pipeline's, and training on both cached tasks that resumes exactly."""
     out_dir = tmp_path / "cache"
-    out = _mtp("cache", "--mixture_or_task=span_corruption", f"--output_cache_dir={out_dir}", "--",
+    out = _mtp("cache", "--mixture_or_task=span_corruption", f"--mixture_or_task={TASK}",
+               f"--output_cache_dir={out_dir}", "--",
                "--runner=DirectRunner", "--direct_num_workers=2", "--direct_running_mode=multi_processing")
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"cached {out_dir / 'span_corruption'}: train 27,525 examples, validation 289 examples" in out.stdout
+    assert f"cached {out_dir / TASK}: test 146 examples, train 635 examples, validation 71 examples" in out.stdout
+    assert not out.stderr.strip(), out.stderr[-3000:]  # Beam's and TensorFlow's logs stay hidden without --verbose
 
     task = seqio.get_mixture_or_task("span_corruption")
     gin.bind_parameter("cache.dirs", [str(out_dir)])
@@ -151,16 +154,19 @@ def test_mtp_cache_span_corruption_then_train_reads_it(tmp_path, vocab_file):
         task._cache_dir = None
         seqio.set_global_cache_dirs([])
 
-    run = tmp_path / "run"
-    common = ["--gin_file=gin/models/tiny.gin", "--gin_file=gin/runs/pretrain.gin",
-              "--gin.MIXTURE_OR_TASK_NAME='span_corruption'", "--gin.BATCH_SIZE=8", "--gin.train.log_every=2",
+    (tmp_path / "cached_mixture.py").write_text(
+        f"import seqio\nseqio.MixtureRegistry.add('cached_mix', [('{TASK}', 1.0), ('span_corruption', 1.0)])\n")
+    common = ["--module=cached_mixture", "--gin_file=gin/models/tiny.gin", "--gin_file=gin/runs/pretrain.gin",
+              "--gin.MIXTURE_OR_TASK_NAME='cached_mix'", "--gin.BATCH_SIZE=8", "--gin.train.log_every=2",
               "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}", "--gin.train.checkpoint_every=4",
               "--gin.train.precision='fp32'", f"--gin.cache.dirs=['{out_dir}']"]
+    env = {"PYTHONPATH": str(tmp_path)}
     for steps in (4, 8):  # stopped at 4, resumed to 8, against 8 at once
-        out = _mtp("train", *common, f"--gin.TRAIN_STEPS={steps}", f"--gin.MODEL_DIR='{run}'")
+        out = _mtp("train", *common, f"--gin.TRAIN_STEPS={steps}", f"--gin.MODEL_DIR='{tmp_path / 'run'}'", env=env)
         assert out.returncode == 0, out.stderr[-3000:]
-        assert f"span_corruption: reading seqio's cache in {out_dir / 'span_corruption'}" in out.stderr
-    out = _mtp("train", *common, "--gin.TRAIN_STEPS=8", f"--gin.MODEL_DIR='{tmp_path / 'once'}'")
+        for name in (TASK, "span_corruption"):
+            assert f"{name}: reading seqio's cache in {out_dir / name}" in out.stderr
+    out = _mtp("train", *common, "--gin.TRAIN_STEPS=8", f"--gin.MODEL_DIR='{tmp_path / 'once'}'", env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     resumed, once = (_losses(tmp_path / d) for d in ("run", "once"))
     assert sorted(once) == [2, 4, 6, 8] and once == {step: resumed[step] for step in once}  # bit for bit, fp32
