@@ -14,22 +14,25 @@ fingerprint no longer matches (stale) or that has no COMPLETED file (incomplete)
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import inspect
 import json
 import os
 import shutil
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import gin
 import seqio
 
-from mtplatform import settings
+from mtplatform import settings, tf_setup
 
 CACHE_DIR_ENV = "MTP_CACHE_DIR"
 COMPLETED = "COMPLETED"
+LOG = "mtp_cache.log"  # Beam's own log, under the output directory
 EDGE_BYTES = 1 << 20  # a source file is fingerprinted by its size and the hash of its first and last MiB
 
 
@@ -190,10 +193,34 @@ def build(names: Sequence[str], output_dir: str | os.PathLike, *, overwrite: boo
 
     todo = [task for task in _tasks_of(names) if _needs_building(task, output_dir, overwrite)]
     setup = functools.partial(_worker_setup, str(settings.data_dir()), str(settings.vocab_path()))
-    with beam.Pipeline(options=beam.options.pipeline_options.PipelineOptions(list(pipeline_options))) as pipeline:
-        for task in todo:
-            _add_task(pipeline, task, Path(output_dir), setup, ["tasks", *modules], min_shards)
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    if todo:  # the pipeline itself shows no progress: say what it is doing, and where its log is
+        print(f"mtp cache: preprocessing {', '.join(t.name for t in todo)} with Apache Beam "
+              f"({' '.join(pipeline_options)}); Beam's log: {Path(output_dir) / LOG}", flush=True)
+    with _logs_to(Path(output_dir) / LOG):
+        with beam.Pipeline(options=beam.options.pipeline_options.PipelineOptions(list(pipeline_options))) as pipe:
+            for task in todo:
+                _add_task(pipe, task, Path(output_dir), setup, ["tasks", *modules], min_shards)
     return [task_dir(output_dir, task) for task in todo]
+
+
+@contextlib.contextmanager
+def _logs_to(log: Path) -> Iterator[None]:
+    """Beam's worker processes inherit stderr and log at INFO: unless `mtp --verbose`, this process's stderr (and so
+    theirs) goes to `log` while the pipeline runs."""
+    if tf_setup.verbose_logs:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(log, "ab") as f:
+            os.dup2(f.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _tasks_of(names: Sequence[str]) -> list[seqio.Task]:

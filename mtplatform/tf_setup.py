@@ -13,13 +13,15 @@ import logging
 import os
 
 _configured = False
+verbose_logs = False  # `mtp --verbose`: other tools' logs (Apache Beam's workers too) reach the terminal
 
 
 def configure_tensorflow(threads: int = 2, verbose: bool = False) -> None:
     """Hide GPUs from TensorFlow, cap its thread pools, silence its and absl's logs unless `verbose`; idempotent."""
-    global _configured
+    global _configured, verbose_logs
     if _configured:
         return
+    verbose_logs = verbose
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "3")
     import tensorflow as tf
     from absl import logging as absl_logging
