@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The test command of the README and of CI: set up the environment, lint, run the default test suite, then (without
 # arguments) the slow tests as their own step (21 SIGKILLs of a real run, torch.compile, two torchrun processes against
-# one, `mtp cache` over the whole corpus and training on it; about 16 minutes on 2 cores). Each step lists its ten
-# slowest tests, to keep the default one under 15 minutes.
+# one, the CLI from training to export, `mtp cache` over the whole corpus; about 19 minutes on 2 cores). Each step
+# lists its ten slowest tests, to keep the default one under 15 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1

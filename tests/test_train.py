@@ -167,6 +167,7 @@ def _cli_train(command, model_dir, steps, *extra):
                 "--gin.train.checkpoint_every=20", "--gin.train.log_every=5", *extra)
 
 
+@pytest.mark.slow  # seven `mtp` processes: about three minutes on 2 cores; CI's slow step runs it
 def test_cli_train_resume_finetune_eval_infer(tmp_path, vocab_file):
     run = tmp_path / "pretrain"
     out = _cli_train("train", run, 20)
