@@ -1,34 +1,27 @@
-"""Greedy decoding throughput of our T5 (key/value cache) against transformers' `generate`, same weights, same run.
+"""Greedy decoding throughput of our T5 (key/value cache) against transformers' `generate`, same weights and inputs.
 
-T5 1.1 small shape, batch 8, inputs 512, up to 64 new tokens, fp32, randomly initialised weights shared by both.
-Both models are checked to produce the same tokens (so they do the same work), then timed alternately.
+T5 1.1 small shape, batch 8, inputs 512, up to 64 new tokens, fp32, randomly initialised weights (seed 0) that both
+sides load. Each side runs in its own process, the sides alternating over rounds (`harness.py`); both must produce
+the same tokens (compared by a hash of them), so that they do the same work.
 
-    python benchmarks/decode_throughput.py [--quick]
+    python benchmarks/decode_throughput.py [--quick] [--rounds R] [--runs N]
 
-The last line is `ratio_greedy=<ours/HF>` (generated tokens per second).
+The last line is `ratio_greedy=<ours/HF, median generated tokens per second>`.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import hashlib
 
+import harness  # benchmarks/harness.py: Python puts the script's directory first on the path
 import torch
 
 from mtplatform.model import T5Config, config_to_hf, from_hf_state_dict
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="2 timed runs after 1 warm-up")
-    p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--inputs", type=int, default=512)
-    p.add_argument("--new_tokens", type=int, default=64)
-    args = p.parse_args()
-    runs, warmup = (2, 1) if args.quick else (args.runs, 1)
-
+def side(args: argparse.Namespace) -> None:
+    """One side's decoding, in this process: the shared weights, a warm-up run, timed runs."""
     from transformers import T5Config as HFConfig
     from transformers import T5ForConditionalGeneration
 
@@ -36,36 +29,57 @@ def main() -> None:
     torch.manual_seed(0)
     hf = T5ForConditionalGeneration(HFConfig(**{k: v for k, v in config_to_hf(cfg).items()
                                                 if k != "architectures"})).eval()
-    ours = from_hf_state_dict(hf.state_dict(), cfg).eval()
     enc = torch.randint(2, cfg.vocab_size, (args.batch, args.inputs), generator=torch.Generator().manual_seed(1))
+    if args.side == "ours":
+        ours = from_hf_state_dict(hf.state_dict(), cfg).eval()
+        del hf
 
-    def run_hf():
-        return hf.generate(input_ids=enc, attention_mask=torch.ones_like(enc), max_new_tokens=args.new_tokens,
-                           do_sample=False, num_beams=1)[:, 1:]
-
-    def run_ours():
-        return ours.generate(enc, max_length=args.new_tokens)
+        def decode():
+            return ours.generate(enc, max_length=args.new_tokens)
+    else:
+        def decode():
+            return hf.generate(input_ids=enc, attention_mask=torch.ones_like(enc), max_new_tokens=args.new_tokens,
+                               do_sample=False, num_beams=1)[:, 1:]
 
     with torch.no_grad():
-        theirs, mine = run_hf(), run_ours()
-    same = theirs.tolist() == mine.tolist()
+        tokens = decode()
+        seconds = harness.time_steps(decode, args.warmup, args.runs)
+    harness.report_side(seconds, generated=int((tokens != cfg.pad_id).sum()),
+                        tokens_sha=hashlib.sha256(str(tokens.tolist()).encode()).hexdigest())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="2 rounds of 2 timed runs per side")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=0, help="untimed runs after the first (which checks the tokens)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--inputs", type=int, default=512)
+    p.add_argument("--new_tokens", type=int, default=64)
+    p.add_argument("--side", choices=["ours", "hf"], help=argparse.SUPPRESS)  # a child measuring one side
+    args = p.parse_args()
+    if args.side:
+        return side(args)
+    if args.quick:
+        args.rounds, args.runs = 2, 2
+    print(f"machine: {harness.machine()}")
+    shape = ["--batch", str(args.batch), "--inputs", str(args.inputs), "--new_tokens", str(args.new_tokens),
+             "--runs", str(args.runs), "--warmup", str(args.warmup)]
+    got = harness.run_sides(__file__, ["ours", "hf"], args.rounds, shape)
+    same = got["ours"]["tokens_sha"] == got["hf"]["tokens_sha"]
     print(f"same tokens: {same}")
     if not same:
         raise SystemExit("ours and transformers decoded different tokens: the comparison would not be fair")
-    generated = int((mine != cfg.pad_id).sum())
-    times = {"ours": [], "hf": []}
-    with torch.no_grad():
-        for i in range(warmup + runs):
-            for name, fn in (("ours", run_ours), ("hf", run_hf)):
-                t0 = time.perf_counter()
-                fn()
-                if i >= warmup:
-                    times[name].append(time.perf_counter() - t0)
-    ours_tps, hf_tps = generated / statistics.median(times["ours"]), generated / statistics.median(times["hf"])
-    print(f"greedy, batch {args.batch}, inputs {args.inputs}, up to {args.new_tokens} new tokens "
-          f"({generated} generated): "
-          f"ours {ours_tps:.0f} tokens/s   HF {hf_tps:.0f} tokens/s")
-    print(f"ratio_greedy={ours_tps / hf_tps:.3f}")
+    generated = got["ours"]["generated"]
+    medians = {}
+    for name in ("ours", "hf"):
+        best, medians[name] = harness.rates(generated, got[name]["seconds"])
+        print(f"greedy {name:>4}: {medians[name]:6.0f} tokens/s median, {best:6.0f} best "
+              f"({len(got[name]['seconds'])} runs), peak memory {got[name]['peak_mib']:,.0f} MiB")
+    print(f"greedy, batch {args.batch}, inputs {args.inputs}, up to {args.new_tokens} new tokens ({generated} "
+          f"generated)")
+    print(f"ratio_greedy={medians['ours'] / medians['hf']:.3f}")
 
 
 if __name__ == "__main__":

@@ -16,13 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import harness  # benchmarks/harness.py: Python puts the script's directory first on the path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,8 +50,10 @@ def main() -> None:
         rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
         wall = time.perf_counter() - start
     first, rest = rows[0], rows[1:]
-    print(f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; {args.model}, batch "
-          f"{args.batch}, {args.mixture}, 512/114 packed, {steps} steps in {wall:.0f} s (process included)")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(f"machine: {harness.machine()}")
+    print(f"{args.model}, batch {args.batch}, {args.mixture}, 512/114 packed, {steps} steps in {wall:.0f} s "
+          f"(process included), peak memory {peak:,.0f} MiB")
     print(f"first window (steps 1-{log_every}, pipeline start included): waiting {first['data_wait_fraction']:.1%}")
     waits = [r["data_wait_fraction"] for r in rest]
     print(f"later windows: waiting {statistics.mean(waits):.2%} on average, at most {max(waits):.2%}; "

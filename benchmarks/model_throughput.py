@@ -1,24 +1,23 @@
-"""Training throughput of our T5 against Hugging Face's T5ForConditionalGeneration, same config, same run.
+"""Training throughput of our T5 against Hugging Face's T5ForConditionalGeneration: same config, optimizer, batch.
 
 T5 1.1 small shape (d_model 512, 8+8 layers, 6 heads, d_kv 64, d_ff 1024, vocab 32128), batch 8, inputs 512,
-targets 114; one step = forward, backward, AdamW update. Tokens/s counts input and target tokens. Both models run
-alternately in one process, so machine noise hits both; the printed ratio is what to compare across machines.
+targets 114; one step = forward, backward, AdamW update. Tokens/s counts input and target tokens. Each side runs in
+its own process, the sides alternating over rounds (`harness.py`); the script prints min and median per side, peak
+memory, the CPU's bf16 hardware, the threads, and MFU: our model FLOPs per second over the matrix-product peak of
+the same precision measured in the same run.
 
-    python benchmarks/model_throughput.py [--quick] [--steps N] [--threads T]
+    python benchmarks/model_throughput.py [--quick] [--rounds R] [--steps N] [--dtypes fp32,bf16]
 
-The last line is `ratio_bf16=<ours/HF>`.
-
-On a CPU without native bf16 (no AMX / AVX512-BF16: `mtplatform.precision.native_bf16()` is False) bf16 is emulated
-and a step at the full shape takes minutes for either model; the script then measures bf16 at batch 1 with one
-timed step and says so, so that the ratio still comes from one run.
+Last lines: `ratio_fp32=`, `ratio_bf16=` (ours/HF, median tokens/s) and `mfu=` (in the precision `auto` picks
+here). On a CPU without native bf16 (no AMX / AVX512-BF16) bf16 is emulated, far slower than fp32 for both models:
+the script says so and prints no bf16 ratio.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
+import harness  # benchmarks/harness.py: Python puts the script's directory first on the path
 import torch
 
 from mtplatform import precision
@@ -49,65 +48,90 @@ def hf_step(model, opt, batch):
     opt.zero_grad(set_to_none=True)
 
 
-def measure(steps: int, warmup: int, batch: dict, runners: dict, dtype: str) -> dict[str, float]:
-    """Seconds per step for each runner, interleaved step by step; median over steps."""
-    autocast = precision.autocast(dtype)
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for i in range(warmup + steps):
-        for name, step in runners.items():
-            t0 = time.perf_counter()
-            with autocast:
-                step(batch)
-            if i >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+def side(args: argparse.Namespace) -> None:
+    """One side's measurement, in this process: a fresh model, warm-up steps, timed steps."""
+    cfg = model_config()
+    torch.manual_seed(0)
+    if args.side == "ours":
+        model = T5(cfg).train()
+        loss_step = ours_step
+    else:
+        from transformers import T5Config as HFConfig
+        from transformers import T5ForConditionalGeneration
+
+        model = T5ForConditionalGeneration(HFConfig(**{k: v for k, v in config_to_hf(cfg).items()
+                                                       if k != "architectures"})).train()
+        loss_step = hf_step
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    batch = make_batch(cfg, args.batch, args.inputs, args.targets)
+    autocast = precision.autocast(args.dtype)
+
+    def step():
+        with autocast:
+            loss_step(model, opt, batch)
+
+    harness.report_side(harness.time_steps(step, args.warmup, args.steps),
+                        params=sum(p.numel() for p in model.parameters()))
+
+
+def model_config() -> T5Config:
+    return T5Config(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6,
+                    feed_forward="gated-gelu", dropout_rate=0.0)
+
+
+def compare(args: argparse.Namespace, dtype: str) -> tuple[float, float]:
+    """Both sides in `dtype`: prints their figures; returns (ours/HF median tokens/s, our MFU)."""
+    shape = ["--batch", str(args.batch), "--inputs", str(args.inputs), "--targets", str(args.targets),
+             "--steps", str(args.steps), "--warmup", str(args.warmup), "--dtype", dtype]
+    got = harness.run_sides(__file__, ["ours", "hf"], args.rounds, shape)
+    tokens = args.batch * (args.inputs + args.targets)
+    flops = args.batch * T5(model_config()).training_flops(args.inputs, args.targets)
+    peak = harness.matmul_peak(torch.bfloat16 if dtype == "bf16" else torch.float32)
+    for name in ("ours", "hf"):
+        best, median = harness.rates(tokens, got[name]["seconds"])
+        print(f"{dtype} {name:>4}: {median:8.0f} tokens/s median, {best:8.0f} best "
+              f"({len(got[name]['seconds'])} steps), peak memory {got[name]['peak_mib']:,.0f} MiB, "
+              f"{got[name]['params']:,} parameters", flush=True)
+    ratio = harness.rates(tokens, got["ours"]["seconds"])[1] / harness.rates(tokens, got["hf"]["seconds"])[1]
+    mfu = harness.rates(flops, got["ours"]["seconds"])[1] / peak
+    print(f"{dtype}: ratio {ratio:.2f}; ours at {mfu:.1%} of the {dtype} matrix-product peak measured here "
+          f"({peak / 1e9:,.0f} GFLOP/s)", flush=True)
+    return ratio, mfu
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="2 timed steps after 1 warm-up (about 2 minutes here)")
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="2 rounds of 2 timed steps after 1 warm-up per process")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--inputs", type=int, default=512)
     p.add_argument("--targets", type=int, default=114)
-    p.add_argument("--threads", type=int, default=None)
     p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--side", choices=["ours", "hf"], help=argparse.SUPPRESS)  # a child measuring one side
+    p.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    steps, warmup = (2, 1) if args.quick else (args.steps, 2)
-
-    from transformers import T5Config as HFConfig
-    from transformers import T5ForConditionalGeneration
-
-    cfg = T5Config(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6,
-                   feed_forward="gated-gelu", dropout_rate=0.0)
-    torch.manual_seed(0)
-    ours = T5(cfg).train()
-    hf_cfg = HFConfig(**{k: v for k, v in config_to_hf(cfg).items() if k not in ("architectures",)})
-    hf = T5ForConditionalGeneration(hf_cfg).train()
-    print(f"params: ours {ours.num_params():,}  HF {sum(p.numel() for p in hf.parameters()):,}  "
-          f"threads {torch.get_num_threads()}")
-    opts = {"ours": torch.optim.AdamW(ours.parameters(), lr=1e-4, foreach=True),
-            "hf": torch.optim.AdamW(hf.parameters(), lr=1e-4, foreach=True)}
-    runners = {"ours": lambda b: ours_step(ours, opts["ours"], b), "hf": lambda b: hf_step(hf, opts["hf"], b)}
-    ratios = {}
+    if args.side:
+        return side(args)
+    if args.quick:
+        args.rounds, args.steps, args.warmup = 2, 2, 1
+    print(f"machine: {harness.machine()}")
+    print(f"shape: batch {args.batch}, inputs {args.inputs}, targets {args.targets}; {args.rounds} rounds of "
+          f"{args.steps} timed steps per side, each side in its own process", flush=True)
+    figures: dict[str, tuple[float, float]] = {}
     for dtype in args.dtypes.split(","):
-        batch_size, n_steps, n_warmup = args.batch, steps, warmup
         if dtype == "bf16" and not precision.native_bf16():
-            batch_size, n_steps, n_warmup = 1, 1, 1
-            print("bf16: this CPU has no native bf16 (no AMX/AVX512-BF16), PyTorch emulates it and it is far slower "
-                  "than fp32 here; measuring bf16 at batch 1, one timed step (training uses precision='auto' = fp32)")
-        batch = make_batch(cfg, batch_size, args.inputs, args.targets)
-        tokens = batch_size * (args.inputs + args.targets)
-        flops = batch_size * ours.training_flops(args.inputs, args.targets)
-        sec = measure(n_steps, n_warmup, batch, runners, dtype)
-        ours_tps, hf_tps = tokens / sec["ours"], tokens / sec["hf"]
-        ratios[dtype] = ours_tps / hf_tps
-        print(f"{dtype} (batch {batch_size}): ours {ours_tps:8.0f} tokens/s ({flops / sec['ours'] / 1e9:6.1f} "
-              f"GFLOP/s)   HF {hf_tps:8.0f} tokens/s   ratio {ratios[dtype]:.2f}", flush=True)
-    for dtype, r in ratios.items():
-        print(f"ratio_{dtype}={r:.3f}")
+            print("bf16: emulated on this CPU (no AMX, no AVX512-BF16): PyTorch emulates bf16 products, far slower "
+                  "than fp32 for both models, so no bf16 ratio is measured (training here uses fp32: "
+                  "precision='auto')")
+            continue
+        figures[dtype] = compare(args, dtype)
+    for dtype, (ratio, _) in figures.items():
+        print(f"ratio_{dtype}={ratio:.3f}")
+    auto = precision.resolve("auto")
+    if auto in figures:
+        print(f"mfu={figures[auto][1]:.3f}")
 
 
 if __name__ == "__main__":

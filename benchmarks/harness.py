@@ -1,0 +1,107 @@
+"""What every side-by-side benchmark shares: the machine it ran on, and each side in its own process, alternating.
+
+A side (ours, or the peer) is measured by running the benchmark script again with `--side NAME`: the child prints
+one JSON line (seconds per timed step, peak resident memory, anything else the side reports). Sides alternate over
+rounds (A B, B A, A B, ...), so a slow minute of a noisy machine hits both, and neither inherits the other's
+allocator state, threads or caches (in one process the fp32 peer once ran 2.4x slower than alone). Figures are the
+minimum and the median over all timed steps of all rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+
+def cpu_features() -> str:
+    """'AMX', 'AVX512-BF16' or 'neither': whether bf16 matrix products run in hardware on this CPU."""
+    if torch.cpu._is_amx_tile_supported():
+        return "AMX"
+    if torch.cpu._is_avx512_bf16_supported():
+        return "AVX512-BF16"
+    return "neither"
+
+
+def machine() -> str:
+    """One line: CPU model, cores, bf16 hardware, threads, torch version, GPU where there is one."""
+    model = platform.processor() or platform.machine()
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"{model}, {os.cpu_count()} cores, bf16 hardware: {cpu_features()}, {torch.get_num_threads()} threads, "
+            f"torch {torch.__version__}{gpu}")
+
+
+def peak_mib() -> float:
+    """This process's peak resident memory so far, MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def time_steps(step: Callable[[], object], warmup: int, steps: int) -> list[float]:
+    """Seconds of each of `steps` calls of `step` after `warmup` untimed ones."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        began = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - began)
+    return times
+
+
+def report_side(seconds: list[float], **extra) -> None:
+    """The child's answer: its step times, peak memory and extra figures, as the last line of stdout."""
+    print(json.dumps({"seconds": seconds, "peak_mib": peak_mib(), **extra}), flush=True)
+
+
+def run_sides(script: str | Path, sides: Sequence[str], rounds: int, args: Sequence[str]) -> dict[str, dict]:
+    """Run `script --side S *args` for every side, alternating the order each round; per side: every timed step's
+    seconds (`seconds`), the highest peak memory (`peak_mib`) and the last round's other figures."""
+    results: dict[str, dict] = {side: {"seconds": [], "peak_mib": 0.0} for side in sides}
+    for r in range(rounds):
+        for side in sides if r % 2 == 0 else list(reversed(sides)):
+            child = subprocess.run([sys.executable, str(script), "--side", side, *args], capture_output=True,
+                                   text=True)
+            if child.returncode != 0:
+                raise SystemExit(f"{Path(script).name} --side {side} failed:\n{child.stderr[-3000:]}")
+            answer = json.loads(child.stdout.strip().splitlines()[-1])
+            results[side]["seconds"] += answer.pop("seconds")
+            results[side]["peak_mib"] = max(results[side]["peak_mib"], answer.pop("peak_mib"))
+            results[side].update(answer)
+            print(f"  round {r + 1}/{rounds} {side}: {_fmt(results[side]['seconds'][-1])} per step", flush=True)
+    return results
+
+
+def _fmt(seconds: float) -> str:
+    return f"{seconds:.3f} s"
+
+
+def rates(work: float, seconds: list[float]) -> tuple[float, float]:
+    """(best, median) of `work` per second over step times."""
+    return work / min(seconds), work / statistics.median(seconds)
+
+
+def matmul_peak(dtype: torch.dtype, sizes: Sequence[int] = (512, 1024, 2048), repeats: int = 5) -> float:
+    """The best FLOP/s of square matrix products at `sizes` in `dtype` on this CPU: the roof that MFU divides by."""
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        a @ b  # warm-up
+        began = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        best = max(best, 2 * n ** 3 * repeats / (time.perf_counter() - began))
+    return best

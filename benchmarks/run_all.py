@@ -1,0 +1,133 @@
+"""Run every benchmark and rewrite the table of `benchmarks/README.md` with their figures.
+
+Each benchmark runs as its own process with the arguments below and prints `name=value` lines last; the table gives
+each figure beside its peer, its target, the machine, the commit and the command, and the full output follows it.
+Only the part between the README's `run_all` markers is rewritten.
+
+    python benchmarks/run_all.py [--full] [--only model_throughput,decode_throughput]
+
+Needs MTP_DATA_DIR and MTP_VOCAB (the pipeline and corpus benchmarks read the shipped data). `--quick` settings by
+default (about 15 minutes on 2 cores); `--full` drops them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import harness  # benchmarks/harness.py: Python puts the script's directory first on the path
+
+HERE = Path(__file__).resolve().parent
+README = HERE / "README.md"
+BEGIN, END = "<!-- run_all: begin -->", "<!-- run_all: end -->"
+
+
+@dataclass(frozen=True)
+class Figure:
+    name: str  # as the script prints it: name=value
+    what: str
+    peer: str
+    target: str  # a Python comparison against the value, as "> 2.5"; "" where the figure has no target
+
+
+BENCHMARKS: dict[str, tuple[list[str], list[Figure]]] = {
+    "model_throughput": (["--quick"], [
+        Figure("ratio_fp32", "training tokens/s, fp32, T5 1.1 small, batch 8, 512/114, AdamW",
+               "HF T5ForConditionalGeneration", ">= 1.5"),
+        Figure("ratio_bf16", "training tokens/s, bf16 autocast (only where bf16 is native)",
+               "HF T5ForConditionalGeneration", ">= 2.5"),
+        Figure("mfu", "our model FLOP/s over this CPU's matrix-product peak, in the precision `auto` picks",
+               "the peak measured in the same run", ">= 0.40"),
+    ]),
+    "decode_throughput": (["--quick"], [
+        Figure("ratio_greedy", "greedy decoding tokens/s, batch 8, inputs 512, 64 new tokens, same tokens",
+               "HF generate", ">= 3"),
+    ]),
+    "input_pipeline": (["--quick"], [
+        Figure("data_wait_fraction", "share of training time waiting for batches, span corruption + GLUE packed",
+               "none (absolute)", "< 0.02"),
+    ]),
+    "resume_time": ([], [
+        Figure("resume_ratio", "seconds to resume (restore, one step, save) after 400 steps over after 10",
+               "the run resumed after 10 steps", "< 1.2"),
+    ]),
+    "corpus_memory": ([], [
+        Figure("memory_ratio", "peak memory, corpus x20 over corpus x1 (streamed)", "the 1x corpus", "< 1.5"),
+        Figure("first_batch_ratio", "seconds to the first batch, corpus x20 over x1", "the 1x corpus", ""),
+    ]),
+}
+
+
+def run(script: str, args: list[str]) -> tuple[str, dict[str, str], float]:
+    """(full output, name=value figures, seconds) of one benchmark."""
+    began = time.perf_counter()
+    child = subprocess.run([sys.executable, str(HERE / f"{script}.py"), *args], capture_output=True, text=True)
+    seconds = time.perf_counter() - began
+    output = child.stdout + (f"\n[exit {child.returncode}]\n{child.stderr[-2000:]}" if child.returncode else "")
+    figures = dict(re.findall(r"^(\w+)=(\S+)$", child.stdout, flags=re.M))
+    return output, figures, seconds
+
+
+def verdict(value: str | None, target: str) -> str:
+    if value is None:
+        return "not measured here"
+    if not target:
+        return ""
+    op, bound = target.split()
+    ok = {">=": float(value) >= float(bound), "<": float(value) < float(bound)}[op]
+    return "met" if ok else "**not met**"
+
+
+def section(results: dict[str, tuple[str, dict[str, str], float]], full: bool) -> str:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=HERE).stdout.strip()
+    lines = [BEGIN, "", f"Written by `python benchmarks/run_all.py{' --full' if full else ''}` on "
+             f"{datetime.date.today()} at commit {commit}.", "", f"Machine: {harness.machine()}.", "",
+             "| figure | value | target | verdict | what | peer | command |", "|---|---|---|---|---|---|---|"]
+    for script, (_, figures, _) in results.items():
+        args, wanted = BENCHMARKS[script]
+        command = "`" + " ".join(["python", f"benchmarks/{script}.py", *_args(args, full)]) + "`"
+        for figure in wanted:
+            value = figures.get(figure.name)
+            lines.append(f"| `{figure.name}` | {value or '-'} | {figure.target or '-'} | "
+                         f"{verdict(value, figure.target)} | {figure.what} | {figure.peer} | {command} |")
+    for script, (output, _, seconds) in results.items():
+        lines += ["", f"<details><summary>{script}: {seconds:.0f} s</summary>", "", "```", output.strip(), "```",
+                  "", "</details>"]
+    return "\n".join([*lines, "", END])
+
+
+def _args(args: list[str], full: bool) -> list[str]:
+    return [a for a in args if not (full and a == "--quick")]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--full", action="store_true", help="each benchmark's full settings instead of --quick")
+    p.add_argument("--only", help="comma-separated benchmark names")
+    args = p.parse_args()
+    names = args.only.split(",") if args.only else list(BENCHMARKS)
+    results = {}
+    for name in names:
+        script_args = _args(BENCHMARKS[name][0], args.full)
+        print(f"running {name} {' '.join(script_args)}", flush=True)
+        results[name] = run(name, script_args)
+        print(results[name][0], flush=True)
+    text = README.read_text()
+    new = section(results, args.full)
+    if BEGIN in text and END in text:
+        text = text[:text.index(BEGIN)] + new + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n## Latest figures (`run_all.py`)\n\n" + new + "\n"
+    README.write_text(text)
+    print(f"wrote {README}")
+
+
+if __name__ == "__main__":
+    main()
