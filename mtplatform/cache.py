@@ -20,6 +20,7 @@ import hashlib
 import inspect
 import json
 import os
+import re
 import shutil
 import sys
 from collections.abc import Iterator, Sequence
@@ -86,6 +87,7 @@ def _function_id(fn) -> str:
         code = hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()[:16]
     except (OSError, TypeError):
         code = "?"
+    args = re.sub(r" at 0x[0-9a-f]+", "", args)  # a bound function's repr holds its address, new in every process
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}{args} {code}"
 
 
