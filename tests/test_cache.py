@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import gin
 import numpy as np
 import pytest
 import seqio
+from test_train import _losses, _mtp  # the CLI and metrics helpers of the training tests
 
 import tasks  # noqa: F401
 from mtplatform import cache
 
-REPO = Path(__file__).resolve().parents[1]
 TASK = "glue_wnli"  # the smallest GLUE task: Beam's DirectRunner spends about 20 s on it
 
 
@@ -123,11 +118,6 @@ def test_tasks_cache_their_deterministic_steps_only():
 # --- the command on the whole corpus, training on the cache, exact resume: CI's slow step -------------------------
 
 
-def _mtp(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mtplatform.cli", *args], capture_output=True, text=True,
-                          cwd=REPO, env={**os.environ, **(env or {})}, timeout=1200)
-
-
 @pytest.mark.slow
 def test_mtp_cache_span_corruption_then_train_reads_it(tmp_path, vocab_file):
     """The issue's check: `mtp cache` over the whole shipped corpus and WNLI (Beam options passed through), documents
@@ -162,15 +152,13 @@ def test_mtp_cache_span_corruption_then_train_reads_it(tmp_path, vocab_file):
               "--gin.train.precision='fp32'", f"--gin.cache.dirs=['{out_dir}']"]
     env = {"PYTHONPATH": str(tmp_path)}
     for steps in (4, 8):  # stopped at 4, resumed to 8, against 8 at once
-        out = _mtp("train", *common, f"--gin.TRAIN_STEPS={steps}", f"--gin.MODEL_DIR='{tmp_path / 'run'}'", env=env)
+        out = _mtp("train", *common, f"--gin.TRAIN_STEPS={steps}", f"--gin.MODEL_DIR='{tmp_path / 'run'}'",
+                   env_extra=env)
         assert out.returncode == 0, out.stderr[-3000:]
         for name in (TASK, "span_corruption"):
             assert f"{name}: reading seqio's cache in {out_dir / name}" in out.stderr
-    out = _mtp("train", *common, "--gin.TRAIN_STEPS=8", f"--gin.MODEL_DIR='{tmp_path / 'once'}'", env=env)
+    out = _mtp("train", *common, "--gin.TRAIN_STEPS=8", f"--gin.MODEL_DIR='{tmp_path / 'once'}'", env_extra=env)
     assert out.returncode == 0, out.stderr[-3000:]
     resumed, once = (_losses(tmp_path / d) for d in ("run", "once"))
     assert sorted(once) == [2, 4, 6, 8] and once == {step: resumed[step] for step in once}  # bit for bit, fp32
 
-
-def _losses(model_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (model_dir / "metrics.jsonl").read_text().splitlines())}
