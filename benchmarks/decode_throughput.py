@@ -2,22 +2,25 @@
 
 T5 1.1 small shape, batch 8, inputs 512, up to 64 new tokens, fp32, randomly initialised weights (seed 0) that both
 sides load. Each side runs in its own process, the sides alternating over rounds (`harness.py`); both must produce
-the same tokens (compared by a hash of them), so that they do the same work.
+the same tokens, so that they do the same work (where they do not, the ratio is printed as
+`ratio_greedy_tokens_differ=`).
 
-    python benchmarks/decode_throughput.py [--quick] [--rounds R] [--runs N]
+    python benchmarks/decode_throughput.py [--quick] [--rounds R] [--runs N] [--device auto|cpu|cuda] [--batch B]
 
-The last line is `ratio_greedy=<ours/HF, median generated tokens per second>`.
+The last line is `ratio_greedy=<ours/HF, median decoded positions per second>`: batch x decoded length, what both
+sides compute (a position after a sequence's EOS is computed too, until every sequence has ended).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 
 import harness  # benchmarks/harness.py: Python puts the script's directory first on the path
 import torch
 
 from mtplatform.model import T5Config, config_to_hf, from_hf_state_dict
+
+CONFIG = T5Config(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6)
 
 
 def side(args: argparse.Namespace) -> None:
@@ -25,27 +28,31 @@ def side(args: argparse.Namespace) -> None:
     from transformers import T5Config as HFConfig
     from transformers import T5ForConditionalGeneration
 
-    cfg = T5Config(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6)
+    cfg = CONFIG
+    on = harness.device(args.device)
     torch.manual_seed(0)
     hf = T5ForConditionalGeneration(HFConfig(**{k: v for k, v in config_to_hf(cfg).items()
                                                 if k != "architectures"})).eval()
-    enc = torch.randint(2, cfg.vocab_size, (args.batch, args.inputs), generator=torch.Generator().manual_seed(1))
+    enc = torch.randint(2, cfg.vocab_size, (args.batch, args.inputs),
+                        generator=torch.Generator().manual_seed(1)).to(on)
     if args.side == "ours":
-        ours = from_hf_state_dict(hf.state_dict(), cfg).eval()
+        ours = from_hf_state_dict(hf.state_dict(), cfg).eval().to(on)
         del hf
 
         def decode():
             return ours.generate(enc, max_length=args.new_tokens)
     else:
+        hf = hf.to(on)
+
         def decode():
             return hf.generate(input_ids=enc, attention_mask=torch.ones_like(enc), max_new_tokens=args.new_tokens,
                                do_sample=False, num_beams=1)[:, 1:]
 
     with torch.no_grad():
         tokens = decode()
-        seconds = harness.time_steps(decode, args.warmup, args.runs)
-    harness.report_side(seconds, generated=int((tokens != cfg.pad_id).sum()),
-                        tokens_sha=hashlib.sha256(str(tokens.tolist()).encode()).hexdigest())
+        seconds = harness.time_steps(decode, args.warmup, args.runs, on)
+    harness.report_side(seconds, on, generated=tokens.numel(),
+                        tokens=tokens.tolist())
 
 
 def main() -> None:
@@ -57,6 +64,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--inputs", type=int, default=512)
     p.add_argument("--new_tokens", type=int, default=64)
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (the GPU where there is one)")
     p.add_argument("--side", choices=["ours", "hf"], help=argparse.SUPPRESS)  # a child measuring one side
     args = p.parse_args()
     if args.side:
@@ -65,21 +73,26 @@ def main() -> None:
         args.rounds, args.runs = 2, 2
     print(f"machine: {harness.machine()}")
     shape = ["--batch", str(args.batch), "--inputs", str(args.inputs), "--new_tokens", str(args.new_tokens),
-             "--runs", str(args.runs), "--warmup", str(args.warmup)]
+             "--runs", str(args.runs), "--warmup", str(args.warmup), "--device", args.device]
     got = harness.run_sides(__file__, ["ours", "hf"], args.rounds, shape)
-    same = got["ours"]["tokens_sha"] == got["hf"]["tokens_sha"]
-    print(f"same tokens: {same}")
-    if not same:
-        raise SystemExit("ours and transformers decoded different tokens: the comparison would not be fair")
+    same = got["ours"]["tokens"] == got["hf"]["tokens"]
+    if same:
+        print("same tokens: True")
+    else:  # kernels differ on GPUs: a near-tie can flip one token and, after it, the rest of that sequence
+        pairs = [(a, b) for x, y in zip(got["ours"]["tokens"], got["hf"]["tokens"], strict=True)
+                 for a, b in zip(x, y, strict=False)]
+        print(f"same tokens: False ({sum(a == b for a, b in pairs) / len(pairs):.1%} of positions equal): the "
+              "sides did not do the same work, so the ratio below is marked as such")
     generated = got["ours"]["generated"]
     medians = {}
     for name in ("ours", "hf"):
         best, medians[name] = harness.rates(generated, got[name]["seconds"])
         print(f"greedy {name:>4}: {medians[name]:6.0f} tokens/s median, {best:6.0f} best "
               f"({len(got[name]['seconds'])} runs), peak memory {got[name]['peak_mib']:,.0f} MiB")
+    not_padding = sum(t != CONFIG.pad_id for row in got["ours"]["tokens"] for t in row)
     print(f"greedy, batch {args.batch}, inputs {args.inputs}, up to {args.new_tokens} new tokens ({generated} "
-          f"generated)")
-    print(f"ratio_greedy={medians['ours'] / medians['hf']:.3f}")
+          f"positions decoded, {not_padding} of them not padding)")
+    print(f"ratio_greedy{'' if same else '_tokens_differ'}={medians['ours'] / medians['hf']:.3f}")
 
 
 if __name__ == "__main__":

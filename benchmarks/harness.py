@@ -1,5 +1,7 @@
 """What every side-by-side benchmark shares: the machine it ran on, and each side in its own process, alternating.
 
+On a GPU (`--device cuda`), timers wait for the GPU's queued work and peak memory is the GPU's allocations.
+
 A side (ours, or the peer) is measured by running the benchmark script again with `--side NAME`: the child prints
 one JSON line (seconds per timed step, peak resident memory, anything else the side reports). Sides alternate over
 rounds (A B, B A, A B, ...), so a slow minute of a noisy machine hits both, and neither inherits the other's
@@ -45,26 +47,43 @@ def machine() -> str:
             f"torch {torch.__version__}{gpu}")
 
 
-def peak_mib() -> float:
-    """This process's peak resident memory so far, MiB."""
+def device(name: str) -> torch.device:
+    """'auto' -> the GPU where there is one, else the CPU; 'cpu' and 'cuda' pass through."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def peak_mib(on: torch.device | None = None) -> float:
+    """Peak memory so far, MiB: the GPU's allocations on a GPU, else this process's resident memory."""
+    if on is not None and on.type == "cuda":
+        return torch.cuda.max_memory_allocated(on) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def time_steps(step: Callable[[], object], warmup: int, steps: int) -> list[float]:
-    """Seconds of each of `steps` calls of `step` after `warmup` untimed ones."""
+def _wait(on: torch.device | None) -> None:
+    """Wait for the GPU's queued work: its kernels run asynchronously, so a timer must wait for them."""
+    if on is not None and on.type == "cuda":
+        torch.cuda.synchronize(on)
+
+
+def time_steps(step: Callable[[], object], warmup: int, steps: int, on: torch.device | None = None) -> list[float]:
+    """Seconds of each of `steps` calls of `step` after `warmup` untimed ones (on a GPU, until its work is done)."""
     for _ in range(warmup):
         step()
     times = []
     for _ in range(steps):
+        _wait(on)
         began = time.perf_counter()
         step()
+        _wait(on)
         times.append(time.perf_counter() - began)
     return times
 
 
-def report_side(seconds: list[float], **extra) -> None:
+def report_side(seconds: list[float], on: torch.device | None = None, **extra) -> None:
     """The child's answer: its step times, peak memory and extra figures, as the last line of stdout."""
-    print(json.dumps({"seconds": seconds, "peak_mib": peak_mib(), **extra}), flush=True)
+    print(json.dumps({"seconds": seconds, "peak_mib": peak_mib(on), **extra}), flush=True)
 
 
 def run_sides(script: str | Path, sides: Sequence[str], rounds: int, args: Sequence[str]) -> dict[str, dict]:
@@ -94,14 +113,21 @@ def rates(work: float, seconds: list[float]) -> tuple[float, float]:
     return work / min(seconds), work / statistics.median(seconds)
 
 
-def matmul_peak(dtype: torch.dtype, sizes: Sequence[int] = (512, 1024, 2048), repeats: int = 5) -> float:
-    """The best FLOP/s of square matrix products at `sizes` in `dtype` on this CPU: the roof that MFU divides by."""
+def matmul_peak(dtype: torch.dtype, on: torch.device | None = None, sizes: Sequence[int] | None = None,
+                repeats: int = 5) -> float:
+    """The best FLOP/s of square matrix products at `sizes` in `dtype` on this CPU or GPU: the roof that MFU
+    divides by (sizes 512-2048 on a CPU, 4096-8192 on a GPU, where small products cannot fill the chip)."""
+    on = on or torch.device("cpu")
+    sizes = sizes or ((4096, 8192) if on.type == "cuda" else (512, 1024, 2048))
+    repeats = repeats * 4 if on.type == "cuda" else repeats
     best = 0.0
     for n in sizes:
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        a, b = torch.randn(n, n, device=on).to(dtype), torch.randn(n, n, device=on).to(dtype)
         a @ b  # warm-up
+        _wait(on)
         began = time.perf_counter()
         for _ in range(repeats):
             a @ b
+        _wait(on)
         best = max(best, 2 * n ** 3 * repeats / (time.perf_counter() - began))
     return best

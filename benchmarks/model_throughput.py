@@ -7,6 +7,7 @@ memory, the CPU's bf16 hardware, the threads, and MFU: our model FLOPs per secon
 the same precision measured in the same run.
 
     python benchmarks/model_throughput.py [--quick] [--rounds R] [--steps N] [--dtypes fp32,bf16]
+                                         [--device auto|cpu|cuda] [--compile] [--batch B]
 
 Last lines: `ratio_fp32=`, `ratio_bf16=` (ours/HF, median tokens/s) and `mfu=` (in the precision `auto` picks
 here). On a CPU without native bf16 (no AMX / AVX512-BF16) bf16 is emulated, far slower than fp32 for both models:
@@ -33,45 +34,42 @@ def make_batch(cfg: T5Config, batch: int, inputs: int, targets: int, seed: int =
             "decoder_loss_weights": torch.ones(batch, targets)}
 
 
-def ours_step(model, opt, batch):
-    loss, weight = model.loss(batch)
-    (loss / weight).backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
-def hf_step(model, opt, batch):
-    out = model(input_ids=batch["encoder_input_tokens"], decoder_input_ids=batch["decoder_input_tokens"],
-                labels=batch["decoder_target_tokens"])
-    out.loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
 def side(args: argparse.Namespace) -> None:
-    """One side's measurement, in this process: a fresh model, warm-up steps, timed steps."""
-    cfg = model_config()
+    """One side's measurement, in this process: a fresh model, warm-up steps, timed steps. With `--compile`, the
+    first warm-up step compiles; its time is reported apart."""
+    cfg, on = model_config(), harness.device(args.device)
     torch.manual_seed(0)
     if args.side == "ours":
-        model = T5(cfg).train()
-        loss_step = ours_step
+        model = T5(cfg).train().to(on)
+        forward = torch.compile(model) if args.compile else model
+
+        def loss_step(batch):
+            loss, weight = model.loss(batch, forward=forward)
+            (loss / weight).backward()
     else:
         from transformers import T5Config as HFConfig
         from transformers import T5ForConditionalGeneration
 
         model = T5ForConditionalGeneration(HFConfig(**{k: v for k, v in config_to_hf(cfg).items()
-                                                       if k != "architectures"})).train()
-        loss_step = hf_step
+                                                       if k != "architectures"})).train().to(on)
+        forward = torch.compile(model) if args.compile else model
+
+        def loss_step(batch):
+            forward(input_ids=batch["encoder_input_tokens"], decoder_input_ids=batch["decoder_input_tokens"],
+                    labels=batch["decoder_target_tokens"]).loss.backward()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
-    batch = make_batch(cfg, args.batch, args.inputs, args.targets)
-    autocast = precision.autocast(args.dtype)
+    batch = {k: v.to(on) for k, v in make_batch(cfg, args.batch, args.inputs, args.targets).items()}
+    autocast = precision.autocast(args.dtype, on)
 
     def step():
         with autocast:
-            loss_step(model, opt, batch)
+            loss_step(batch)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
-    harness.report_side(harness.time_steps(step, args.warmup, args.steps),
-                        params=sum(p.numel() for p in model.parameters()))
+    first = harness.time_steps(step, 0, 1, on)[0] if args.compile else None
+    harness.report_side(harness.time_steps(step, args.warmup, args.steps, on), on,
+                        params=sum(p.numel() for p in model.parameters()), first_step_s=first)
 
 
 def model_config() -> T5Config:
@@ -82,15 +80,18 @@ def model_config() -> T5Config:
 def compare(args: argparse.Namespace, dtype: str) -> tuple[float, float]:
     """Both sides in `dtype`: prints their figures; returns (ours/HF median tokens/s, our MFU)."""
     shape = ["--batch", str(args.batch), "--inputs", str(args.inputs), "--targets", str(args.targets),
-             "--steps", str(args.steps), "--warmup", str(args.warmup), "--dtype", dtype]
+             "--steps", str(args.steps), "--warmup", str(args.warmup), "--dtype", dtype, "--device", args.device,
+             *(["--compile"] if args.compile else [])]
     got = harness.run_sides(__file__, ["ours", "hf"], args.rounds, shape)
     tokens = args.batch * (args.inputs + args.targets)
     flops = args.batch * T5(model_config()).training_flops(args.inputs, args.targets)
-    peak = harness.matmul_peak(torch.bfloat16 if dtype == "bf16" else torch.float32)
+    on = harness.device(args.device)
+    peak = harness.matmul_peak(torch.bfloat16 if dtype == "bf16" else torch.float32, on)
     for name in ("ours", "hf"):
         best, median = harness.rates(tokens, got[name]["seconds"])
+        compiled = f", first (compiling) step {got[name]['first_step_s']:.1f} s" if args.compile else ""
         print(f"{dtype} {name:>4}: {median:8.0f} tokens/s median, {best:8.0f} best "
-              f"({len(got[name]['seconds'])} steps), peak memory {got[name]['peak_mib']:,.0f} MiB, "
+              f"({len(got[name]['seconds'])} steps), peak memory {got[name]['peak_mib']:,.0f} MiB{compiled}, "
               f"{got[name]['params']:,} parameters", flush=True)
     ratio = harness.rates(tokens, got["ours"]["seconds"])[1] / harness.rates(tokens, got["hf"]["seconds"])[1]
     mfu = harness.rates(flops, got["ours"]["seconds"])[1] / peak
@@ -109,6 +110,9 @@ def main() -> None:
     p.add_argument("--inputs", type=int, default=512)
     p.add_argument("--targets", type=int, default=114)
     p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (the GPU where there is one)")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models (the first step compiles; "
+                   "its time is printed apart)")
     p.add_argument("--side", choices=["ours", "hf"], help=argparse.SUPPRESS)  # a child measuring one side
     p.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -117,11 +121,13 @@ def main() -> None:
     if args.quick:
         args.rounds, args.steps, args.warmup = 2, 2, 1
     print(f"machine: {harness.machine()}")
+    on = harness.device(args.device)
     print(f"shape: batch {args.batch}, inputs {args.inputs}, targets {args.targets}; {args.rounds} rounds of "
-          f"{args.steps} timed steps per side, each side in its own process", flush=True)
+          f"{args.steps} timed steps per side, each side in its own process, on {on.type}"
+          f"{', both compiled' if args.compile else ''}", flush=True)
     figures: dict[str, tuple[float, float]] = {}
     for dtype in args.dtypes.split(","):
-        if dtype == "bf16" and not precision.native_bf16():
+        if dtype == "bf16" and not precision.native_bf16(on):
             print("bf16: emulated on this CPU (no AMX, no AVX512-BF16): PyTorch emulates bf16 products, far slower "
                   "than fp32 for both models, so no bf16 ratio is measured (training here uses fp32: "
                   "precision='auto')")
@@ -129,7 +135,7 @@ def main() -> None:
         figures[dtype] = compare(args, dtype)
     for dtype, (ratio, _) in figures.items():
         print(f"ratio_{dtype}={ratio:.3f}")
-    auto = precision.resolve("auto")
+    auto = precision.resolve("auto", on)
     if auto in figures:
         print(f"mfu={figures[auto][1]:.3f}")
 

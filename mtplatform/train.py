@@ -22,7 +22,6 @@ import random
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,95 +34,8 @@ import torch.distributed as dist
 from mtplatform import cache, checkpoints, data, evaluate, health, interrupts, mixing, optim, run_lock, validation
 from mtplatform import model as model_lib
 from mtplatform import precision as precision_lib
+from mtplatform.distributed import Distributed, full_state, gradient_sync, load_optimizer, setup_distributed, wrap_model
 from mtplatform.tf_setup import configure_tensorflow
-
-
-@dataclass
-class Distributed:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-    def sum(self, value: float) -> float:
-        if self.world == 1:
-            return value
-        return self.sum_tensor(torch.tensor([value], dtype=torch.float64)).item()
-
-    def sum_tensor(self, values: torch.Tensor) -> torch.Tensor:
-        """Element-wise sum over processes of a CPU tensor (moved to the GPU for nccl, which reduces only there)."""
-        if self.world == 1:
-            return values
-        on = values.cuda() if dist.get_backend() == "nccl" else values
-        dist.all_reduce(on)
-        return on.cpu()
-
-
-def setup_distributed() -> tuple[Distributed, torch.device]:
-    """Join the process group when started by torchrun (gloo on CPU, nccl on GPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return Distributed(rank, world, local), device
-
-
-def wrap_model(model: model_lib.T5, ctx: Distributed, fsdp: bool) -> torch.nn.Module:
-    """The module to run forward through: the model itself, DDP over it, or the model sharded in place by FSDP2
-    (`fully_shard` per encoder/decoder block, then the root), whose parameters then become DTensor shards."""
-    if fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        for block in [*model.encoder, *model.decoder]:
-            fully_shard(block)
-        fully_shard(model)
-        return model
-    if ctx.world > 1:
-        return torch.nn.parallel.DistributedDataParallel(model)
-    return model
-
-
-def gradient_sync(wrapped: torch.nn.Module, ctx: Distributed, fsdp: bool, enabled: bool):
-    """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
-    if fsdp:
-        wrapped.set_requires_gradient_sync(enabled)
-        return nullcontext()
-    if ctx.world > 1 and not enabled:
-        return wrapped.no_sync()
-    return nullcontext()
-
-
-def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool) -> tuple[dict, dict]:
-    """Unsharded model and optimizer state dicts (a collective under FSDP: every process must call it)."""
-    if not fsdp:
-        return model.state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
-
-
-def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, fsdp: bool) -> None:
-    if not fsdp:
-        optimizer.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def vocab_size_for(mixture_or_task_name: str) -> int:
@@ -400,7 +312,7 @@ def setup(model_dir: Path, mixture_or_task_name: str, task_feature_lengths: dict
     if dropout_rate is not None:
         model.set_dropout(dropout_rate)
     model.to(device).train()
-    wrapped = wrap_model(model, ctx, fsdp)
+    wrapped = wrap_model(model, fsdp)
     torch.manual_seed(seed + ctx.rank)  # dropout masks differ between processes
     optimizer = optim.make_optimizer(model.parameters())
     if "optimizer" in state:
@@ -463,7 +375,7 @@ def train_step(run: Run, lr: float, grad_accum_steps: int, z_loss: float, clip_g
     counts = torch.zeros(3, len(run.meter.names) + 1, dtype=torch.float64)
     for i, cpu_batch in enumerate(micro):
         batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
-        sync = gradient_sync(run.wrapped, ctx, run.fsdp, enabled=i == len(micro) - 1)
+        sync = gradient_sync(run.wrapped, run.fsdp, enabled=i == len(micro) - 1)
         with sync, precision_lib.autocast(run.precision, device):
             token_loss, _ = run.model.token_losses(batch, z_loss=z_loss, forward=run.wrapped)
             loss = (token_loss * weights[i].to(device)).sum()
