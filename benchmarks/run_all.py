@@ -49,6 +49,10 @@ BENCHMARKS: dict[str, tuple[list[str], list[Figure]]] = {
         Figure("ratio_greedy", "greedy decoding tokens/s, batch 8, inputs 512, 64 new tokens, same tokens",
                "HF generate", ">= 3"),
     ]),
+    "eval_throughput": (["--quick"], [
+        Figure("ratio_eval", "evaluating SST-2's whole validation set (872): seqio pipeline, decoding, metrics; "
+               "mini model, random weights, 8 positions", "the same seqio Evaluator decoding with HF generate", ""),
+    ]),
     "input_pipeline": (["--quick"], [
         Figure("data_wait_fraction", "share of training time waiting for batches, span corruption + GLUE packed",
                "none (absolute)", "< 0.02"),

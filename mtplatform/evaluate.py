@@ -8,7 +8,7 @@ postprocessor and metric functions); we only supply `predict_fn`, which batches 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import gin
@@ -20,10 +20,14 @@ from mtplatform import cache
 from mtplatform import precision as precision_lib
 from mtplatform.model import T5
 
+Generate = Callable[..., torch.Tensor]  # (encoder tokens, max_length=, num_beams=) -> generated ids, as T5.generate
+
 
 def make_predict_fn(model: T5, batch_size: int, max_decode_length: int, num_beams: int = 1,
-                    precision: str = "fp32", device: torch.device | str = "cpu"):
-    """seqio `predict_fn`: (index, features) dataset -> [(index, generated token ids)]."""
+                    precision: str = "fp32", device: torch.device | str = "cpu", generate: Generate | None = None):
+    """seqio `predict_fn`: (index, features) dataset -> [(index, generated token ids)]. `generate` replaces
+    `model.generate` (a peer's decoder, timed against ours by benchmarks/eval_throughput.py)."""
+    generate = generate or model.generate
 
     def predict_fn(ds: tf.data.Dataset, *unused) -> list[tuple[int, list[int]]]:
         was_training = model.training
@@ -33,7 +37,7 @@ def make_predict_fn(model: T5, batch_size: int, max_decode_length: int, num_beam
             for indices, features in ds.batch(batch_size).as_numpy_iterator():
                 enc = torch.tensor(features["encoder_input_tokens"]).to(device)
                 with precision_lib.autocast(precision, device):
-                    tokens = model.generate(enc, max_length=max_decode_length, num_beams=num_beams)
+                    tokens = generate(enc, max_length=max_decode_length, num_beams=num_beams)
                 # seqio stacks all predictions into one array: give every row the same length (0 = pad after EOS).
                 tokens = torch.nn.functional.pad(tokens, (0, max_decode_length - tokens.shape[1]))
                 out.extend(zip(indices.tolist(), tokens.cpu().tolist(), strict=True))
@@ -47,13 +51,15 @@ def make_predict_fn(model: T5, batch_size: int, max_decode_length: int, num_beam
 def evaluate(model: T5, mixture_or_task_name: str, *, split: str = "validation",
              task_feature_lengths: Mapping[str, int] | None = None, num_examples: int | None = None,
              batch_size: int = 32, max_decode_length: int = 64, num_beams: int = 1, precision: str = "fp32",
-             device: torch.device | str = "cpu", step: int | None = None) -> dict[str, dict[str, float]]:
-    """Metrics per task ({task: {metric: value}}) for every task of a mixture that has metrics and `split`."""
+             device: torch.device | str = "cpu", step: int | None = None,
+             generate: Generate | None = None) -> dict[str, dict[str, float]]:
+    """Metrics per task ({task: {metric: value}}) for every task of a mixture that has metrics and `split`
+    (`generate`: see `make_predict_fn`)."""
     tasks = seqio.get_subtasks(seqio.get_mixture_or_task(mixture_or_task_name))
     scored = [t for t in tasks if t.metric_fns and split in t.splits]
     if not scored:
         return {}
-    predict_fn = make_predict_fn(model, batch_size, max_decode_length, num_beams, precision, device)
+    predict_fn = make_predict_fn(model, batch_size, max_decode_length, num_beams, precision, device, generate)
     results = {}
     for task in scored:  # one evaluator per task: each reads its seqio cache, where it has one, or preprocesses
         evaluator = seqio.Evaluator(

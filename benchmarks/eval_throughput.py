@@ -1,0 +1,124 @@
+"""Evaluating a whole validation set, timed: seqio's Evaluator with our decoding against transformers' `generate`.
+
+What `mtp eval` does, from the task's files to its metrics: seqio preprocesses the split, our `predict_fn` decodes
+every example in batches, seqio postprocesses and scores. The peer runs the same Evaluator with Hugging Face's
+`generate` on the same weights as the decoder, so that the difference is the decoding alone; both must give the same
+metrics. Each side runs in its own process, alternating over rounds (`harness.py`); the script prints seconds per
+evaluation, examples per second, and the share of it spent decoding.
+
+    python benchmarks/eval_throughput.py [--quick] [--task glue_sst2] [--model mini] [--max_decode_length 8]
+
+Randomly initialised weights (seed 0) never emit EOS early, so every batch decodes `--max_decode_length` positions:
+a trained classifier stops after two or three. Needs MTP_DATA_DIR and MTP_VOCAB. The last line is
+`ratio_eval=<ours/HF, median examples per second>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import harness  # benchmarks/harness.py: Python puts the script's directory first on the path
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build_model(name: str, task: str):
+    """Our T5 of `gin/models/NAME.gin` with the task's vocabulary, seeded."""
+    import gin
+
+    from mtplatform import model as model_lib
+    from mtplatform.train import vocab_size_for
+
+    gin.add_config_file_search_path(str(REPO / "gin"))
+    gin.parse_config_file(str(REPO / "gin" / "models" / f"{name}.gin"))
+    torch.manual_seed(0)
+    return model_lib.T5(model_lib.T5Config(vocab_size=vocab_size_for(task))).eval()
+
+
+def side(args: argparse.Namespace) -> None:
+    """One whole evaluation in this process, timed; the seconds inside the decoder are counted apart."""
+    import tasks  # noqa: F401  (registers the catalogue)
+    from mtplatform import evaluate
+    from mtplatform.model import config_to_hf, to_hf_state_dict
+    from mtplatform.tf_setup import configure_tensorflow
+
+    configure_tensorflow()
+    model = build_model(args.model, args.task)
+    decoding = [0.0]
+    if args.side == "ours":
+        decoder = model.generate
+    else:
+        from transformers import T5Config as HFConfig
+        from transformers import T5ForConditionalGeneration
+
+        config = HFConfig(**{k: v for k, v in config_to_hf(model.cfg).items() if k != "architectures"})
+        hf = T5ForConditionalGeneration(config).eval()  # its two embed_tokens are `shared`: loaded with it
+        missing, unexpected = hf.load_state_dict(to_hf_state_dict(model), strict=False)
+        if unexpected or set(missing) - {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight"}:
+            raise SystemExit(f"weights did not map onto transformers' T5: missing {missing}, unexpected {unexpected}")
+
+        def decoder(enc, max_length, num_beams):
+            return hf.generate(input_ids=enc, attention_mask=enc != 0, max_new_tokens=max_length,
+                               num_beams=num_beams, do_sample=False)[:, 1:]
+
+    def timed(enc, max_length, num_beams):
+        began = time.perf_counter()
+        out = decoder(enc, max_length=max_length, num_beams=num_beams)
+        decoding[0] += time.perf_counter() - began
+        return out
+
+    began = time.perf_counter()
+    metrics = evaluate.evaluate(model, args.task, task_feature_lengths={"inputs": args.inputs, "targets": 8},
+                                batch_size=args.batch, max_decode_length=args.max_decode_length, generate=timed)
+    seconds = time.perf_counter() - began
+    examples = sum(1 for _ in _validation(args.task, args.inputs))
+    harness.report_side([seconds], decoding_s=decoding[0], examples=examples, metrics=metrics)
+
+
+def _validation(task: str, inputs: int):
+    import seqio
+
+    return seqio.get_mixture_or_task(task).get_dataset({"inputs": inputs, "targets": 8}, split="validation",
+                                                       shuffle=False).as_numpy_iterator()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="1 round per side instead of 2")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--task", default="glue_sst2")
+    p.add_argument("--model", default="mini", help="a gin/models/ file: tiny, mini, small, ...")
+    p.add_argument("--inputs", type=int, default=128)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--max_decode_length", type=int, default=8)
+    p.add_argument("--side", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.side:
+        return side(args)
+    if args.quick:
+        args.rounds = 1
+    print(f"machine: {harness.machine()}")
+    print(f"{args.task} validation, gin/models/{args.model}.gin, inputs {args.inputs}, batch {args.batch}, up to "
+          f"{args.max_decode_length} decoded positions, fp32; each side in its own process", flush=True)
+    got = harness.run_sides(__file__, ["ours", "hf"], args.rounds,
+                            ["--task", args.task, "--model", args.model, "--inputs", str(args.inputs), "--batch",
+                             str(args.batch), "--max_decode_length", str(args.max_decode_length)])
+    if got["ours"]["metrics"] != got["hf"]["metrics"]:
+        raise SystemExit(f"the metrics differ, so the decoders did not agree: ours {got['ours']['metrics']}, "
+                         f"HF {got['hf']['metrics']}")
+    print(f"same metrics: {got['ours']['metrics']}")
+    examples = got["ours"]["examples"]
+    medians = {}
+    for name in ("ours", "hf"):
+        best, medians[name] = harness.rates(examples, got[name]["seconds"])
+        print(f"eval {name:>4}: {examples / medians[name]:5.1f} s per evaluation of {examples} examples (median), "
+              f"{medians[name]:6.1f} examples/s, {got[name]['decoding_s'] / got[name]['seconds'][-1]:.0%} of it "
+              f"decoding (last round), peak memory {got[name]['peak_mib']:,.0f} MiB")
+    print(f"ratio_eval={medians['ours'] / medians['hf']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
