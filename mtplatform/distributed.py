@@ -22,6 +22,8 @@ from mtplatform import model as model_lib
 
 @dataclass
 class Distributed:
+    """This process's place among the processes; its collectives do nothing where there is no process group."""
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0

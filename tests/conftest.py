@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,13 @@ os.environ["MTP_DATA_DIR"] = str(DATA_DIR)
 from mtplatform.tf_setup import configure_tensorflow  # noqa: E402
 
 configure_tensorflow()
+
+
+def mtp(*args: str, cwd: Path | str = REPO, env_extra: dict[str, str] | None = None,
+        timeout: float = 900) -> subprocess.CompletedProcess:
+    """`python -m mtplatform.cli ARGS` in a new process, as a user runs it: output captured, environment extended."""
+    return subprocess.run([sys.executable, "-m", "mtplatform.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, **(env_extra or {})}, timeout=timeout)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,8 @@ import gin
 import numpy as np
 import pytest
 import seqio
-from test_train import _losses, _mtp  # the CLI and metrics helpers of the training tests
+from conftest import mtp
+from test_train import _losses  # the metrics reader of the training tests
 
 import tasks  # noqa: F401
 from mtplatform import cache
@@ -123,9 +124,9 @@ def test_mtp_cache_span_corruption_then_train_reads_it(tmp_path, vocab_file):
     """The issue's check: `mtp cache` over the whole shipped corpus and WNLI (Beam options passed through), documents
     equal to the uncached pipeline's, and training on both cached tasks that resumes exactly."""
     out_dir = tmp_path / "cache"
-    out = _mtp("cache", "--mixture_or_task=span_corruption", f"--mixture_or_task={TASK}",
-               f"--output_cache_dir={out_dir}", "--",
-               "--runner=DirectRunner", "--direct_num_workers=2", "--direct_running_mode=multi_processing")
+    out = mtp("cache", "--mixture_or_task=span_corruption", f"--mixture_or_task={TASK}",
+              f"--output_cache_dir={out_dir}", "--",
+              "--runner=DirectRunner", "--direct_num_workers=2", "--direct_running_mode=multi_processing")
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"cached {out_dir / 'span_corruption'}: train 27,525 examples, validation 289 examples" in out.stdout
     assert f"cached {out_dir / TASK}: test 146 examples, train 635 examples, validation 71 examples" in out.stdout
@@ -152,12 +153,12 @@ def test_mtp_cache_span_corruption_then_train_reads_it(tmp_path, vocab_file):
               "--gin.train.precision='fp32'", f"--gin.cache.dirs=['{out_dir}']"]
     env = {"PYTHONPATH": str(tmp_path)}
     for steps in (4, 8):  # stopped at 4, resumed to 8, against 8 at once
-        out = _mtp("train", *common, f"--gin.TRAIN_STEPS={steps}", f"--gin.MODEL_DIR='{tmp_path / 'run'}'",
-                   env_extra=env)
+        out = mtp("train", *common, f"--gin.TRAIN_STEPS={steps}", f"--gin.MODEL_DIR='{tmp_path / 'run'}'",
+                  env_extra=env)
         assert out.returncode == 0, out.stderr[-3000:]
         for name in (TASK, "span_corruption"):
             assert f"{name}: reading seqio's cache in {out_dir / name}" in out.stderr
-    out = _mtp("train", *common, "--gin.TRAIN_STEPS=8", f"--gin.MODEL_DIR='{tmp_path / 'once'}'", env_extra=env)
+    out = mtp("train", *common, "--gin.TRAIN_STEPS=8", f"--gin.MODEL_DIR='{tmp_path / 'once'}'", env_extra=env)
     assert out.returncode == 0, out.stderr[-3000:]
     resumed, once = (_losses(tmp_path / d) for d in ("run", "once"))
     assert sorted(once) == [2, 4, 6, 8] and once == {step: resumed[step] for step in once}  # bit for bit, fp32

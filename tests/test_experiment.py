@@ -7,27 +7,20 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import gin
 import pytest
+from conftest import REPO, mtp
 
 import tasks  # noqa: F401  (registers the tasks the strategies name)
 from mtplatform import checkpoints, report, strategies
 
-REPO = Path(__file__).resolve().parents[1]
 SMOKE = ("--gin_file=gin/models/tiny.gin", "--gin_file=gin/experiments/demo.gin",
          "--gin.pretrain_then_finetune.pretrain_steps=6", "--gin.pretrain_then_finetune.finetune_steps=4",
          "--gin.pretrain_then_finetune.tasks=['glue_rte', 'glue_stsb']", "--gin.experiment.eval_num_examples=16",
          "--gin.BATCH_SIZE=4", "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}", "--gin.train.log_every=2",
          "--gin.evaluate_checkpoint.max_decode_length=8")
-
-
-def _mtp(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mtplatform.cli", *args], capture_output=True, text=True,
-                          cwd=REPO, env=dict(os.environ), timeout=900)
 
 
 def _in_process(capfd, *args: str) -> tuple[int, str]:
@@ -47,7 +40,7 @@ def _in_process(capfd, *args: str) -> tuple[int, str]:
 
 def test_smoke_experiment_end_to_end_resumes_and_refuses_changes(tmp_path, vocab_file, capfd):
     exp = tmp_path / "exp"
-    out = _mtp("experiment", *SMOKE, f"--gin.EXPERIMENT_DIR='{exp}'")
+    out = mtp("experiment", *SMOKE, f"--gin.EXPERIMENT_DIR='{exp}'")
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads((exp / "results.json").read_text())
     assert [a["name"] for a in results["arms"]] == ["pre-train on span_corruption_and_glue + fine-tune",

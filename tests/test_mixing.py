@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import gin
 import numpy as np
 import pytest
 import seqio
 import torch
+from conftest import REPO, mtp
 
 import tasks  # noqa: F401
 from mtplatform import data, mixing, mixture_view
@@ -21,7 +18,6 @@ from mtplatform import model as model_lib
 from mtplatform import train as train_lib
 from tasks import mixtures
 
-REPO = Path(__file__).resolve().parents[1]
 SMALL = {"inputs": 64, "targets": 16}
 REAL = ("glue_cola", "glue_mrpc", "glue_rte", "glue_sst2", "span_corruption")
 TEST_MIXTURE = "test_mixing_real"
@@ -317,11 +313,6 @@ def test_bad_mixtures_and_settings_are_one_line_errors(data_dir, tmp_path, monke
 # --- the command and a real run ----------------------------------------------------------------------------------
 
 
-def _mtp(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mtplatform.cli", *args], capture_output=True, text=True,
-                          cwd=REPO, env=dict(os.environ), timeout=900)
-
-
 def _rows(stdout: str) -> dict[str, list[str]]:
     return {cells[1].strip(): [c.strip() for c in cells[2:-1]]
             for cells in (line.split("|") for line in stdout.splitlines() if line.startswith("| glue_")
@@ -361,10 +352,10 @@ def test_cli_mixture_show_and_temperature_override(tmp_path, data_dir, vocab_fil
 
 def test_twenty_step_run_logs_per_task_figures(tmp_path, data_dir, vocab_file):
     run = tmp_path / "run"
-    out = _mtp("train", "--gin_file=gin/models/tiny.gin", "--gin_file=gin/runs/pretrain.gin",
-               "--gin.MIXTURE_OR_TASK_NAME='span_corruption_and_glue'", "--gin.TRAIN_STEPS=20",
-               f"--gin.MODEL_DIR='{run}'", "--gin.BATCH_SIZE=8", "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, "
-               "'targets': 16}", "--gin.train.log_every=10", "--gin.train.precision='fp32'")
+    out = mtp("train", "--gin_file=gin/models/tiny.gin", "--gin_file=gin/runs/pretrain.gin",
+              "--gin.MIXTURE_OR_TASK_NAME='span_corruption_and_glue'", "--gin.TRAIN_STEPS=20",
+              f"--gin.MODEL_DIR='{run}'", "--gin.BATCH_SIZE=8", "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, "
+              "'targets': 16}", "--gin.train.log_every=10", "--gin.train.precision='fp32'")
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [10, 20]

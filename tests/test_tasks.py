@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import seqio
 import tensorflow as tf
+from conftest import mtp
 from t5.data import preprocessors as t5p
 
 import tasks  # noqa: F401
@@ -242,16 +240,8 @@ def test_missing_vocabulary_is_explained(tmp_path, monkeypatch):
         ConfiguredVocabulary().encode("hello")
 
 
-def _mtp(*args, env_extra=None, cwd=None):
-    import os
-
-    env = {**os.environ, **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "mtplatform.cli", *args], capture_output=True, text=True,
-                          env=env, cwd=cwd)
-
-
 def test_cli_tasks_list(data_dir):
-    out = _mtp("tasks", "list")
+    out = mtp("tasks", "list")
     assert out.returncode == 0, out.stderr
     lines = {line.split()[0]: line for line in out.stdout.splitlines() if line.strip()}
     assert "train 67,349, validation 872" in lines["glue_sst2"]
@@ -269,17 +259,17 @@ def test_cli_tasks_list(data_dir):
 
 def test_cli_vocab_train_then_show(tmp_path, data_dir):
     model = tmp_path / "v.model"
-    out = _mtp("vocab", "train", "--mixture_or_task=glue_rte", "--vocab_size=1200", f"--output={model}")
+    out = mtp("vocab", "train", "--mixture_or_task=glue_rte", "--vocab_size=1200", f"--output={model}")
     assert out.returncode == 0, out.stderr
     assert str(model) in out.stdout and model.is_file()
-    out = _mtp("tasks", "show", "--mixture_or_task=glue_rte", "--split=validation", env_extra={"MTP_VOCAB": str(model)})
+    out = mtp("tasks", "show", "--mixture_or_task=glue_rte", "--split=validation", env_extra={"MTP_VOCAB": str(model)})
     assert out.returncode == 0, out.stderr
     assert "inputs text:   rte sentence1: Dana Reeve" in out.stdout
     assert "targets text:   not_entailment" in out.stdout
 
 
 def test_cli_bad_data_dir_is_explained(tmp_path):
-    out = _mtp("tasks", "show", "--mixture_or_task=glue_rte", env_extra={"MTP_DATA_DIR": str(tmp_path / "nowhere")})
+    out = mtp("tasks", "show", "--mixture_or_task=glue_rte", env_extra={"MTP_DATA_DIR": str(tmp_path / "nowhere")})
     assert out.returncode == 2
     assert "MTP_DATA_DIR" in out.stderr and "Traceback" not in out.stderr
 
@@ -309,13 +299,13 @@ def test_readme_file_task_example(tmp_path, data_dir, vocab_file):
     for part in (0, 1):
         (reviews / f"dev-{part}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dev[part::2]))
     env = {"PYTHONPATH": str(tmp_path), "MTP_VOCAB": str(vocab_file), "MTP_DATA_DIR": str(tmp_path / "data")}
-    out = _mtp("tasks", "show", "--module", "my_tasks", "--mixture_or_task=my_reviews", "--split=validation",
-               cwd=tmp_path, env_extra=env)
+    out = mtp("tasks", "show", "--module", "my_tasks", "--mixture_or_task=my_reviews", "--split=validation",
+              cwd=tmp_path, env_extra=env)
     assert out.returncode == 0, out.stderr
     first = dev[0]["sentence"].strip()
     assert f"inputs text:   review: {first}" in out.stdout
     assert f"targets text:   {'positive' if dev[0]['label'] else 'negative'}" in out.stdout
-    out = _mtp("tasks", "list", "--module", "my_tasks", cwd=tmp_path, env_extra=env)
+    out = mtp("tasks", "list", "--module", "my_tasks", cwd=tmp_path, env_extra=env)
     assert out.returncode == 0, out.stderr
     line = next(line for line in out.stdout.splitlines() if line.startswith("my_reviews"))
     assert "train 500, validation 300" in line and "accuracy" in line

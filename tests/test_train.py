@@ -11,12 +11,12 @@ from pathlib import Path
 import gin
 import pytest
 import seqio
+from conftest import REPO, mtp
 
 import tasks  # noqa: F401
 from mtplatform import checkpoints, data
 from mtplatform import train as train_lib
 
-REPO = Path(__file__).resolve().parents[1]
 LENGTHS = {"inputs": 64, "targets": 16}
 MIXTURE = "test_rte_and_span_corruption"
 
@@ -152,19 +152,13 @@ def test_grad_accumulation_matches_large_batch(tmp_path, vocab_file):
     assert full[1] == pytest.approx(accum[1], rel=1e-5)
 
 
-def _mtp(*args, cwd=REPO, env_extra=None, timeout=600):
-    env = {**os.environ, **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "mtplatform.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=timeout)
-
-
 def _cli_train(command, model_dir, steps, *extra):
     run_file = "finetune" if command == "finetune" else "pretrain"
-    return _mtp(command, "--gin_file=gin/models/tiny.gin", f"--gin_file=gin/runs/{run_file}.gin",
-                "--gin.MIXTURE_OR_TASK_NAME='glue_rte'", f"--gin.TRAIN_STEPS={steps}",
-                f"--gin.MODEL_DIR='{model_dir}'",
-                "--gin.BATCH_SIZE=8", "--gin.TASK_FEATURE_LENGTHS={'inputs': 128, 'targets': 8}",
-                "--gin.train.checkpoint_every=20", "--gin.train.log_every=5", *extra)
+    return mtp(command, "--gin_file=gin/models/tiny.gin", f"--gin_file=gin/runs/{run_file}.gin",
+               "--gin.MIXTURE_OR_TASK_NAME='glue_rte'", f"--gin.TRAIN_STEPS={steps}",
+               f"--gin.MODEL_DIR='{model_dir}'",
+               "--gin.BATCH_SIZE=8", "--gin.TASK_FEATURE_LENGTHS={'inputs': 128, 'targets': 8}",
+               "--gin.train.checkpoint_every=20", "--gin.train.log_every=5", *extra)
 
 
 @pytest.mark.slow  # seven `mtp` processes: about three minutes on 2 cores; CI's slow step runs it
@@ -189,17 +183,17 @@ def test_cli_train_resume_finetune_eval_infer(tmp_path, vocab_file):
     assert checkpoints.all_steps(ft) == [60]  # counted as t5x does: from 40 to 60
     assert [json.loads(x)["step"] for x in (ft / "metrics.jsonl").read_text().splitlines()] == [45, 50, 55, 60]
 
-    out = _mtp("eval", "--gin_file=gin/runs/eval.gin", f"--gin.CHECKPOINT_PATH='{ft}'",
-               "--gin.MIXTURE_OR_TASK_NAME='glue_rte'", "--gin.evaluate_checkpoint.max_decode_length=4")
+    out = mtp("eval", "--gin_file=gin/runs/eval.gin", f"--gin.CHECKPOINT_PATH='{ft}'",
+              "--gin.MIXTURE_OR_TASK_NAME='glue_rte'", "--gin.evaluate_checkpoint.max_decode_length=4")
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads((ft / "eval_validation" / "metrics.json").read_text())
     assert metrics["step"] == 60 and 0 <= metrics["metrics"]["glue_rte"]["accuracy"] <= 100
     assert "glue_rte: accuracy" in out.stdout
 
     preds = tmp_path / "preds.jsonl"
-    out = _mtp("infer", "--gin_file=gin/runs/infer.gin", f"--gin.CHECKPOINT_PATH='{ft}'",
-               "--gin.MIXTURE_OR_TASK_NAME='glue_rte'", f"--gin.OUTPUT_FILE='{preds}'",
-               "--gin.infer.num_examples=5", "--gin.infer.max_decode_length=4")
+    out = mtp("infer", "--gin_file=gin/runs/infer.gin", f"--gin.CHECKPOINT_PATH='{ft}'",
+              "--gin.MIXTURE_OR_TASK_NAME='glue_rte'", f"--gin.OUTPUT_FILE='{preds}'",
+              "--gin.infer.num_examples=5", "--gin.infer.max_decode_length=4")
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in preds.read_text().splitlines()]
     assert len(rows) == 5 and rows[0]["input"].startswith("rte sentence1: Dana Reeve")
@@ -207,9 +201,9 @@ def test_cli_train_resume_finetune_eval_infer(tmp_path, vocab_file):
 
     inputs = tmp_path / "inputs.txt"
     inputs.write_text("rte sentence1: The cat sat. sentence2: A cat sat.\n\nrte sentence1: It rains. sentence2: Dry.\n")
-    out = _mtp("infer", "--gin_file=gin/runs/infer.gin", f"--gin.CHECKPOINT_PATH='{ft}/checkpoint_60'",
-               f"--gin.INPUT_FILE='{inputs}'", f"--gin.OUTPUT_FILE='{preds}'", "--gin.infer.max_decode_length=4",
-               "--gin.infer.precision='fp32'")
+    out = mtp("infer", "--gin_file=gin/runs/infer.gin", f"--gin.CHECKPOINT_PATH='{ft}/checkpoint_60'",
+              f"--gin.INPUT_FILE='{inputs}'", f"--gin.OUTPUT_FILE='{preds}'", "--gin.infer.max_decode_length=4",
+              "--gin.infer.precision='fp32'")
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in preds.read_text().splitlines()]
     assert [r["input"] for r in rows] == ["rte sentence1: The cat sat. sentence2: A cat sat.",
@@ -226,7 +220,7 @@ def _check_export_round_trip(model_dir: Path, hf_dir: Path, vocab_file: Path, pr
     from mtplatform import model as model_lib
     from mtplatform.vocab import vocabulary_from_file
 
-    out = _mtp("export", f"--checkpoint={model_dir}", f"--output={hf_dir}", f"--vocab={vocab_file}")
+    out = mtp("export", f"--checkpoint={model_dir}", f"--output={hf_dir}", f"--vocab={vocab_file}")
     assert out.returncode == 0, out.stderr[-3000:]
     hf = T5ForConditionalGeneration.from_pretrained(hf_dir).eval()
     tokenizer = T5Tokenizer.from_pretrained(hf_dir, legacy=False)
@@ -245,8 +239,8 @@ def _check_export_round_trip(model_dir: Path, hf_dir: Path, vocab_file: Path, pr
 
 
 def test_cli_reports_missing_required_setting(tmp_path, vocab_file):
-    out = _mtp("train", "--gin_file=gin/models/tiny.gin", "--gin_file=gin/runs/pretrain.gin",
-               "--gin.MIXTURE_OR_TASK_NAME='glue_rte'", f"--gin.MODEL_DIR='{tmp_path}'")
+    out = mtp("train", "--gin_file=gin/models/tiny.gin", "--gin_file=gin/runs/pretrain.gin",
+              "--gin.MIXTURE_OR_TASK_NAME='glue_rte'", f"--gin.MODEL_DIR='{tmp_path}'")
     assert out.returncode != 0
     assert "TRAIN_STEPS" in out.stderr
 
@@ -271,7 +265,7 @@ def test_two_processes_match_one(tmp_path, vocab_file):
               "--gin.learning_rate.warmup_steps=0",
               "--gin.train.precision='fp32'"]  # exactness tests run in fp32 on every machine (see README, Precision)
     one, two = tmp_path / "one", tmp_path / "two"
-    out = _mtp("train", *common, f"--gin.MODEL_DIR='{one}'")
+    out = mtp("train", *common, f"--gin.MODEL_DIR='{one}'")
     assert out.returncode == 0, out.stderr[-3000:]
     out = _torchrun(*common, f"--gin.MODEL_DIR='{two}'", port=29533)
     assert out.returncode == 0, out.stderr[-3000:]
