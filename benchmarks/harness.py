@@ -86,9 +86,11 @@ def report_side(seconds: list[float], on: torch.device | None = None, **extra) -
     print(json.dumps({"seconds": seconds, "peak_mib": peak_mib(on), **extra}), flush=True)
 
 
-def run_sides(script: str | Path, sides: Sequence[str], rounds: int, args: Sequence[str]) -> dict[str, dict]:
+def run_sides(script: str | Path, sides: Sequence[str], rounds: int, args: Sequence[str],
+              unit: str = "per step") -> dict[str, dict]:
     """Run `script --side S *args` for every side, alternating the order each round; per side: every timed step's
-    seconds (`seconds`), the highest peak memory (`peak_mib`) and the last round's other figures."""
+    seconds (`seconds`, `unit` in the progress lines), the highest peak memory (`peak_mib`) and the last round's
+    other figures."""
     results: dict[str, dict] = {side: {"seconds": [], "peak_mib": 0.0} for side in sides}
     for r in range(rounds):
         for side in sides if r % 2 == 0 else list(reversed(sides)):
@@ -100,12 +102,8 @@ def run_sides(script: str | Path, sides: Sequence[str], rounds: int, args: Seque
             results[side]["seconds"] += answer.pop("seconds")
             results[side]["peak_mib"] = max(results[side]["peak_mib"], answer.pop("peak_mib"))
             results[side].update(answer)
-            print(f"  round {r + 1}/{rounds} {side}: {_fmt(results[side]['seconds'][-1])} per step", flush=True)
+            print(f"  round {r + 1}/{rounds} {side}: {results[side]['seconds'][-1]:.3g} s {unit}", flush=True)
     return results
-
-
-def _fmt(seconds: float) -> str:
-    return f"{seconds:.3f} s"
 
 
 def rates(work: float, seconds: list[float]) -> tuple[float, float]:

@@ -1,0 +1,126 @@
+"""Useful tokens per second on real data: our packed batches against Hugging Face on the same examples, padded.
+
+The mixture `span_corruption_and_glue` (span corruption over the shipped corpus with the GLUE tasks), inputs 512 and
+targets 114, batch 8 rows, T5 1.1 small shape, AdamW (fused), fp32. Our side trains on the batches `mtp train` reads
+(`data.train_dataset`, packed: several examples per row, attention kept within each). The peer trains
+`T5ForConditionalGeneration` on the same mixture's examples unpacked, each batch padded to its longest example (as
+transformers' `DataCollatorForSeq2Seq` pads), labels -100 on padding. A useful token is an input or target token that
+is not padding; each side counts its own. Each side runs in its own process, alternating over rounds (`harness.py`).
+
+    python benchmarks/packed_throughput.py [--quick] [--rounds R] [--steps N] [--batch B]
+
+Needs MTP_DATA_DIR and MTP_VOCAB. The last line is `ratio_useful=<ours/HF, useful tokens per second>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import harness  # benchmarks/harness.py: Python puts the script's directory first on the path
+import model_throughput
+import torch
+
+LENGTHS = {"inputs": 512, "targets": 114}
+
+
+def batches(pack: bool, batch: int):
+    """The mixture's training batches as `mtp train` builds them (packed), or unpacked."""
+    import tasks  # noqa: F401  (registers the catalogue)
+    from mtplatform import data
+    from mtplatform.tf_setup import configure_tensorflow
+
+    configure_tensorflow()
+    dataset, _ = data.train_dataset(mixture_or_task_name="span_corruption_and_glue", task_feature_lengths=LENGTHS,
+                                    batch_size=batch, pack=pack, seed=0)
+    return data.BatchIterator(dataset)
+
+
+def trimmed(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An unpacked batch padded to its longest input and target, not to the feature lengths, in int64 as
+    transformers' collators give it."""
+    enc_len = int((batch["encoder_input_tokens"] != 0).sum(1).max())
+    tgt_len = int((batch["decoder_target_tokens"] != 0).sum(1).max())
+    return {"encoder_input_tokens": batch["encoder_input_tokens"][:, :enc_len].long(),
+            "decoder_input_tokens": batch["decoder_input_tokens"][:, :tgt_len].long(),
+            "decoder_target_tokens": batch["decoder_target_tokens"][:, :tgt_len].long()}
+
+
+def useful(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["encoder_input_tokens"] != 0).sum() + (batch["decoder_target_tokens"] != 0).sum())
+
+
+def side(args: argparse.Namespace) -> None:
+    """One side: warm-up steps, then timed steps on the next batches; seconds and useful tokens per step."""
+    from mtplatform.model import T5, config_to_hf
+
+    cfg = model_throughput.model_config()
+    torch.manual_seed(0)
+    stream = batches(pack=args.side == "ours", batch=args.batch)
+    if args.side == "ours":
+        model = T5(cfg).train()
+
+        def loss(batch):
+            total, weight = model.loss(batch)
+            return total / weight
+    else:
+        from transformers import T5Config as HFConfig
+        from transformers import T5ForConditionalGeneration
+
+        model = T5ForConditionalGeneration(HFConfig(**{k: v for k, v in config_to_hf(cfg).items()
+                                                       if k != "architectures"})).train()
+
+        def loss(batch):
+            labels = batch["decoder_target_tokens"].masked_fill(batch["decoder_target_tokens"] == 0, -100)
+            return model(input_ids=batch["encoder_input_tokens"], attention_mask=batch["encoder_input_tokens"] != 0,
+                         decoder_input_ids=batch["decoder_input_tokens"], labels=labels).loss
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    counts, widths = [], []
+
+    def step():
+        batch = next(stream)
+        batch = batch if args.side == "ours" else trimmed(batch)
+        counts.append(useful(batch))
+        widths.append(batch["encoder_input_tokens"].shape[1])
+        loss(batch).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    seconds = harness.time_steps(step, args.warmup, args.steps)
+    # per useful token, so that the parent's median over steps of all rounds is a median rate
+    harness.report_side([s / n for s, n in zip(seconds, counts[args.warmup:], strict=True)],
+                        useful=counts[args.warmup:], step_seconds=seconds, widths=widths[args.warmup:])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="1 round of 3 timed steps per side")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--side", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.side:
+        return side(args)
+    if args.quick:
+        args.rounds, args.steps = 1, 3
+    print(f"machine: {harness.machine()}")
+    print(f"span_corruption_and_glue, 512/114, batch {args.batch} rows, T5 1.1 small shape, fp32; ours packed, HF "
+          f"padded to each batch's longest example; {args.rounds} rounds of {args.steps} timed steps", flush=True)
+    got = harness.run_sides(__file__, ["ours", "hf"], args.rounds,
+                            ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch)],
+                            unit="per useful token (last step)")
+    rates = {}
+    capacity = args.batch * (LENGTHS["inputs"] + LENGTHS["targets"])
+    for name in ("ours", "hf"):
+        best, rates[name] = harness.rates(1.0, got[name]["seconds"])
+        tokens, seconds = got[name]["useful"], got[name]["step_seconds"]  # the last round's
+        print(f"{name:>4}: {rates[name]:6.0f} useful tokens/s median, {best:6.0f} best; last round: "
+              f"{sum(tokens) / len(tokens) / capacity:.0%} of a full 512/114 batch useful, input widths "
+              f"{got[name]['widths']}, {sum(seconds) / len(seconds):.2f} s per step; peak memory "
+              f"{got[name]['peak_mib']:,.0f} MiB")
+    print(f"ratio_useful={rates['ours'] / rates['hf']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
