@@ -51,8 +51,7 @@ def side(args: argparse.Namespace) -> None:
     with torch.no_grad():
         tokens = decode()
         seconds = harness.time_steps(decode, args.warmup, args.runs, on)
-    harness.report_side(seconds, on, generated=tokens.numel(),
-                        tokens=tokens.tolist())
+    harness.report_side(seconds, on, generated=tokens.numel(), tokens=tokens.tolist())
 
 
 def main() -> None:
