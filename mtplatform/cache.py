@@ -184,9 +184,10 @@ def is_cached(task: seqio.Task, cache_dir: str | os.PathLike) -> bool:
 
 
 def build(names: Sequence[str], output_dir: str | os.PathLike, *, overwrite: bool = False, min_shards: int = 64,
-          pipeline_options: Sequence[str] = ("--runner=DirectRunner",), modules: Sequence[str] = ()) -> list[Path]:
+          pipeline_options: Sequence[str] = ("--runner=DirectRunner",), modules: Sequence[str] = ()) -> dict[str, Path]:
     """Cache every task of the tasks or mixtures `names` under `output_dir` with one Beam pipeline; return the
-    task directories written. `pipeline_options` go to Beam unchanged (any runner: Dataflow, Flink, Spark).
+    directory written for each task built, by task name (seqio's directory names are not task names).
+    `pipeline_options` go to Beam unchanged (any runner: Dataflow, Flink, Spark).
 
     A task already cached there and fresh is skipped; a stale or incomplete one is an error unless `overwrite`.
     Workers import `tasks` and `modules` and get this process's data directory and vocabulary.
@@ -203,7 +204,7 @@ def build(names: Sequence[str], output_dir: str | os.PathLike, *, overwrite: boo
         with beam.Pipeline(options=beam.options.pipeline_options.PipelineOptions(list(pipeline_options))) as pipe:
             for task in todo:
                 _add_task(pipe, task, Path(output_dir), setup, ["tasks", *modules], min_shards)
-    return [task_dir(output_dir, task) for task in todo]
+    return {task.name: task_dir(output_dir, task) for task in todo}
 
 
 @contextlib.contextmanager

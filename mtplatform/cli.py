@@ -316,10 +316,10 @@ def _cache(args: argparse.Namespace, pipeline_options: list[str]) -> int:
     written = cache.build(args.mixture_or_task, args.output_cache_dir, overwrite=args.overwrite,
                           min_shards=args.min_shards, pipeline_options=pipeline_options or ["--runner=DirectRunner"],
                           modules=args.module)
-    for where in written:
+    for name, where in written.items():
         stats = {split.name.split(".")[1]: json.loads(split.read_text())["examples"]
                  for split in sorted(where.glob("stats.*.json"))}
-        absent = sorted(set(seqio.get_mixture_or_task(where.name).splits) - set(stats))
+        absent = sorted(set(seqio.get_mixture_or_task(name).splits) - set(stats))
         print(f"cached {where}: " + ", ".join(f"{split} {n:,} examples" for split, n in stats.items())
               + (f" ({', '.join(absent)}: no data file, not cached)" if absent else ""))
     if not written:

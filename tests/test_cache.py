@@ -33,7 +33,7 @@ def wnli_cache(tmp_path_factory, data_dir, vocab_file):
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MTP_DATA_DIR", str(data))
         written = cache.build([TASK], root / "cache", min_shards=4)
-    assert written == [root / "cache" / TASK]
+    assert written == {TASK: root / "cache" / TASK}
     return data, root / "cache"
 
 
@@ -65,7 +65,7 @@ def test_cached_examples_equal_uncached(reading):
                              use_cached=True).take(1).as_numpy_iterator()
     assert len(ex["inputs"]) <= 32 and ex["inputs"][-1] == 1 and ex["targets"][-1] == 1
     # Nothing to do a second time: the cache there is fresh.
-    assert cache.build([TASK], cache_dir, min_shards=4) == []
+    assert cache.build([TASK], cache_dir, min_shards=4) == {}
 
 
 def test_stale_cache_is_an_error_naming_the_task(reading):
