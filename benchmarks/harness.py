@@ -61,7 +61,7 @@ def peak_mib(on: torch.device | None = None) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _wait(on: torch.device | None) -> None:
+def synchronize(on: torch.device | None) -> None:
     """Wait for the GPU's queued work: its kernels run asynchronously, so a timer must wait for them."""
     if on is not None and on.type == "cuda":
         torch.cuda.synchronize(on)
@@ -73,10 +73,10 @@ def time_steps(step: Callable[[], object], warmup: int, steps: int, on: torch.de
         step()
     times = []
     for _ in range(steps):
-        _wait(on)
+        synchronize(on)
         began = time.perf_counter()
         step()
-        _wait(on)
+        synchronize(on)
         times.append(time.perf_counter() - began)
     return times
 
@@ -122,10 +122,10 @@ def matmul_peak(dtype: torch.dtype, on: torch.device | None = None, sizes: Seque
     for n in sizes:
         a, b = torch.randn(n, n, device=on).to(dtype), torch.randn(n, n, device=on).to(dtype)
         a @ b  # warm-up
-        _wait(on)
+        synchronize(on)
         began = time.perf_counter()
         for _ in range(repeats):
             a @ b
-        _wait(on)
+        synchronize(on)
         best = max(best, 2 * n ** 3 * repeats / (time.perf_counter() - began))
     return best

@@ -71,7 +71,7 @@ def side(args: argparse.Namespace) -> None:
     with profile(activities=activities) as prof:
         began = time.perf_counter()
         step()
-        harness._wait(on)
+        harness.synchronize(on)
         seconds = time.perf_counter() - began
     attribute = "self_device_time_total" if on.type == "cuda" else "self_cpu_time_total"
     ops = {e.key: getattr(e, attribute) / 1e6 for e in prof.key_averages() if getattr(e, attribute) > 0}
