@@ -18,21 +18,17 @@ import argparse
 import harness  # benchmarks/harness.py: Python puts the script's directory first on the path
 import torch
 
-from mtplatform.model import T5Config, config_to_hf, from_hf_state_dict
+from mtplatform.model import T5Config, from_hf_state_dict
 
 CONFIG = T5Config(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6)
 
 
 def side(args: argparse.Namespace) -> None:
     """One side's decoding, in this process: the shared weights, a warm-up run, timed runs."""
-    from transformers import T5Config as HFConfig
-    from transformers import T5ForConditionalGeneration
-
     cfg = CONFIG
     on = harness.device(args.device)
     torch.manual_seed(0)
-    hf = T5ForConditionalGeneration(HFConfig(**{k: v for k, v in config_to_hf(cfg).items()
-                                                if k != "architectures"})).eval()
+    hf = harness.hf_t5(cfg).eval()
     enc = torch.randint(2, cfg.vocab_size, (args.batch, args.inputs),
                         generator=torch.Generator().manual_seed(1)).to(on)
     if args.side == "ours":

@@ -42,20 +42,16 @@ def side(args: argparse.Namespace) -> None:
     """One whole evaluation in this process, timed; the seconds inside the decoder are counted apart."""
     import tasks  # noqa: F401  (registers the catalogue)
     from mtplatform import evaluate
-    from mtplatform.model import config_to_hf, to_hf_state_dict
+    from mtplatform.model import to_hf_state_dict
     from mtplatform.tf_setup import configure_tensorflow
 
     configure_tensorflow()
     model = build_model(args.model, args.task)
-    decoding = [0.0]
+    decoding, examples = [0.0], [0]
     if args.side == "ours":
         decoder = model.generate
     else:
-        from transformers import T5Config as HFConfig
-        from transformers import T5ForConditionalGeneration
-
-        config = HFConfig(**{k: v for k, v in config_to_hf(model.cfg).items() if k != "architectures"})
-        hf = T5ForConditionalGeneration(config).eval()  # its two embed_tokens are `shared`: loaded with it
+        hf = harness.hf_t5(model.cfg).eval()  # its two embed_tokens are `shared`: loaded with it
         missing, unexpected = hf.load_state_dict(to_hf_state_dict(model), strict=False)
         if unexpected or set(missing) - {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight"}:
             raise SystemExit(f"weights did not map onto transformers' T5: missing {missing}, unexpected {unexpected}")
@@ -68,21 +64,14 @@ def side(args: argparse.Namespace) -> None:
         began = time.perf_counter()
         out = decoder(enc, max_length=max_length, num_beams=num_beams)
         decoding[0] += time.perf_counter() - began
+        examples[0] += enc.shape[0]  # every example the Evaluator scores passes here once
         return out
 
     began = time.perf_counter()
     metrics = evaluate.evaluate(model, args.task, task_feature_lengths={"inputs": args.inputs, "targets": 8},
                                 batch_size=args.batch, max_decode_length=args.max_decode_length, generate=timed)
     seconds = time.perf_counter() - began
-    examples = sum(1 for _ in _validation(args.task, args.inputs))
-    harness.report_side([seconds], decoding_s=decoding[0], examples=examples, metrics=metrics)
-
-
-def _validation(task: str, inputs: int):
-    import seqio
-
-    return seqio.get_mixture_or_task(task).get_dataset({"inputs": inputs, "targets": 8}, split="validation",
-                                                       shuffle=False).as_numpy_iterator()
+    harness.report_side([seconds], decoding_s=decoding[0], examples=examples[0], metrics=metrics)
 
 
 def main() -> None:

@@ -54,6 +54,17 @@ def device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def hf_t5(cfg) -> torch.nn.Module:
+    """The peer: a freshly initialised transformers `T5ForConditionalGeneration` of our `T5Config`'s shape."""
+    from transformers import T5Config as HFConfig
+    from transformers import T5ForConditionalGeneration
+
+    from mtplatform.model import config_to_hf
+
+    return T5ForConditionalGeneration(HFConfig(**{k: v for k, v in config_to_hf(cfg).items()
+                                                  if k != "architectures"}))
+
+
 def peak_mib(on: torch.device | None = None) -> float:
     """Peak memory so far, MiB: the GPU's allocations on a GPU, else this process's resident memory."""
     if on is not None and on.type == "cuda":

@@ -23,7 +23,7 @@ import harness  # benchmarks/harness.py: Python puts the script's directory firs
 import torch
 
 from mtplatform import precision
-from mtplatform.model import T5, T5Config, config_to_hf
+from mtplatform.model import T5, T5Config
 
 
 def make_batch(cfg: T5Config, batch: int, inputs: int, targets: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -48,11 +48,7 @@ def side(args: argparse.Namespace) -> None:
             loss, weight = model.loss(batch, forward=forward)
             (loss / weight).backward()
     else:
-        from transformers import T5Config as HFConfig
-        from transformers import T5ForConditionalGeneration
-
-        model = T5ForConditionalGeneration(HFConfig(**{k: v for k, v in config_to_hf(cfg).items()
-                                                       if k != "architectures"})).train().to(on)
+        model = harness.hf_t5(cfg).train().to(on)
         forward = torch.compile(model) if args.compile else model
 
         def loss_step(batch):

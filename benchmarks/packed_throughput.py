@@ -51,7 +51,7 @@ def useful(batch: dict[str, torch.Tensor]) -> int:
 
 def side(args: argparse.Namespace) -> None:
     """One side: warm-up steps, then timed steps on the next batches; seconds and useful tokens per step."""
-    from mtplatform.model import T5, config_to_hf
+    from mtplatform.model import T5
 
     cfg = model_throughput.model_config()
     torch.manual_seed(0)
@@ -63,11 +63,7 @@ def side(args: argparse.Namespace) -> None:
             total, weight = model.loss(batch)
             return total / weight
     else:
-        from transformers import T5Config as HFConfig
-        from transformers import T5ForConditionalGeneration
-
-        model = T5ForConditionalGeneration(HFConfig(**{k: v for k, v in config_to_hf(cfg).items()
-                                                       if k != "architectures"})).train()
+        model = harness.hf_t5(cfg).train()
 
         def loss(batch):
             labels = batch["decoder_target_tokens"].masked_fill(batch["decoder_target_tokens"] == 0, -100)

@@ -23,7 +23,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from mtplatform import precision
-from mtplatform.model import T5, config_to_hf
+from mtplatform.model import T5
 
 MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
           "aten::_scaled_dot_product", "aten::_efficient_attention", "aten::_flash_attention", "aten::_cudnn_attention")
@@ -49,11 +49,7 @@ def side(args: argparse.Namespace) -> None:
             total, weight = model.loss(batch)
             return total / weight
     else:
-        from transformers import T5Config as HFConfig
-        from transformers import T5ForConditionalGeneration
-
-        model = T5ForConditionalGeneration(HFConfig(**{k: v for k, v in config_to_hf(cfg).items()
-                                                       if k != "architectures"})).train().to(on)
+        model = harness.hf_t5(cfg).train().to(on)
 
         def loss():
             return model(input_ids=batch["encoder_input_tokens"], decoder_input_ids=batch["decoder_input_tokens"],
