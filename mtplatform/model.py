@@ -17,9 +17,11 @@ segment/padding mask folded into one additive mask.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -105,7 +107,10 @@ class RelativePositionBias(nn.Module):
         """(B|1, Lq) and (B|1, Lk) positions -> (B|1, heads, Lq, Lk) float32 bias."""
         relative = key_positions[:, None, :] - query_positions[:, :, None]
         buckets = relative_position_bucket(relative, self.bidirectional, self.num_buckets, self.max_distance)
-        return self.embedding(buckets).permute(0, 3, 1, 2).float()
+        # Made contiguous: the fused attention kernels need a mask whose key dimension is (the embedding's layout,
+        # heads last, permuted, sends GPUs to the unfused path). An embedding lookup, not indexing the transposed
+        # table: indexing's backward scatters into the 32 x heads entries with atomics (15% of a GPU step).
+        return self.embedding(buckets).permute(0, 3, 1, 2).contiguous().float()
 
 
 class Attention(nn.Module):
@@ -187,6 +192,15 @@ class DecoderBlock(nn.Module):
         return x + self.dropout(self.ff(self.ff_norm(x)))
 
 
+def _attention_bias(allowed: Tensor, position_bias: Tensor | None = None) -> Tensor:
+    """The additive mask of one stack's attention: position bias (if any) plus the mask of `allowed`, cast once to
+    the dtype autocast computes in, so that the layers sharing it do not each cast (and, backwards, each cast its
+    gradient)."""
+    bias = _mask_to_bias(allowed) if position_bias is None else position_bias + _mask_to_bias(allowed)
+    device = bias.device.type
+    return bias.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else bias
+
+
 def _mask_to_bias(allowed: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """Boolean (B, Lq, Lk) -> additive (B, 1, Lq, Lk): 0 where allowed, a large negative number elsewhere.
 
@@ -250,7 +264,7 @@ class T5(nn.Module):
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)[None]
         allowed = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] != 0)
-        bias = self.encoder_bias(positions, positions) + _mask_to_bias(allowed)
+        bias = _attention_bias(allowed, self.encoder_bias(positions, positions))
         x = self.dropout(self.shared(tokens))
         for block in self.encoder:
             x = block(x, bias)
@@ -272,8 +286,8 @@ class T5(nn.Module):
         else:
             self_allowed = causal
             cross_allowed = (enc_segments[:, None, :] != 0).expand(-1, length, -1)
-        self_bias = self.decoder_bias(positions, positions) + _mask_to_bias(self_allowed)
-        cross_bias = _mask_to_bias(cross_allowed)
+        self_bias = _attention_bias(self_allowed, self.decoder_bias(positions, positions))
+        cross_bias = _attention_bias(cross_allowed)
         x = self.dropout(self.shared(tokens))
         for block in self.decoder:
             x = block(x, self_bias, memory, cross_bias)
@@ -321,54 +335,90 @@ class T5(nn.Module):
 
     @torch.no_grad()
     def generate(self, encoder_input_tokens: Tensor, max_length: int = 64, num_beams: int = 1,
-                 length_penalty: float = 1.0) -> Tensor:
+                 length_penalty: float = 1.0, cuda_graph: bool = True) -> Tensor:
         """Decode (B, ≤max_length) token ids, stopping at EOS (kept), padded with 0 after it.
 
         Greedy for num_beams=1; otherwise beam search scoring finished hypotheses by
         sum log-prob / length**length_penalty (length counts generated tokens, EOS included).
+        On a GPU, greedy decoding replays each step as one CUDA graph (`cuda_graph`): a step of a small model is a
+        few hundred short kernels, and launching them one by one from Python is what bounds its speed there.
         """
         memory = self.encode(encoder_input_tokens)
         if num_beams == 1:
-            return self._greedy(memory, encoder_input_tokens, max_length)
+            return self._greedy(memory, encoder_input_tokens, max_length, cuda_graph and memory.is_cuda)
         return self._beam_search(memory, encoder_input_tokens, max_length, num_beams, length_penalty)
 
     def _start_cache(self, memory: Tensor, encoder_tokens: Tensor, max_length: int) -> dict:
-        """Per-layer cross-attention keys/values (computed once) and empty self-attention key/value buffers."""
-        b, dtype = memory.shape[0], memory.dtype
+        """What every step reads: per-layer cross-attention keys/values (computed once), self-attention key/value
+        buffers of the full length, and the self-attention bias of every (query, key) position pair with the
+        causal mask folded in. Shapes never change between steps, so a step can be captured as a CUDA graph."""
+        b, dtype, device = memory.shape[0], memory.dtype, memory.device
         shape = (b, self.cfg.num_heads, max_length, self.cfg.d_kv)
         cross = [(blk.cross_attn.split(blk.cross_attn.k(memory)), blk.cross_attn.split(blk.cross_attn.v(memory)))
                  for blk in self.decoder]
-        keys = [torch.zeros(shape, dtype=cross[0][0].dtype, device=memory.device) for _ in self.decoder]
+        keys = [torch.zeros(shape, dtype=cross[0][0].dtype, device=device) for _ in self.decoder]
         values = [torch.zeros_like(k) for k in keys]
         enc_valid = encoder_tokens != self.cfg.pad_id
-        return {"cross": cross, "k": keys, "v": values, "cross_bias": _mask_to_bias(enc_valid[:, None, :], dtype)}
+        positions = torch.arange(max_length, device=device)[None]
+        causal = torch.ones(max_length, max_length, dtype=torch.bool, device=device).tril()[None]
+        self_bias = self.decoder_bias(positions, positions) + _mask_to_bias(causal)
+        return {"cross": cross, "k": keys, "v": values, "cross_bias": _mask_to_bias(enc_valid[:, None, :], dtype),
+                "self_bias": self_bias.to(dtype)}
 
-    def _step(self, token: Tensor, t: int, cache: dict) -> Tensor:
-        """Logits (B, vocab) for decoder input `token` (B,) at position t, updating the cache.
+    def _step(self, token: Tensor, t: Tensor, cache: dict) -> Tensor:
+        """Logits (B, vocab) for decoder input `token` (B,) at position `t` (a one-element tensor), updating the cache.
 
-        Each layer is `DecoderBlock.forward` for one position, attending to cached keys/values (no dropout: decoding
-        runs in eval mode).
+        Each layer is `DecoderBlock.forward` for one position (no dropout: decoding runs in eval mode). The query
+        attends to all cached positions; those after `t` are masked by the bias. Attending to the first t + 1
+        only would change the shapes every step and rule out graph capture.
         """
         x = self.shared(token[:, None])
-        pos = torch.arange(t + 1, device=token.device)[None]
-        self_bias = self.decoder_bias(pos[:, -1:], pos)
+        self_bias = cache["self_bias"].index_select(2, t)
         for i, blk in enumerate(self.decoder):
             h = blk.self_attn_norm(x)
-            cache["k"][i][:, :, t] = blk.self_attn.split(blk.self_attn.k(h))[:, :, 0]
-            cache["v"][i][:, :, t] = blk.self_attn.split(blk.self_attn.v(h))[:, :, 0]
-            x = x + blk.self_attn(h, self_bias, cache=(cache["k"][i][:, :, : t + 1], cache["v"][i][:, :, : t + 1]))
+            cache["k"][i].index_copy_(2, t, blk.self_attn.split(blk.self_attn.k(h)))
+            cache["v"][i].index_copy_(2, t, blk.self_attn.split(blk.self_attn.v(h)))
+            x = x + blk.self_attn(h, self_bias, cache=(cache["k"][i], cache["v"][i]))
             x = x + blk.cross_attn(blk.cross_attn_norm(x), cache["cross_bias"], cache=cache["cross"][i])
             x = x + blk.ff(blk.ff_norm(x))
         return self._logits(self.decoder_norm(x))[:, 0].float()
 
-    def _greedy(self, memory: Tensor, encoder_tokens: Tensor, max_length: int) -> Tensor:
+    def _graphed_step(self, cache: dict, batch: int) -> Callable[[Tensor, Tensor, dict], Tensor]:
+        """`_step` captured once as a CUDA graph over static token and position buffers and this cache."""
+        device = cache["self_bias"].device
+        token = torch.full((batch,), self.cfg.decoder_start_id, dtype=torch.long, device=device)
+        t = torch.zeros(1, dtype=torch.long, device=device)
+        # Autocast's weight-cast cache would hand the graph tensors freed when autocast exits (PyTorch's CUDA graph
+        # notes): capture with the same autocast minus its cache.
+        autocast = (torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+                    if torch.is_autocast_enabled("cuda") else contextlib.nullcontext())
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side), autocast:
+            self._step(token, t, cache)  # warm-up outside the graph (cuBLAS workspaces); position 0 is rewritten
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), autocast:
+            logits = self._step(token, t, cache)
+
+        def step(new_token: Tensor, new_t: Tensor, _cache: dict) -> Tensor:
+            token.copy_(new_token)
+            t.copy_(new_t)
+            graph.replay()
+            return logits
+
+        return step
+
+    def _greedy(self, memory: Tensor, encoder_tokens: Tensor, max_length: int, cuda_graph: bool) -> Tensor:
         b = memory.shape[0]
         cache = self._start_cache(memory, encoder_tokens, max_length)
+        step = self._graphed_step(cache, b) if cuda_graph else self._step
         token = torch.full((b,), self.cfg.decoder_start_id, dtype=torch.long, device=memory.device)
         done = torch.zeros(b, dtype=torch.bool, device=memory.device)
+        positions = torch.arange(max_length, device=memory.device)
         out = []
         for t in range(max_length):
-            token = self._step(token, t, cache).argmax(-1)
+            token = step(token, positions[t : t + 1], cache).argmax(-1)
             token = token.masked_fill(done, self.cfg.pad_id)
             out.append(token)
             done |= token == self.cfg.eos_id
@@ -387,8 +437,9 @@ class T5(nn.Module):
         scores[:, 0] = 0.0  # all beams start identical: keep one alive so the first step has distinct candidates
         token = torch.full((b * k,), self.cfg.decoder_start_id, dtype=torch.long, device=device)
         finished: list[list[tuple[float, Tensor]]] = [[] for _ in range(b)]
+        positions = torch.arange(max_length, device=device)
         for t in range(max_length):
-            logp = F.log_softmax(self._step(token, t, cache), -1).view(b, k, -1)
+            logp = F.log_softmax(self._step(token, positions[t : t + 1], cache), -1).view(b, k, -1)
             vocab = logp.shape[-1]
             cand = (scores[:, :, None] + logp).view(b, -1)
             top_scores, top_idx = cand.topk(2 * k, dim=1)
