@@ -177,6 +177,41 @@ def test_packed_loss_equals_unpacked(version, vocab_file):
     assert abs(loss_p.item() / w_p.item() - loss_u.item() / w_u.item()) < 1e-5
 
 
+def test_packed_bias_from_token_indices_is_exact(vocab_file, monkeypatch):
+    """A packed batch's position bias is computed once from token indices (seqio's positions count up by one per
+    segment); the logits of real tokens and all gradients equal those of the bias computed per row from the
+    positions. Positions that do not count up by one are used as they are."""
+    import tasks  # noqa: F401
+
+    torch.manual_seed(13)
+    model = M.T5(M.T5Config(vocab_size=4000, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4))
+    packed = _converted(_rte_examples(8), True, {"inputs": 256, "targets": 24})
+    assert packed["encoder_segment_ids"].max() > 1
+    positions, segments = packed["encoder_positions"], packed["encoder_segment_ids"]
+    allowed = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] != 0)
+    assert M._bias_positions(positions, allowed, 256, positions.device).shape == (1, 256)
+    dec_segments = packed["decoder_segment_ids"]
+    dec_pairs = (dec_segments[:, :, None] == dec_segments[:, None, :]) & (dec_segments[:, :, None] != 0)
+    assert M._bias_positions(packed["decoder_positions"], dec_pairs.tril(), 24, positions.device).shape == (1, 24)
+
+    def logits_and_grads():
+        model.zero_grad()
+        loss, weight = model.loss(packed)
+        (loss / weight).backward()
+        return model(**packed).detach(), [p.grad.clone() for p in model.parameters()]
+
+    fast, fast_grads = logits_and_grads()
+    monkeypatch.setattr(M, "_bias_positions", lambda positions, *_: positions)
+    per_row, per_row_grads = logits_and_grads()
+    real = packed["decoder_segment_ids"] != 0  # a padding position's logits carry no loss and may differ
+    torch.testing.assert_close(fast[real], per_row[real], atol=1e-5, rtol=1e-5)
+    for a, b in zip(fast_grads, per_row_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    monkeypatch.undo()
+    stretched = positions * 2  # relative positions now differ from the indices': the per-row bias must be used
+    assert torch.equal(M._bias_positions(stretched, allowed, 256, positions.device), stretched)
+
+
 def test_attention_never_crosses_segments(vocab_file):
     import tasks  # noqa: F401
 
