@@ -56,7 +56,9 @@ def main() -> None:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--device", default="auto")
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--packed", action="store_true", help="positions per row (the packed batches of mtp train)")
+    p.add_argument("--packed", action="store_true",
+                   help="a bias per row, from positions that restart mid-row (since 31783c2 the model takes this "
+                        "path only for positions that do not count up by one per segment; seqio's do)")
     args = p.parse_args()
     on = harness.device(args.device)
     print(f"machine: {harness.machine()}")
