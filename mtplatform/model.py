@@ -214,7 +214,8 @@ def _bias_positions(positions: Tensor | None, pairs: Tensor | None, length: int,
 def _attention_bias(allowed: Tensor, position_bias: Tensor | None = None) -> Tensor:
     """The additive mask of one stack's attention: position bias (if any) plus the mask of `allowed`, cast once to
     the dtype autocast computes in, so that the layers sharing it do not each cast (and, backwards, each cast its
-    gradient)."""
+    gradient). float32's minimum becomes -inf in bf16; PyTorch's attention gives a row masked entirely (a padding
+    query) zeros, not NaNs, so the cast is safe, and fp32 keeps `_mask_to_bias`'s finite value."""
     bias = _mask_to_bias(allowed) if position_bias is None else position_bias + _mask_to_bias(allowed)
     device = bias.device.type
     return bias.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else bias
@@ -223,7 +224,8 @@ def _attention_bias(allowed: Tensor, position_bias: Tensor | None = None) -> Ten
 def _mask_to_bias(allowed: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """Boolean (B, Lq, Lk) -> additive (B, 1, Lq, Lk): 0 where allowed, a large negative number elsewhere.
 
-    Not -inf: a fully masked row (a padding query) then gets uniform weights instead of NaNs.
+    Not -inf: a fully masked row (a padding query) then gets uniform weights instead of NaNs (in fp32; cast to bf16
+    the value is -inf, see `_attention_bias`).
     """
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
         ~allowed, torch.finfo(dtype).min)[:, None]
