@@ -214,8 +214,9 @@ def _bias_positions(positions: Tensor | None, pairs: Tensor | None, length: int,
 def _attention_bias(allowed: Tensor, position_bias: Tensor | None = None) -> Tensor:
     """The additive mask of one stack's attention: position bias (if any) plus the mask of `allowed`, cast once to
     the dtype autocast computes in, so that the layers sharing it do not each cast (and, backwards, each cast its
-    gradient). float32's minimum becomes -inf in bf16; PyTorch's attention gives a row masked entirely (a padding
-    query) zeros, not NaNs, so the cast is safe, and fp32 keeps `_mask_to_bias`'s finite value."""
+    gradient). float32's minimum becomes -inf in bf16, so a row masked entirely (a padding query) has no finite
+    entry there: PyTorch's CPU attention returns zeros for it (checked by hand, torch 2.13); the GPU's
+    memory-efficient kernel has not been checked for such rows. fp32 keeps `_mask_to_bias`'s finite value."""
     bias = _mask_to_bias(allowed) if position_bias is None else position_bias + _mask_to_bias(allowed)
     device = bias.device.type
     return bias.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else bias
