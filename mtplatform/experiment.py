@@ -15,6 +15,7 @@ import json
 import math
 import re
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -109,12 +110,16 @@ def run_stage(root: Path, stage: strategies.Stage, seed: int, done: dict[str, di
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"experiment: stage {stage.name} (seed {seed}): {stage.train_on}, steps {start} -> {record['end_step']}"
           + (f", from {stage.init}" if stage.init else ""), file=sys.stderr)
+    began = time.monotonic()
     with gin.config_scope(stage.scope):
         train_lib.train(model_dir=str(stage_dir), mixture_or_task_name=stage.train_on,
                         train_steps=record["end_step"], initial_checkpoint_path=init["model_dir"] if init else None,
                         finetune=init is not None, seed=seed, keep_checkpoints=None,
                         checkpoint_every=max(1, math.ceil(stage.steps / evals_per_stage)))
+    trained = time.monotonic()
     record["evaluations"] = evaluate_stage(stage, stage_dir, start, eval_num_examples)
+    # Wall time of the run that finished the stage (a stage resumed after a kill counts its last run only).
+    record["seconds"] = {"train": round(trained - began, 1), "eval": round(time.monotonic() - trained, 1)}
     record["finished"] = True
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     return record

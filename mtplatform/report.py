@@ -74,7 +74,16 @@ def collect(root: Path) -> dict:
         row["shares"] = _shares(root, arm, spec["seeds"][0])
         arms.append(row)
     return {"title": spec["title"], "seeds": spec["seeds"], "eval_num_examples": spec.get("eval_num_examples"),
-            "tasks": tasks, "arms": arms, "baselines": baselines}
+            "tasks": tasks, "arms": arms, "baselines": baselines, "seconds": _seconds(records)}
+
+
+def _seconds(records: dict[int, dict[str, dict]]) -> dict | None:
+    """Training and evaluation wall time summed over the stages that recorded it (stage.json's `seconds`)."""
+    timed = [r["seconds"] for by_name in records.values() for r in by_name.values() if "seconds" in r]
+    if not timed:
+        return None
+    return {"train": sum(t["train"] for t in timed), "eval": sum(t["eval"] for t in timed), "stages": len(timed),
+            "of_stages": sum(len(by_name) for by_name in records.values())}
 
 
 def _shares(root: Path, arm: dict, seed: int) -> dict | None:
@@ -130,6 +139,10 @@ def markdown(results: dict) -> str:
             lines += ["", f"Mixture of **{arm['name']}** (`{arm['mixture']}`): configured share of examples -> "
                           "share trained on: " + ", ".join(f"{t} {v['configured']:.1%} -> {v['measured']:.1%}"
                                                           for t, v in arm["shares"].items())]
+    if results.get("seconds"):
+        t = results["seconds"]
+        lines += ["", f"Wall time in {t['stages']} of {t['of_stages']} stages: training {t['train']:,.0f} s, "
+                      f"evaluation {t['eval']:,.0f} s (each stage's last run; stage.json `seconds`)."]
     lines += ["", "Plots: `scores.png` (score per task and arm), `loss.png` (training loss per stage), "
                   "`task_losses.png` (per-task loss in multi-task stages), `shares.png` (configured against "
                   "trained-on mixture shares)."]

@@ -68,6 +68,10 @@ def test_smoke_experiment_end_to_end_resumes_and_refuses_changes(tmp_path, vocab
     assert "| majority class / constant prediction | - | 62.50 |" in table and "GLUE avg" in table
     assert "scored on the same first 16 validation examples" in table
     assert "configured share of examples -> share trained on" in table
+    # Where the time went: every stage timed its training and its evaluation.
+    seconds = results["seconds"]
+    assert seconds["stages"] == seconds["of_stages"] == 5 and seconds["train"] > 0 and seconds["eval"] > 0
+    assert f"Wall time in 5 of 5 stages: training {seconds['train']:,.0f} s" in table
     for plot in ("scores.png", "loss.png", "task_losses.png", "shares.png"):
         assert (exp / plot).stat().st_size > 5000
     # `mtp report` rebuilds the same tables from what the runs wrote.
