@@ -1,10 +1,11 @@
 """The input pipeline: a seqio task or mixture -> packed, batched torch tensors, with a saveable position.
 
-seqio builds the stream (sampling from a mixture, preprocessing, shuffling, `EncDecFeatureConverter` packing),
-tf.data batches and prefetches it in TensorFlow's own background threads, and we hand each batch to torch without a
-copy. The position in the stream is saved with `tf.train.Checkpoint` over the iterator: restoring it continues with
-exactly the next batch, in constant time, without replaying the stream. There is deliberately no prefetching
-thread of our own on top: batches it held would be missing from the saved position (ARCHITECTURE.md).
+seqio builds the stream (sampling from a mixture, preprocessing, shuffling, `EncDecFeatureConverter`, with the
+first-fit packing of `mtplatform.packing`), tf.data batches and prefetches it in TensorFlow's own background
+threads, and we hand each batch to torch without a copy. The position in the stream is saved with
+`tf.train.Checkpoint` over the iterator: restoring it continues with exactly the next batch, in constant time,
+without replaying the stream. There is deliberately no prefetching thread of our own on top: batches it held
+would be missing from the saved position (ARCHITECTURE.md).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import seqio
 import tensorflow as tf
 import torch
 
-from mtplatform import cache, mixing
+from mtplatform import cache, mixing, packing
 
+PACKINGS = ("first_fit", "seqio")  # mtplatform.packing's dense packer, or seqio's own (next fit)
 TASK_IDS = "decoder_task_ids"  # per target token: 1 + the index of its example's task in `task_names`; 0 = padding
 
 
@@ -34,6 +36,17 @@ class TaskIdFeatureConverter(seqio.EncDecFeatureConverter):
                      "targets_task": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32)}
     MODEL_FEATURES = {**seqio.EncDecFeatureConverter.MODEL_FEATURES,
                       TASK_IDS: seqio.FeatureConverter.FeatureSpec(dtype=tf.int32)}
+
+    def __init__(self, pack: bool = True, packing: str = "first_fit", **kwargs):
+        if packing not in PACKINGS:
+            raise ValueError(f"train_dataset.packing={packing!r}: use one of {', '.join(PACKINGS)}")
+        super().__init__(pack=pack, **kwargs)
+        self._packing = packing
+
+    def _pack_or_pad(self, ds: tf.data.Dataset, packed_lengths: Mapping[str, int]) -> tf.data.Dataset:
+        if self.pack and self._packing == "first_fit":
+            return packing.pack_dataset(ds, packed_lengths)
+        return super()._pack_or_pad(ds, packed_lengths)
 
     def __call__(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
         return super().__call__(ds, {**task_feature_lengths, "targets_task": task_feature_lengths["targets"]})
@@ -94,6 +107,7 @@ def train_dataset(
     batch_size: int = gin.REQUIRED,
     split: str = "train",
     pack: bool = True,
+    packing: str = "first_fit",
     seed: int = 0,
     shard_index: int = 0,
     num_shards: int = 1,
@@ -103,11 +117,13 @@ def train_dataset(
     and the mixture's resolved rates (its task names give the meaning of `decoder_task_ids`).
 
     Each shard (one per training process) reads its own part of every task's source (seqio `ShardInfo`).
+    `packing` "first_fit" (mtplatform.packing) fills rows more densely than seqio's own packer ("seqio", next
+    fit), which runs before 2026-11-26 used; a saved data position restores only into the packing that wrote it.
     """
     shard_info = seqio.ShardInfo(index=shard_index, num_shards=num_shards) if num_shards > 1 else None
     ds, resolved = mixed_examples(mixture_or_task_name, task_feature_lengths, split, seed, shard_info,
                                   budget_examples)
-    ds = TaskIdFeatureConverter(pack=pack)(ds, dict(task_feature_lengths))
+    ds = TaskIdFeatureConverter(pack=pack, packing=packing)(ds, dict(task_feature_lengths))
     return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE), resolved
 
 
