@@ -10,6 +10,7 @@ would be missing from the saved position (ARCHITECTURE.md).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch
 from mtplatform import cache, mixing, packing
 
 PACKINGS = ("first_fit", "seqio")  # mtplatform.packing's dense packer, or seqio's own (next fit)
+PIPELINE_FILE = "pipeline.json"  # beside a saved data position: how its rows were packed
 TASK_IDS = "decoder_task_ids"  # per target token: 1 + the index of its example's task in `task_names`; 0 = padding
 
 
@@ -39,7 +41,7 @@ class TaskIdFeatureConverter(seqio.EncDecFeatureConverter):
 
     def __init__(self, pack: bool = True, packing: str = "first_fit", **kwargs):
         if packing not in PACKINGS:
-            raise ValueError(f"train_dataset.packing={packing!r}: use one of {', '.join(PACKINGS)}")
+            raise ValueError(f"train.packing={packing!r}: use one of {', '.join(PACKINGS)}")
         super().__init__(pack=pack, **kwargs)
         self._packing = packing
 
@@ -100,7 +102,7 @@ def mixed_examples(
     return mixed, resolved
 
 
-@gin.configurable(denylist=["shard_index", "num_shards", "budget_examples"])
+@gin.configurable(denylist=["shard_index", "num_shards", "budget_examples", "packing"])  # packing: train.packing
 def train_dataset(
     mixture_or_task_name: str = gin.REQUIRED,
     task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
@@ -118,7 +120,8 @@ def train_dataset(
 
     Each shard (one per training process) reads its own part of every task's source (seqio `ShardInfo`).
     `packing` "first_fit" (mtplatform.packing) fills rows more densely than seqio's own packer ("seqio", next
-    fit), which runs before 2026-11-26 used; a saved data position restores only into the packing that wrote it.
+    fit), which runs from before 2026-11-26 used; a saved data position restores only into the packing that
+    wrote it.
     """
     shard_info = seqio.ShardInfo(index=shard_index, num_shards=num_shards) if num_shards > 1 else None
     ds, resolved = mixed_examples(mixture_or_task_name, task_feature_lengths, split, seed, shard_info,
@@ -145,24 +148,38 @@ def count_by_task(task_ids: np.ndarray, positions: np.ndarray | None, num_tasks:
 
 
 class BatchIterator(Iterator[dict[str, torch.Tensor]]):
-    """Torch batches from a tf.data dataset, whose position can be saved and restored exactly."""
+    """Torch batches from a tf.data dataset, whose position can be saved and restored exactly.
 
-    def __init__(self, dataset: tf.data.Dataset):
+    `packing` names how the rows were packed ("none" for unpacked rows); it is saved with the position, because a
+    position restores without complaint into a pipeline that packs differently, and would then not be exact.
+    """
+
+    def __init__(self, dataset: tf.data.Dataset, packing: str | None = None):
         self._iterator = iter(dataset)
         self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
+        self._packing = packing
 
     def __next__(self) -> dict[str, torch.Tensor]:
         batch = next(self._iterator)
         return {k: torch.from_numpy(v.numpy()) for k, v in batch.items()}
 
     def save(self, directory: Path) -> None:
-        """Write the iterator state under `directory` (created)."""
+        """Write the iterator state (and the packing, when known) under `directory` (created)."""
         directory.mkdir(parents=True, exist_ok=True)
         self._checkpoint.write(str(directory / "iterator"))
+        if self._packing is not None:
+            (directory / PIPELINE_FILE).write_text(json.dumps({"packing": self._packing}) + "\n")
 
     def restore(self, directory: Path) -> None:
         """Continue from a state written by `save` for the same pipeline."""
         prefix = directory / "iterator"
         if not Path(str(prefix) + ".index").is_file():
             raise FileNotFoundError(f"{directory}: no saved data iterator (expected {prefix}.index)")
+        if self._packing is not None:
+            saved_file = directory / PIPELINE_FILE
+            # Positions saved before the file existed all came from seqio's packer.
+            saved = json.loads(saved_file.read_text())["packing"] if saved_file.is_file() else "seqio"
+            if saved != self._packing:
+                raise ValueError(f"{directory}: this data position was saved by a run that packed {saved!r}, and "
+                                 f"this run packs {self._packing!r}; resume it with --gin.train.packing=\"'{saved}'\"")
         self._checkpoint.read(str(prefix)).assert_consumed()

@@ -297,7 +297,7 @@ class Run:
 
 def setup(model_dir: Path, mixture_or_task_name: str, task_feature_lengths: dict[str, int], train_steps: int,
           batch_size: int, per_rank: int, initial_checkpoint_path: str | None, finetune: bool,
-          dropout_rate: float | None, fsdp: bool, precision: str, pack: bool, seed: int,
+          dropout_rate: float | None, fsdp: bool, precision: str, pack: bool, packing: str, seed: int,
           task_loss_weights: dict[str, float] | None, loss_spike_factor: float, max_truncated_share: float,
           ctx: Distributed, device: torch.device) -> Run:
     """Model, optimizer and data stream, from MODEL_DIR's latest checkpoint (exactly where it stopped), an initial
@@ -320,11 +320,11 @@ def setup(model_dir: Path, mixture_or_task_name: str, task_feature_lengths: dict
 
     dataset, resolved = data.train_dataset(
         mixture_or_task_name=mixture_or_task_name, task_feature_lengths=task_feature_lengths, batch_size=per_rank,
-        pack=pack, seed=seed, shard_index=ctx.rank, num_shards=ctx.world,
+        pack=pack, packing=packing, seed=seed, shard_index=ctx.rank, num_shards=ctx.world,
         budget_examples=(train_steps - first_step) * batch_size)
     if ctx.main:
         validation.check_lengths_fit(list(resolved.rates), task_feature_lengths, max_truncated_share)
-    stream = data.BatchIterator(dataset)
+    stream = data.BatchIterator(dataset, packing=packing if pack else "none")
     if start.checkpoint is not None:
         stream.restore(start.checkpoint / f"data_rank{ctx.rank}")
         rng = state["rng"]
@@ -443,6 +443,7 @@ def train(
     precision: str = "auto",
     z_loss: float = 1e-4,
     pack: bool = True,
+    packing: str = "first_fit",
     seed: int = 0,
     task_loss_weights: dict[str, float] | None = None,
     checkpoint_every: int = 1000,
@@ -464,6 +465,8 @@ def train(
     state over the processes (FSDP2) instead of replicating them (DDP), for models that do not fit one device;
     checkpoints are gathered to the same unsharded files either way. `task_loss_weights` ({task: weight}, 1 for
     tasks not named) weights each task's target tokens in the loss, which stays normalised by the total weight.
+    `packing` is "first_fit" (`mtplatform.packing`) or "seqio" (seqio's next fit, which runs from before
+    2026-11-26 used); a run resumes only with the packing its checkpoint was written with.
 
     A non-finite loss or gradient norm stops the run before the update (`max_nonfinite_skips` > 0 skips up to that
     many such updates in a row instead); a step loss above `loss_spike_factor` times its recent mean is reported
@@ -494,7 +497,7 @@ def train(
     with run_lock.hold(model_dir, enabled=ctx.main), interrupts.StopRequests() as stops:
         run = setup(model_dir, mixture_or_task_name, task_feature_lengths, train_steps, batch_size, per_rank,
                     initial_checkpoint_path, finetune, dropout_rate, fsdp, precision_lib.resolve(precision, device),
-                    pack, seed, task_loss_weights, loss_spike_factor, max_truncated_share, ctx, device)
+                    pack, packing, seed, task_loss_weights, loss_spike_factor, max_truncated_share, ctx, device)
         if torch_compile:
             run.wrapped, run.compiling = torch.compile(run.wrapped), True
         logger = Logger(model_dir, ctx.main, resumed_at=run.step)

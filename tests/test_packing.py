@@ -73,6 +73,6 @@ def test_training_batches_are_first_fit_packed_and_packing_is_a_setting(data_dir
     assert batch["encoder_input_tokens"].shape == (8, 512) and batch["decoder_target_tokens"].shape == (8, 114)
     assert (batch["encoder_input_tokens"] != 0).mean() > 0.9
     assert ((batch[data.TASK_IDS] > 0) == (batch["decoder_target_tokens"] > 0)).all()
-    with pytest.raises(ValueError, match=r"train_dataset.packing='best': use one of first_fit, seqio"):
+    with pytest.raises(ValueError, match=r"train.packing='best': use one of first_fit, seqio"):
         data.train_dataset(mixture_or_task_name="span_corruption_and_glue", task_feature_lengths=LENGTHS,
                            batch_size=8, packing="best")

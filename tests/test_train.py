@@ -69,6 +69,24 @@ def test_resume_gives_identical_losses(tmp_path, vocab_file):
                             for k in ("loss", "examples", "target_tokens")}
 
 
+def test_resume_keeps_the_packing_it_was_saved_with(tmp_path, vocab_file):
+    # A data position restores silently into a pipeline that packs differently; the checkpoint records its packing.
+    _train(tmp_path / "run", 4, packing="seqio")
+    data_dir = tmp_path / "run" / "checkpoint_4" / "data_rank0"
+    assert json.loads((data_dir / data.PIPELINE_FILE).read_text()) == {"packing": "seqio"}
+    with pytest.raises(ValueError, match=r"packed 'seqio', and this run packs 'first_fit'; resume it with "
+                                         r"--gin.train.packing=\"'seqio'\"") as refused:
+        _train(tmp_path / "run", 8)
+    assert str(data_dir) in str(refused.value)
+    _train(tmp_path / "run", 8, packing="seqio")
+    assert checkpoints.all_steps(tmp_path / "run") == [4, 8]
+    # Positions saved before the file existed came from seqio's packer.
+    (data_dir / data.PIPELINE_FILE).unlink()
+    with pytest.raises(ValueError, match="packed 'seqio'"):
+        data.BatchIterator(data.train_dataset(mixture_or_task_name=MIXTURE, task_feature_lengths=LENGTHS,
+                                              batch_size=4)[0], packing="first_fit").restore(data_dir)
+
+
 def test_another_seed_gives_other_losses(tmp_path, vocab_file):
     _train(tmp_path / "seed0", 2)
     _train(tmp_path / "seed1", 2, seed=1)
