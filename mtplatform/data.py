@@ -24,6 +24,7 @@ from mtplatform import cache, mixing, packing
 
 PACKINGS = ("first_fit", "seqio")  # mtplatform.packing's dense packer, or seqio's own (next fit)
 PIPELINE_FILE = "pipeline.json"  # beside a saved data position: how its rows were packed
+LEGACY_PACKINGS = ("seqio", "none")  # what a position saved before PIPELINE_FILE existed may have used
 TASK_IDS = "decoder_task_ids"  # per target token: 1 + the index of its example's task in `task_names`; 0 = padding
 
 
@@ -176,10 +177,26 @@ class BatchIterator(Iterator[dict[str, torch.Tensor]]):
         if not Path(str(prefix) + ".index").is_file():
             raise FileNotFoundError(f"{directory}: no saved data iterator (expected {prefix}.index)")
         if self._packing is not None:
-            saved_file = directory / PIPELINE_FILE
-            # Positions saved before the file existed all came from seqio's packer.
-            saved = json.loads(saved_file.read_text())["packing"] if saved_file.is_file() else "seqio"
-            if saved != self._packing:
-                raise ValueError(f"{directory}: this data position was saved by a run that packed {saved!r}, and "
-                                 f"this run packs {self._packing!r}; resume it with --gin.train.packing=\"'{saved}'\"")
+            self._check_packing(directory)
         self._checkpoint.read(str(prefix)).assert_consumed()
+
+    def _check_packing(self, directory: Path) -> None:
+        """Refuse a position saved under another packing, naming the setting that resumes it."""
+        saved_file = directory / PIPELINE_FILE
+        if not saved_file.is_file():  # saved before the file existed: rows packed by seqio, or not packed
+            if self._packing not in LEGACY_PACKINGS:
+                raise ValueError(f"{directory}: this data position was saved before packings were recorded (seqio's "
+                                 f"packer or none), and this run packs {self._packing!r}; resume it with "
+                                 f"{_packing_setting('seqio')} (or {_packing_setting('none')} if it was unpacked)")
+            return
+        saved = json.loads(saved_file.read_text())["packing"]
+        if saved != self._packing:
+            raise ValueError(f"{directory}: this data position was saved by a run that packed {saved!r}, and this "
+                             f"run packs {self._packing!r}; resume it with {_packing_setting(saved)}")
+
+
+def _packing_setting(packing: str) -> str:
+    """The command-line setting that makes a run read its rows packed as `packing` ("none": unpacked)."""
+    if packing == "none":
+        return "--gin.train.pack=False"
+    return f"--gin.train.pack=True --gin.train.packing=\"'{packing}'\""

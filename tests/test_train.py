@@ -75,16 +75,34 @@ def test_resume_keeps_the_packing_it_was_saved_with(tmp_path, vocab_file):
     data_dir = tmp_path / "run" / "checkpoint_4" / "data_rank0"
     assert json.loads((data_dir / data.PIPELINE_FILE).read_text()) == {"packing": "seqio"}
     with pytest.raises(ValueError, match=r"packed 'seqio', and this run packs 'first_fit'; resume it with "
-                                         r"--gin.train.packing=\"'seqio'\"") as refused:
+                                         r"--gin.train.pack=True --gin.train.packing=\"'seqio'\"") as refused:
         _train(tmp_path / "run", 8)
     assert str(data_dir) in str(refused.value)
+    with pytest.raises(ValueError, match=r"this run packs 'none'; resume it with --gin.train.pack=True"):
+        _train(tmp_path / "run", 8, pack=False)
     _train(tmp_path / "run", 8, packing="seqio")
     assert checkpoints.all_steps(tmp_path / "run") == [4, 8]
-    # Positions saved before the file existed came from seqio's packer.
-    (data_dir / data.PIPELINE_FILE).unlink()
-    with pytest.raises(ValueError, match="packed 'seqio'"):
-        data.BatchIterator(data.train_dataset(mixture_or_task_name=MIXTURE, task_feature_lengths=LENGTHS,
-                                              batch_size=4)[0], packing="first_fit").restore(data_dir)
+
+
+def _as_saved_before_packings_were_recorded(checkpoint: Path) -> None:
+    """Remove the packing record from a checkpoint and from its checksums, as checkpoints before f2bb8f9 were."""
+    (checkpoint / "data_rank0" / data.PIPELINE_FILE).unlink()
+    meta = checkpoints.read_meta(checkpoint)
+    del meta["files"][f"data_rank0/{data.PIPELINE_FILE}"]
+    (checkpoint / checkpoints.META).write_text(json.dumps(meta))
+
+
+def test_resume_of_a_position_saved_before_packings_were_recorded(tmp_path, vocab_file):
+    # Such positions came from seqio's packer or from unpacked rows: both resume; the first-fit packer refuses.
+    _train(tmp_path / "unpacked", 4, pack=False)
+    data_dir = tmp_path / "unpacked" / "checkpoint_4" / "data_rank0"
+    assert json.loads((data_dir / data.PIPELINE_FILE).read_text()) == {"packing": "none"}
+    _as_saved_before_packings_were_recorded(tmp_path / "unpacked" / "checkpoint_4")
+    with pytest.raises(ValueError, match=r"saved before packings were recorded .* this run packs 'first_fit'; resume "
+                                         r"it with .*'seqio'.* \(or --gin.train.pack=False if it was unpacked\)"):
+        _train(tmp_path / "unpacked", 8)
+    _train(tmp_path / "unpacked", 8, pack=False)
+    assert checkpoints.all_steps(tmp_path / "unpacked") == [4, 8]
 
 
 def test_another_seed_gives_other_losses(tmp_path, vocab_file):
