@@ -84,25 +84,23 @@ def test_resume_keeps_the_packing_it_was_saved_with(tmp_path, vocab_file):
     assert checkpoints.all_steps(tmp_path / "run") == [4, 8]
 
 
-def _as_saved_before_packings_were_recorded(checkpoint: Path) -> None:
-    """Remove the packing record from a checkpoint and from its checksums, as checkpoints before f2bb8f9 were."""
-    (checkpoint / "data_rank0" / data.PIPELINE_FILE).unlink()
-    meta = checkpoints.read_meta(checkpoint)
-    del meta["files"][f"data_rank0/{data.PIPELINE_FILE}"]
-    (checkpoint / checkpoints.META).write_text(json.dumps(meta))
-
-
-def test_resume_of_a_position_saved_before_packings_were_recorded(tmp_path, vocab_file):
+def test_a_position_saved_before_packings_were_recorded_resumes_unpacked_or_seqio_packed(tmp_path, vocab_file):
     # Such positions came from seqio's packer or from unpacked rows: both resume; the first-fit packer refuses.
-    _train(tmp_path / "unpacked", 4, pack=False)
-    data_dir = tmp_path / "unpacked" / "checkpoint_4" / "data_rank0"
-    assert json.loads((data_dir / data.PIPELINE_FILE).read_text()) == {"packing": "none"}
-    _as_saved_before_packings_were_recorded(tmp_path / "unpacked" / "checkpoint_4")
+    def iterator(pack: bool, packing: str) -> data.BatchIterator:
+        dataset = data.train_dataset(mixture_or_task_name=MIXTURE, task_feature_lengths=LENGTHS, batch_size=4,
+                                     pack=pack, packing=packing)[0]
+        return data.BatchIterator(dataset, packing=packing if pack else "none")
+
+    saved = iterator(False, "first_fit")
+    next(saved)
+    saved.save(tmp_path / "legacy")
+    (tmp_path / "legacy" / data.PIPELINE_FILE).unlink()
     with pytest.raises(ValueError, match=r"saved before packings were recorded .* this run packs 'first_fit'; resume "
                                          r"it with .*'seqio'.* \(or --gin.train.pack=False if it was unpacked\)"):
-        _train(tmp_path / "unpacked", 8)
-    _train(tmp_path / "unpacked", 8, pack=False)
-    assert checkpoints.all_steps(tmp_path / "unpacked") == [4, 8]
+        iterator(True, "first_fit").restore(tmp_path / "legacy")
+    resumed = iterator(False, "first_fit")
+    resumed.restore(tmp_path / "legacy")
+    assert all((a == b).all() for a, b in zip(next(resumed).values(), next(saved).values(), strict=True))
 
 
 def test_another_seed_gives_other_losses(tmp_path, vocab_file):
