@@ -86,19 +86,17 @@ def test_resume_keeps_the_packing_it_was_saved_with(tmp_path, vocab_file):
 
 def test_a_position_saved_before_packings_were_recorded_resumes_unpacked_or_seqio_packed(tmp_path, vocab_file):
     # Such positions came from seqio's packer or from unpacked rows: both resume; the first-fit packer refuses.
-    def iterator(pack: bool, packing: str) -> data.BatchIterator:
-        dataset = data.train_dataset(mixture_or_task_name=MIXTURE, task_feature_lengths=LENGTHS, batch_size=4,
-                                     pack=pack, packing=packing)[0]
-        return data.BatchIterator(dataset, packing=packing if pack else "none")
-
-    saved = iterator(False, "first_fit")
+    # The check comes before the position is read, so one unpacked dataset serves every iterator here.
+    dataset = data.train_dataset(mixture_or_task_name=MIXTURE, task_feature_lengths=LENGTHS, batch_size=4,
+                                 pack=False)[0]
+    saved = data.BatchIterator(dataset, packing="none")
     next(saved)
     saved.save(tmp_path / "legacy")
     (tmp_path / "legacy" / data.PIPELINE_FILE).unlink()
     with pytest.raises(ValueError, match=r"saved before packings were recorded .* this run packs 'first_fit'; resume "
                                          r"it with .*'seqio'.* \(or --gin.train.pack=False if it was unpacked\)"):
-        iterator(True, "first_fit").restore(tmp_path / "legacy")
-    resumed = iterator(False, "first_fit")
+        data.BatchIterator(dataset, packing="first_fit").restore(tmp_path / "legacy")
+    resumed = data.BatchIterator(dataset, packing="none")
     resumed.restore(tmp_path / "legacy")
     assert all((a == b).all() for a, b in zip(next(resumed).values(), next(saved).values(), strict=True))
 
