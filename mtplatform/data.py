@@ -183,7 +183,9 @@ class BatchIterator(Iterator[dict[str, torch.Tensor]]):
     def _check_packing(self, directory: Path) -> None:
         """Refuse a position saved under another packing, naming the setting that resumes it."""
         saved_file = directory / PIPELINE_FILE
-        if not saved_file.is_file():  # saved before the file existed: rows packed by seqio, or not packed
+        if not saved_file.is_file():
+            # Saved before the file existed, with rows packed by seqio or not packed: the position cannot tell
+            # which, so both resume (a run that switches `pack` on such a position is not caught).
             if self._packing not in LEGACY_PACKINGS:
                 raise ValueError(f"{directory}: this data position was saved before packings were recorded (seqio's "
                                  f"packer or none), and this run packs {self._packing!r}; resume it with "
