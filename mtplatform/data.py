@@ -24,7 +24,8 @@ from mtplatform import cache, mixing, packing
 
 PACKINGS = ("first_fit", "seqio")  # mtplatform.packing's dense packer, or seqio's own (next fit)
 PIPELINE_FILE = "pipeline.json"  # beside a saved data position: how its rows were packed
-LEGACY_PACKINGS = ("seqio", "none")  # what a position saved before PIPELINE_FILE existed may have used
+UNPACKED = "none"  # the packing a data position records for unpacked rows (train.pack = False)
+LEGACY_PACKINGS = ("seqio", UNPACKED)  # what a position saved before PIPELINE_FILE existed may have used
 TASK_IDS = "decoder_task_ids"  # per target token: 1 + the index of its example's task in `task_names`; 0 = padding
 
 
@@ -151,7 +152,7 @@ def count_by_task(task_ids: np.ndarray, positions: np.ndarray | None, num_tasks:
 class BatchIterator(Iterator[dict[str, torch.Tensor]]):
     """Torch batches from a tf.data dataset, whose position can be saved and restored exactly.
 
-    `packing` names how the rows were packed ("none" for unpacked rows); it is saved with the position, because a
+    `packing` names how the rows were packed (UNPACKED for unpacked rows); it is saved with the position, because a
     position restores without complaint into a pipeline that packs differently, and would then not be exact.
     """
 
@@ -189,7 +190,7 @@ class BatchIterator(Iterator[dict[str, torch.Tensor]]):
             if self._packing not in LEGACY_PACKINGS:
                 raise ValueError(f"{directory}: this data position was saved before packings were recorded (seqio's "
                                  f"packer or none), and this run packs {self._packing!r}; resume it with "
-                                 f"{_packing_setting('seqio')} (or {_packing_setting('none')} if it was unpacked)")
+                                 f"{_packing_setting('seqio')} (or {_packing_setting(UNPACKED)} if it was unpacked)")
             return
         saved = json.loads(saved_file.read_text())["packing"]
         if saved != self._packing:
@@ -198,7 +199,7 @@ class BatchIterator(Iterator[dict[str, torch.Tensor]]):
 
 
 def _packing_setting(packing: str) -> str:
-    """The command-line setting that makes a run read its rows packed as `packing` ("none": unpacked)."""
-    if packing == "none":
+    """The command-line setting that makes a run read its rows packed as `packing` (or unpacked)."""
+    if packing == UNPACKED:
         return "--gin.train.pack=False"
     return f"--gin.train.pack=True --gin.train.packing=\"'{packing}'\""

@@ -324,7 +324,7 @@ def setup(model_dir: Path, mixture_or_task_name: str, task_feature_lengths: dict
         budget_examples=(train_steps - first_step) * batch_size)
     if ctx.main:
         validation.check_lengths_fit(list(resolved.rates), task_feature_lengths, max_truncated_share)
-    stream = data.BatchIterator(dataset, packing=packing if pack else "none")
+    stream = data.BatchIterator(dataset, packing=packing if pack else data.UNPACKED)
     if start.checkpoint is not None:
         stream.restore(start.checkpoint / f"data_rank{ctx.rank}")
         rng = state["rng"]
