@@ -301,7 +301,7 @@ def _mixture_show(args: argparse.Namespace) -> int:
     lengths["targets"] = args.targets_length or lengths["targets"]
     steps, batch = args.steps or _gin_macro("TRAIN_STEPS"), args.batch_size or _gin_macro("BATCH_SIZE")
     resolved, measured = mixture_view.measure(args.name, lengths, args.examples, pack=not args.no_pack,
-                                              budget_examples=steps * batch if steps and batch else None)
+                                              budget_rows=steps * batch if steps and batch else None)
     print(mixture_view.table(resolved, measured, steps, batch))
     if args.plot:
         print(f"wrote {mixture_view.plot(resolved, measured, args.plot)}")

@@ -104,7 +104,7 @@ def mixed_examples(
     return mixed, resolved
 
 
-@gin.configurable(denylist=["shard_index", "num_shards", "budget_examples", "packing"])  # packing: train.packing
+@gin.configurable(denylist=["shard_index", "num_shards", "budget_rows", "packing"])  # packing: train.packing
 def train_dataset(
     mixture_or_task_name: str = gin.REQUIRED,
     task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
@@ -115,7 +115,7 @@ def train_dataset(
     seed: int = 0,
     shard_index: int = 0,
     num_shards: int = 1,
-    budget_examples: float | None = None,
+    budget_rows: float | None = None,
 ) -> tuple[tf.data.Dataset, mixing.Resolved]:
     """An endless, shuffled, packed stream of batches of `batch_size` rows for shard `shard_index` of `num_shards`,
     and the mixture's resolved rates (its task names give the meaning of `decoder_task_ids`).
@@ -123,13 +123,49 @@ def train_dataset(
     Each shard (one per training process) reads its own part of every task's source (seqio `ShardInfo`).
     `packing` "first_fit" (mtplatform.packing) fills rows more densely than seqio's own packer ("seqio", next
     fit), which runs from before 2026-11-26 used; a saved data position restores only into the packing that
-    wrote it.
+    wrote it. `budget_rows`, the rows the run will read (over all shards), sets UniMax's budget (`budget_examples`).
     """
     shard_info = seqio.ShardInfo(index=shard_index, num_shards=num_shards) if num_shards > 1 else None
-    ds, resolved = mixed_examples(mixture_or_task_name, task_feature_lengths, split, seed, shard_info,
-                                  budget_examples)
+    budget = budget_examples(mixture_or_task_name, task_feature_lengths, budget_rows, pack, packing, seed)
+    ds, resolved = mixed_examples(mixture_or_task_name, task_feature_lengths, split, seed, shard_info, budget)
     ds = TaskIdFeatureConverter(pack=pack, packing=packing)(ds, dict(task_feature_lengths))
     return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE), resolved
+
+
+BUDGET_SAMPLE_ROWS = 256  # packed rows read to measure how many examples a row holds (UniMax's budget)
+
+
+def budget_examples(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int], rows: float | None,
+                    pack: bool, packing: str, seed: int) -> float | None:
+    """The examples a run of `rows` rows trains on, for a mixture whose rates need it (UniMax without its own
+    `mixing.budget_examples`); None where no rate needs it.
+
+    An unpacked row is one example. A packed row holds several, how many depends on the rates (short GLUE examples
+    pack ten to a row, span corruption one), and the rates depend on the budget: so the budget is measured on
+    the unsharded stream (the same on every process, and on every resume), twice, each time under the rates the
+    previous budget gives. Counting rows as examples instead would let UniMax's smallest tasks repeat several
+    times more than its `max_epochs`.
+    """
+    provider = seqio.get_mixture_or_task(mixture_or_task_name)
+    if rows is None or not mixing.needs_budget(provider):
+        return None
+    if not pack:
+        return float(rows)
+    budget = float(rows)
+    for _ in range(2):
+        budget = rows * examples_per_row(mixture_or_task_name, task_feature_lengths, packing, seed, budget)
+    return budget
+
+
+def examples_per_row(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int], packing: str, seed: int,
+                     budget: float | None = None, rows: int = BUDGET_SAMPLE_ROWS) -> float:
+    """Mean examples per packed row over the first `rows` rows of the unsharded training stream."""
+    ds, _ = mixed_examples(mixture_or_task_name, task_feature_lengths, "train", seed, None, budget)
+    ds = TaskIdFeatureConverter(pack=True, packing=packing)(ds, dict(task_feature_lengths))
+    examples = 0
+    for row in ds.take(rows).as_numpy_iterator():
+        examples += int(np.sum((row["decoder_positions"] == 0) & (row[TASK_IDS] > 0)))
+    return examples / rows
 
 
 def count_by_task(task_ids: np.ndarray, positions: np.ndarray | None, num_tasks: int) -> tuple[np.ndarray, np.ndarray]:

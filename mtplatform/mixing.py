@@ -14,8 +14,9 @@ arbitrary):
   exponent S is 1 / T);
 - `equal`: the same rate for every task;
 - `explicit`: `weights`, a rate per task;
-- `unimax` (Chung et al. 2023): a budget of examples (`budget_examples`, by default the run's steps x batch) spread
-  as uniformly as possible over the tasks such that no task is repeated more than `max_epochs` times.
+- `unimax` (Chung et al. 2023): a budget of examples (`budget_examples`, by default the examples the run trains on:
+  its steps x batch rows, times the examples a packed row holds, measured by `data.budget_examples`) spread as
+  uniformly as possible over the tasks such that no task is repeated more than `max_epochs` times.
 
 Tasks without training data: a task of a mixture whose training file is missing is an error naming the task and
 the file, unless `mixing.drop_tasks_without_data = True`, which drops it from the mixture (and says so).
@@ -52,7 +53,7 @@ class Settings:
     temperature: float = 1.0
     weights: Mapping[str, float] | None = None
     max_epochs: float = 1.0  # UniMax's N
-    budget_examples: float | None = None  # UniMax's budget; None: the run's steps x batch
+    budget_examples: float | None = None  # UniMax's budget; None: the examples the run trains on (data.py)
     unsupervised_size: float = 1e6  # t5.data.rate_unsupervised's default value
     drop_tasks_without_data: bool = False
 
@@ -147,7 +148,7 @@ def unimax(sizes: Mapping[str, float], budget: float | None, max_epochs: float, 
     """
     if budget is None:
         raise MixingError(f"mixture {mixture}: mixing.strategy='unimax' needs a budget: set mixing.budget_examples, "
-                          "or train (the budget is then TRAIN_STEPS x BATCH_SIZE)")
+                          "or train (the budget is then the examples in the run's TRAIN_STEPS x BATCH_SIZE rows)")
     left = float(budget)
     order = sorted(sizes, key=lambda t: (sizes[t], t))
     allocation = {}
@@ -245,6 +246,14 @@ class Mixture(seqio.Mixture):
 
     def _rate_of(self, task: seqio.Task) -> float:
         return self.resolve().rates.get(task.name, 0.0)
+
+
+def needs_budget(provider: seqio.Task | seqio.Mixture) -> bool:
+    """Whether `provider`'s rates depend on how many examples the run trains on (UniMax without its own budget)."""
+    if not isinstance(provider, Mixture):
+        return False
+    settings = settings_for(provider.declared)
+    return settings.strategy == "unimax" and settings.budget_examples is None
 
 
 def resolve(provider: seqio.Task | seqio.Mixture, budget_examples: float | None = None) -> Resolved:

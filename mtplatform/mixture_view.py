@@ -32,11 +32,11 @@ class Measured:
 
 
 def measure(mixture: str, task_feature_lengths: Mapping[str, int], num_examples: int, pack: bool = True,
-            seed: int = 0, batch_size: int = 32, budget_examples: float | None = None,
+            seed: int = 0, batch_size: int = 32, budget_rows: float | None = None,
             ) -> tuple[mixing.Resolved, Measured]:
     """Draw batches from the training pipeline until at least `num_examples` examples are counted."""
     ds, resolved = data.train_dataset(mixture_or_task_name=mixture, task_feature_lengths=task_feature_lengths,
-                                      batch_size=batch_size, pack=pack, seed=seed, budget_examples=budget_examples)
+                                      batch_size=batch_size, pack=pack, seed=seed, budget_rows=budget_rows)
     n = len(resolved.rates)
     examples, tokens, rows = np.zeros(n + 1), np.zeros(n + 1), 0
     for batch in ds.as_numpy_iterator():

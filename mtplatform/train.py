@@ -321,7 +321,7 @@ def setup(model_dir: Path, mixture_or_task_name: str, task_feature_lengths: dict
     dataset, resolved = data.train_dataset(
         mixture_or_task_name=mixture_or_task_name, task_feature_lengths=task_feature_lengths, batch_size=per_rank,
         pack=pack, packing=packing, seed=seed, shard_index=ctx.rank, num_shards=ctx.world,
-        budget_examples=(train_steps - first_step) * batch_size)
+        budget_rows=(train_steps - first_step) * batch_size)
     if ctx.main:
         validation.check_lengths_fit(list(resolved.rates), task_feature_lengths, max_truncated_share)
     stream = data.BatchIterator(dataset, packing=packing if pack else data.UNPACKED)

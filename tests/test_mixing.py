@@ -157,6 +157,29 @@ def test_a_cap_below_every_size_still_mixes(data_dir, vocab_file):
     assert len(seen) >= 3
 
 
+def test_unimax_budget_counts_the_examples_in_packed_rows(data_dir, vocab_file):
+    """UniMax's default budget is the examples the run's rows hold, not the rows: packed at 64/16, a row holds
+    about three GLUE examples, and counting rows instead let RTE, the smallest task, repeat more than twice its
+    `max_epochs`."""
+    name, rows, max_epochs = "test_mixing_unimax", 512, 0.025
+    mixing.register(name, ["glue_rte", "glue_cola", "glue_sst2"], replace_existing=True, strategy="unimax",
+                    max_epochs=max_epochs)
+    ds, resolved = data.train_dataset(mixture_or_task_name=name, task_feature_lengths=SMALL, batch_size=32,
+                                      budget_rows=rows)
+    drawn = np.zeros(4)
+    for batch in ds.take(rows // 32).as_numpy_iterator():
+        drawn += data.count_by_task(batch[data.TASK_IDS], batch["decoder_positions"], 3)[0]
+    examples = dict(zip(resolved.rates, drawn[1:], strict=True))
+    assert resolved.settings.budget_examples == pytest.approx(drawn.sum(), rel=0.1)
+    assert drawn.sum() > 2 * rows  # packed: the budget in rows would be less than half of it
+    rte_cap = max_epochs * resolved.sizes["glue_rte"]  # 62 examples
+    assert 0.7 * rte_cap < examples["glue_rte"] < 1.3 * rte_cap
+    assert resolved.rates["glue_rte"] == pytest.approx(rte_cap)
+    # Unpacked, a row is one example; a mixture whose rates ignore the run's length is not measured at all.
+    assert data.budget_examples(name, SMALL, rows, pack=False, packing="first_fit", seed=0) == rows
+    assert data.budget_examples(TEST_MIXTURE, SMALL, rows, pack=True, packing="first_fit", seed=0) is None
+
+
 def test_task_ids_survive_packing(data_dir, vocab_file):
     """Every target token carries its example's task, packed or not; padding carries 0."""
     for pack in (True, False):
