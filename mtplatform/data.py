@@ -132,7 +132,7 @@ def train_dataset(
     return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE), resolved
 
 
-BUDGET_SAMPLE_ROWS = 256  # packed rows read to measure how many examples a row holds (UniMax's budget)
+BUDGET_SAMPLE_ROWS = 1024  # packed rows read to measure how many examples a row holds (UniMax's budget)
 
 
 def budget_examples(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int], rows: float | None,
@@ -143,8 +143,9 @@ def budget_examples(mixture_or_task_name: str, task_feature_lengths: Mapping[str
     An unpacked row is one example. A packed row holds several, how many depends on the rates (short GLUE examples
     pack ten to a row, span corruption one), and the rates depend on the budget: so the budget is measured on
     the unsharded stream (the same on every process, and on every resume), twice, each time under the rates the
-    previous budget gives. Counting rows as examples instead would let UniMax's smallest tasks repeat several
-    times more than its `max_epochs`.
+    previous budget gives. It is the measured mean less two standard errors, so that a task UniMax caps at
+    `max_epochs` stays under it. Counting rows as examples instead would let its smallest tasks repeat several
+    times more than `max_epochs`.
     """
     provider = seqio.get_mixture_or_task(mixture_or_task_name)
     if rows is None or not mixing.needs_budget(provider):
@@ -153,19 +154,18 @@ def budget_examples(mixture_or_task_name: str, task_feature_lengths: Mapping[str
         return float(rows)
     budget = float(rows)
     for _ in range(2):
-        budget = rows * examples_per_row(mixture_or_task_name, task_feature_lengths, packing, seed, budget)
+        counts = examples_per_row(mixture_or_task_name, task_feature_lengths, packing, seed, budget)
+        budget = rows * max(1.0, counts.mean() - 2 * counts.std() / np.sqrt(len(counts)))
     return budget
 
 
 def examples_per_row(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int], packing: str, seed: int,
-                     budget: float | None = None, rows: int = BUDGET_SAMPLE_ROWS) -> float:
-    """Mean examples per packed row over the first `rows` rows of the unsharded training stream."""
+                     budget: float | None = None, rows: int = BUDGET_SAMPLE_ROWS) -> np.ndarray:
+    """The number of examples in each of the first `rows` packed rows of the unsharded training stream."""
     ds, _ = mixed_examples(mixture_or_task_name, task_feature_lengths, "train", seed, None, budget)
     ds = TaskIdFeatureConverter(pack=True, packing=packing)(ds, dict(task_feature_lengths))
-    examples = 0
-    for row in ds.take(rows).as_numpy_iterator():
-        examples += int(np.sum((row["decoder_positions"] == 0) & (row[TASK_IDS] > 0)))
-    return examples / rows
+    return np.array([np.sum((row["decoder_positions"] == 0) & (row[TASK_IDS] > 0))
+                     for row in ds.take(rows).as_numpy_iterator()], dtype=np.float64)
 
 
 def count_by_task(task_ids: np.ndarray, positions: np.ndarray | None, num_tasks: int) -> tuple[np.ndarray, np.ndarray]:
