@@ -175,6 +175,9 @@ def test_unimax_budget_counts_the_examples_in_packed_rows(data_dir, vocab_file):
     rte_cap = max_epochs * resolved.sizes["glue_rte"]  # 62 examples
     assert 0.7 * rte_cap < examples["glue_rte"] < 1.3 * rte_cap
     assert resolved.rates["glue_rte"] == pytest.approx(rte_cap)
+    # Measured again, as a resumed run or another process measures it: the same budget, so the same rates.
+    assert data.budget_examples(name, SMALL, rows, pack=True, packing="first_fit", seed=0) == \
+        resolved.settings.budget_examples
     # Unpacked, a row is one example; a mixture whose rates ignore the run's length is not measured at all.
     assert data.budget_examples(name, SMALL, rows, pack=False, packing="first_fit", seed=0) == rows
     assert data.budget_examples(TEST_MIXTURE, SMALL, rows, pack=True, packing="first_fit", seed=0) is None
