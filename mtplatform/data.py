@@ -163,9 +163,9 @@ def budget_examples(mixture_or_task_name: str, task_feature_lengths: Mapping[str
 def examples_per_row(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int], packing: str, seed: int,
                      budget: float | None = None, rows: int = BUDGET_SAMPLE_ROWS) -> np.ndarray:
     """The number of examples in each of the first `rows` packed rows of the unsharded training stream."""
-    ds, _ = mixed_examples(mixture_or_task_name, task_feature_lengths, "train", seed, None, budget)
+    ds, resolved = mixed_examples(mixture_or_task_name, task_feature_lengths, "train", seed, None, budget)
     ds = TaskIdFeatureConverter(pack=True, packing=packing)(ds, dict(task_feature_lengths))
-    return np.array([np.sum((row["decoder_positions"] == 0) & (row[TASK_IDS] > 0))
+    return np.array([count_by_task(row[TASK_IDS][None], row["decoder_positions"][None], len(resolved.rates))[0].sum()
                      for row in ds.take(rows).as_numpy_iterator()], dtype=np.float64)
 
 
