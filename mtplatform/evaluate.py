@@ -8,15 +8,18 @@ postprocessor and metric functions); we only supply `predict_fn`, which batches 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import gin
+import numpy as np
 import seqio
 import tensorflow as tf
 import torch
 
-from mtplatform import cache
+from mtplatform import cache, scoring, stats
 from mtplatform import precision as precision_lib
 from mtplatform.model import T5
 
@@ -48,17 +51,32 @@ def make_predict_fn(model: T5, batch_size: int, max_decode_length: int, num_beam
     return predict_fn
 
 
-def evaluate(model: T5, mixture_or_task_name: str, *, split: str = "validation",
-             task_feature_lengths: Mapping[str, int] | None = None, num_examples: int | None = None,
-             batch_size: int = 32, max_decode_length: int = 64, num_beams: int = 1, precision: str = "fp32",
-             device: torch.device | str = "cpu", step: int | None = None,
-             generate: Generate | None = None) -> dict[str, dict[str, float]]:
-    """Metrics per task ({task: {metric: value}}) for every task of a mixture that has metrics and `split`
-    (`generate`: see `make_predict_fn`)."""
+@dataclass
+class TaskEvaluation:
+    """One task's evaluation: its metrics (the official ones, `target_nll`, and the label figures where the task has
+    labels), and each metric's bootstrap replicates on `stats.resample_indices` of its examples."""
+
+    metrics: dict[str, float]
+    replicates: dict[str, np.ndarray]
+    num_examples: int
+
+
+def evaluate(model: T5, mixture_or_task_name: str, **settings) -> dict[str, dict[str, float]]:
+    """Metrics per task ({task: {metric: value}}) for every task of a mixture that has metrics and the split
+    (settings: `evaluate_tasks`'s)."""
+    return {task: result.metrics for task, result in evaluate_tasks(model, mixture_or_task_name, **settings).items()}
+
+
+def evaluate_tasks(model: T5, mixture_or_task_name: str, *, split: str = "validation",
+                   task_feature_lengths: Mapping[str, int] | None = None, num_examples: int | None = None,
+                   batch_size: int = 32, max_decode_length: int = 64, num_beams: int = 1, precision: str = "fp32",
+                   device: torch.device | str = "cpu", step: int | None = None,
+                   generate: Generate | None = None) -> dict[str, TaskEvaluation]:
+    """Every task of a mixture that has metrics and `split`: the official metrics of decoded predictions, the
+    teacher-forced figures (`mtplatform.scoring`) and their bootstrap replicates (`generate`: see
+    `make_predict_fn`)."""
     tasks = seqio.get_subtasks(seqio.get_mixture_or_task(mixture_or_task_name))
     scored = [t for t in tasks if t.metric_fns and split in t.splits]
-    if not scored:
-        return {}
     predict_fn = make_predict_fn(model, batch_size, max_decode_length, num_beams, precision, device, generate)
     results = {}
     for task in scored:  # one evaluator per task: each reads its seqio cache, where it has one, or preprocesses
@@ -71,9 +89,55 @@ def evaluate(model: T5, mixture_or_task_name: str, *, split: str = "validation",
             num_examples=num_examples,
             async_compute_metrics=False,
         )
-        future, _ = evaluator.evaluate(compute_metrics=True, step=step, predict_fn=predict_fn)
-        results.update(future.result())
-    return {task: {k: _scalar(v) for k, v in metrics.items()} for task, metrics in results.items()}
+        future, outputs = evaluator.evaluate(compute_metrics=True, step=step, predict_fn=predict_fn)
+        examples = list(evaluator.cached_task_datasets[task.name].as_numpy_iterator())
+        targets = [_postprocessed(task, ex["targets_pretokenized"].decode("utf-8"), ex, True) for ex in examples]
+        vocab = task.output_features["targets"].vocabulary
+        predictions = [_postprocessed(task, vocab.decode(list(tokens)), ex, False)
+                       for tokens, ex in zip(outputs[task.name][_PREDICTION], examples, strict=True)]
+        labels = _label_set(task, examples)
+        scores = scoring.score(
+            model, evaluator.cached_model_datasets[task.name], batch_size,
+            label_ids=[vocab.encode(label) + [1] for label in labels] if labels else None,
+            gold=[labels.index(ex["targets_pretokenized"].decode("utf-8")) for ex in examples] if labels else None,
+            precision=precision, device=device)
+        metrics = {k: _scalar(v) for k, v in future.result()[task.name].items()} | scores.metrics()
+        results[task.name] = TaskEvaluation(metrics, _replicates(task, targets, predictions, scores), len(examples))
+    return results
+
+
+_PREDICTION = seqio.metrics.ModelOutputType.PREDICTION
+
+
+def _postprocessed(task: seqio.Task, text: str, example: dict, is_target: bool):
+    return task.postprocess_fn(text, example=example, is_target=is_target) if task.postprocess_fn else text
+
+
+def _label_set(task: seqio.Task, examples: list[dict]) -> tuple[str, ...] | None:
+    """The task's registered labels, when every evaluated target is one of them (else rank classification is
+    undefined for the task, and it is said)."""
+    labels = scoring.LABELS.get(task.name)
+    if not labels:
+        return None
+    stray = next((t for ex in examples if (t := ex["targets_pretokenized"].decode("utf-8")) not in labels), None)
+    if stray is not None:
+        print(f"mtp: task {task.name}: target {stray!r} is none of its labels {list(labels)}; label_accuracy and "
+              "gold_label_logprob are not computed", file=sys.stderr)
+        return None
+    return labels
+
+
+def _replicates(task: seqio.Task, targets: list, predictions: list, scores: scoring.Scores) -> dict[str, np.ndarray]:
+    """Bootstrap replicates of every metric, on the resampled indices every arm of an experiment shares."""
+    if not targets:
+        return {}
+    indices = stats.resample_indices(task.name, len(targets))
+    out = stats.replicates(task.metric_fns, targets, predictions, indices)
+    out["target_nll"] = stats.ratio_replicates(scores.nll_sum, scores.tokens, indices)
+    if scores.label_logprobs is not None:
+        out["label_accuracy"] = stats.mean_replicates(100.0 * scores.label_correct(), indices)
+        out["gold_label_logprob"] = stats.mean_replicates(scores.gold_label_logprob(), indices)
+    return out
 
 
 def constant_baseline(task_name: str, split: str = "validation", max_train_examples: int = 20000,
@@ -113,6 +177,29 @@ def write_metrics(metrics: Mapping[str, Mapping[str, float]], path: Path) -> Non
     path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
 
 
+REPLICATES_FILE = "bootstrap.npz"
+"""Beside metrics.json: each task's metrics on `stats.SAMPLES` resamples of its examples, as `<task>/<metric>`."""
+
+
+def write_replicates(results: Mapping[str, TaskEvaluation], path: Path) -> None:
+    """The bootstrap replicates of every task's metrics (float32: a report needs no more), written atomically."""
+    arrays = {f"{task}/{metric}": values.astype(np.float32)
+              for task, result in results.items() for metric, values in result.replicates.items()}
+    partial = path.with_suffix(".partial.npz")
+    np.savez_compressed(partial, **arrays)
+    partial.replace(path)
+
+
+def read_replicates(path: Path, task: str) -> dict[str, np.ndarray]:
+    """{metric: replicates} of `task` from a `write_replicates` file; empty where the file is absent (evaluations
+    from before replicates were kept)."""
+    if not path.is_file():
+        return {}
+    with np.load(path) as arrays:
+        return {key.split("/", 1)[1]: arrays[key].astype(np.float64) for key in arrays.files
+                if key.split("/", 1)[0] == task}
+
+
 def _model_from(checkpoint_path: str | Path, device) -> tuple[T5, int, Path]:
     from mtplatform import checkpoints
     from mtplatform import model as model_lib
@@ -134,16 +221,20 @@ def evaluate_checkpoint(
     num_beams: int = 1,
     precision: str = "auto",
 ) -> tuple[dict, Path]:
-    """Evaluate a checkpoint; write `metrics.json` and TensorBoard scalars to `output_dir`
-    (default: `<model dir>/eval_<split>`). Returns (metrics, metrics file)."""
+    """Evaluate a checkpoint; write `metrics.json`, the metrics' bootstrap replicates (`bootstrap.npz`) and
+    TensorBoard scalars to `output_dir` (default: `<model dir>/eval_<split>`). Returns (metrics, metrics file)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, step, ckpt = _model_from(checkpoint_path, device)
     precision = precision_lib.resolve(precision, device)
-    metrics = evaluate(model, mixture_or_task_name, split=split, task_feature_lengths=task_feature_lengths,
-                       num_examples=num_examples, batch_size=batch_size, max_decode_length=max_decode_length,
-                       num_beams=num_beams, precision=precision, device=device, step=step)
+    results = evaluate_tasks(model, mixture_or_task_name, split=split, task_feature_lengths=task_feature_lengths,
+                             num_examples=num_examples, batch_size=batch_size, max_decode_length=max_decode_length,
+                             num_beams=num_beams, precision=precision, device=device, step=step)
+    metrics = {task: result.metrics for task, result in results.items()}
     out = Path(output_dir) if output_dir else ckpt.parent / f"eval_{split}"
-    write_metrics({"step": step, "checkpoint": str(ckpt), "metrics": metrics}, out / "metrics.json")
+    write_metrics({"step": step, "checkpoint": str(ckpt), "metrics": metrics,
+                   "num_examples": {task: result.num_examples for task, result in results.items()}},
+                  out / "metrics.json")
+    write_replicates(results, out / REPLICATES_FILE)
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(out / "tensorboard")) as tb:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 import sys
 import time
@@ -111,13 +110,14 @@ def run_stage(root: Path, stage: strategies.Stage, seed: int, done: dict[str, di
     print(f"experiment: stage {stage.name} (seed {seed}): {stage.train_on}, steps {start} -> {record['end_step']}"
           + (f", from {stage.init}" if stage.init else ""), file=sys.stderr)
     began = time.monotonic()
+    steps = eval_steps(start, stage.steps, evals_per_stage)
     with gin.config_scope(stage.scope):
         train_lib.train(model_dir=str(stage_dir), mixture_or_task_name=stage.train_on,
                         train_steps=record["end_step"], initial_checkpoint_path=init["model_dir"] if init else None,
                         finetune=init is not None, seed=seed, keep_checkpoints=None,
-                        checkpoint_every=max(1, math.ceil(stage.steps / evals_per_stage)))
+                        checkpoint_every=record["end_step"], checkpoint_steps=steps)
     trained = time.monotonic()
-    record["evaluations"] = evaluate_stage(stage, stage_dir, start, eval_num_examples)
+    record["evaluations"] = evaluate_stage(stage, stage_dir, steps, eval_num_examples)
     # Wall time of the run that finished the stage (a stage resumed after a kill counts its last run only).
     record["seconds"] = {"train": round(trained - began, 1), "eval": round(time.monotonic() - trained, 1)}
     record["finished"] = True
@@ -125,12 +125,23 @@ def run_stage(root: Path, stage: strategies.Stage, seed: int, done: dict[str, di
     return record
 
 
-def evaluate_stage(stage: strategies.Stage, stage_dir: Path, start: int,
+def eval_steps(start: int, steps: int, evals: int) -> list[int]:
+    """The `evals` steps, evenly over a stage's own span (start, start + steps], at which it is evaluated; the last
+    is its end. Counted from the stage's start, so that a stage that continues another's step count (fine-tuning)
+    is evaluated as often as one that starts at 0."""
+    if not isinstance(evals, int) or not 1 <= evals <= steps:
+        raise ValueError(f"experiment.evals_per_stage = {evals!r}: must be an integer from 1 to the steps of the "
+                         f"shortest stage ({steps})")
+    return [start + k * steps // evals for k in range(1, evals + 1)]
+
+
+def evaluate_stage(stage: strategies.Stage, stage_dir: Path, steps: list[int],
                    eval_num_examples: int | None) -> dict[str, dict[str, dict]]:
-    """{step: {task: metrics}} for each checkpoint the stage wrote, by `mtp eval`'s own function and settings.
-    Each result is written as it comes (`eval/<step>_<task>/metrics.json`), so an interrupted evaluation resumes."""
+    """{step: {task: metrics}} at each of `steps` (checkpoints written for them; one written when a run was
+    stopped in between is not evaluated), by `mtp eval`'s own function and settings. Each result is written as it
+    comes (`eval/<step>_<task>/metrics.json` and its bootstrap replicates), so an interrupted evaluation resumes."""
     results: dict[str, dict[str, dict]] = {}
-    for step in (s for s in checkpoints.all_steps(stage_dir) if s > start):
+    for step in steps:
         for task in stage.evaluate:
             out = stage_dir / "eval" / f"{step}_{task}"
             if not (out / "metrics.json").is_file():
@@ -157,6 +168,8 @@ def experiment(
     root.mkdir(parents=True, exist_ok=True)
     arms = list(arms)
     _check_arms(arms)
+    for stage in (stage for arm in arms for stage in arm.stages):  # before anything trains
+        eval_steps(0, stage.steps, evals_per_stage)
     (root / "experiment.json").write_text(json.dumps(
         {"title": title, "seeds": list(seeds), "eval_num_examples": eval_num_examples,
          "arms": [asdict(arm) for arm in arms]}, indent=2) + "\n")

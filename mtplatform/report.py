@@ -1,10 +1,14 @@
 """An experiment's report from what its runs wrote: results.json, results.md and plots. Trains nothing.
 
 `mtp report EXPERIMENT_DIR` rebuilds it at any time (a partly finished experiment shows "-" where a stage has
-not finished). Scores follow the T5 paper: a task's score is the mean of its metrics (MRPC's F1 and accuracy,
-STS-B's two correlations; CoNLL's entity F1 alone), the reported figure is the best validation score over the
-checkpoints evaluated, and the GLUE average is the mean of the GLUE tasks' scores. Every figure in the report
-names the checkpoint and step it came from in results.json.
+not finished). A task's score follows the T5 paper (the mean of its metrics: MRPC's F1 and accuracy, STS-B's two
+correlations; CoNLL's entity F1 alone), and the GLUE average is the mean of the GLUE tasks' scores. Beside it:
+`target_nll`, `label_accuracy` and `gold_label_logprob` (`mtplatform.scoring`), which move at budgets where decoded
+scores sit at the constant baseline. Every figure is the stage's last checkpoint's, never the best of several
+checkpoints scored on the same examples (that selection favours stages evaluated more often); results.json keeps
+every evaluated checkpoint's score as a learning curve, each figure's checkpoint and step, a 95% bootstrap interval
+(`ci95`, over examples and over seeds where there are several), a paired bootstrap p-value against the best arm
+(`p_value`), and Kendall's tau between the seeds' rankings of the arms (`mtplatform.stats`).
 """
 
 from __future__ import annotations
@@ -14,14 +18,30 @@ import math
 import statistics
 from pathlib import Path
 
+import numpy as np
+
+from mtplatform import evaluate, stats
+
 SKIPPED_IN_SCORE = ("ner_precision", "ner_recall")
+TEACHER_FORCED = ("target_nll", "label_accuracy", "gold_label_logprob")
+LOWER_IS_BETTER = ("target_nll",)
+FIGURE_NAMES = {"score": "score", "target_nll": "target NLL (nats per token)", "label_accuracy": "label accuracy",
+                "gold_label_logprob": "gold label log-probability"}
 
 
 def score(metrics: dict[str, float]) -> float:
-    """A task's single figure, as the T5 paper's tables give it. An undefined metric (the correlation of constant
-    predictions, NaN) counts as 0: such predictions carry no linear relation to the targets."""
-    values = [0.0 if math.isnan(v) else v for k, v in metrics.items() if k not in SKIPPED_IN_SCORE]
+    """A task's single figure, as the T5 paper's tables give it: the mean of its official metrics. An undefined
+    metric (the correlation of constant predictions, NaN) counts as 0: such predictions carry no linear relation
+    to the targets."""
+    values = [0.0 if math.isnan(v) else v for k, v in metrics.items()
+              if k not in SKIPPED_IN_SCORE and k not in TEACHER_FORCED]
     return sum(values) / len(values) if values else float("nan")
+
+
+def _score_replicates(replicates: dict[str, np.ndarray]) -> np.ndarray | None:
+    official = [np.nan_to_num(v, nan=0.0) for k, v in replicates.items()
+                if k not in SKIPPED_IN_SCORE and k not in TEACHER_FORCED]
+    return np.mean(official, axis=0) if official else None
 
 
 def _stage_records(root: Path, seed: int) -> dict[str, dict]:
@@ -33,25 +53,42 @@ def _stage_records(root: Path, seed: int) -> dict[str, dict]:
 
 
 def _task_results(record: dict, task: str) -> dict | None:
-    """Best and last checkpoint's figures for `task` in one finished stage."""
+    """One finished stage's figures for `task`: the last checkpoint's, every checkpoint's as a curve, and the last
+    one's bootstrap replicates (kept out of results.json)."""
     if not record.get("finished"):
         return None
-    by_step = [(int(step), metrics[task]) for step, metrics in record["evaluations"].items() if task in metrics]
+    by_step = sorted((int(step), metrics[task]) for step, metrics in record["evaluations"].items() if task in metrics)
     if not by_step:
         return None
-    by_step.sort()
+    step, metrics = by_step[-1]
+    stage_dir = Path(record["model_dir"])
+    replicates = evaluate.read_replicates(stage_dir / "eval" / f"{step}_{task}" / evaluate.REPLICATES_FILE, task)
+    if replicates:
+        replicates["score"] = _score_replicates(replicates)
+    figures = {"score": score(metrics), **{k: metrics[k] for k in TEACHER_FORCED if k in metrics}}
+    return {"stage": record["name"], "seed": record["config"]["seed"],
+            "last": {"step": step, "checkpoint": str(stage_dir / f"checkpoint_{step}"), "metrics": metrics,
+                     "figures": figures, "ci95": {k: stats.ci95(v) for k, v in replicates.items() if v is not None}},
+            "curve": [{"step": s, "score": score(m), **{k: m[k] for k in TEACHER_FORCED if k in m}}
+                      for s, m in by_step],
+            "_replicates": replicates}
 
-    def entry(step: int, metrics: dict) -> dict:
-        return {"score": score(metrics), "metrics": metrics, "step": step,
-                "checkpoint": str(Path(record["model_dir"]) / f"checkpoint_{step}")}
 
-    best = max(by_step, key=lambda item: score(item[1]))
-    return {"best": entry(*best), "last": entry(*by_step[-1]), "stage": record["name"],
-            "seed": record["config"]["seed"]}
+def _summary(per_seed: list[dict], name: str) -> dict | None:
+    """mean, std and ci95 over the seeds of one figure; `_replicates` (dropped from results.json) for the tests."""
+    values = [r["last"]["figures"][name] for r in per_seed if name in r["last"]["figures"]]
+    if not values or len(values) != len(per_seed):
+        return None
+    reps = [r["_replicates"].get(name) for r in per_seed]
+    combined = stats.over_seeds(reps) if all(rep is not None for rep in reps) else None
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+            "ci95": stats.ci95(combined) if combined is not None else None, "per_seed": values,
+            "_replicates": combined}
 
 
 def collect(root: Path) -> dict:
-    """results.json's content: per arm and task, each seed's best and last figures, and their summary."""
+    """results.json's content: per arm and task, each seed's figures, their summary with intervals, the paired
+    tests against the best arm, and the seeds' agreement on the ranking."""
     spec = json.loads((root / "experiment.json").read_text())
     baselines = json.loads((root / "baselines.json").read_text()) if (root / "baselines.json").is_file() else {}
     tasks = sorted({t for arm in spec["arms"] for stage in arm["stages"] for t in stage["evaluate"]})
@@ -63,18 +100,69 @@ def collect(root: Path) -> dict:
             stage = next((s["name"] for s in arm["stages"] if task in s["evaluate"]), None)
             per_seed = [r for seed in spec["seeds"]
                         if stage and (r := _task_results(records[seed].get(stage, {}), task))]
-            scores = [r["best"]["score"] for r in per_seed]
-            row["tasks"][task] = {"seeds": per_seed, "n": len(scores),
-                                  "mean": statistics.fmean(scores) if scores else None,
-                                  "std": statistics.stdev(scores) if len(scores) > 1 else None,
-                                  "last_mean": statistics.fmean(r["last"]["score"] for r in per_seed)
-                                  if per_seed else None}
-        glue = [row["tasks"][t]["mean"] for t in tasks if t.startswith("glue_")]
-        row["glue_average"] = statistics.fmean(glue) if glue and None not in glue else None
+            figures = {name: summary for name in FIGURE_NAMES if (summary := _summary(per_seed, name))}
+            row["tasks"][task] = {"seeds": per_seed, "n": len(per_seed), "figures": figures}
+        row["glue_average"] = _glue_average(row["tasks"], [t for t in tasks if t.startswith("glue_")])
         row["shares"] = _shares(root, arm, spec["seeds"][0])
         arms.append(row)
+    for task in tasks:
+        for name in FIGURE_NAMES:
+            _compare(name, [arm["tasks"][task]["figures"].get(name) for arm in arms])
+    for name in ("score", "target_nll"):
+        _compare(name, [(arm["glue_average"] or {}).get(name) for arm in arms])
     return {"title": spec["title"], "seeds": spec["seeds"], "eval_num_examples": spec.get("eval_num_examples"),
-            "tasks": tasks, "arms": arms, "baselines": baselines, "seconds": _seconds(records)}
+            "bootstrap_samples": stats.SAMPLES, "tasks": tasks, "arms": arms, "baselines": baselines,
+            "kendall_tau": _kendall(arms, tasks), "seconds": _seconds(records)}
+
+
+def _glue_average(by_task: dict[str, dict], glue: list[str]) -> dict | None:
+    """The GLUE average's score and target NLL: the mean over the GLUE tasks, with replicates averaged alike."""
+    out = {}
+    for name in ("score", "target_nll"):
+        figures = [by_task[t]["figures"].get(name) for t in glue]
+        if not glue or None in figures:
+            continue
+        reps = [f["_replicates"] for f in figures]
+        combined = np.mean(reps, axis=0) if all(r is not None for r in reps) else None
+        seeds = {len(f["per_seed"]) for f in figures}
+        per_seed = ([statistics.fmean(f["per_seed"][i] for f in figures) for i in range(seeds.pop())]
+                    if len(seeds) == 1 else None)
+        out[name] = {"mean": statistics.fmean(f["mean"] for f in figures),
+                     "std": statistics.stdev(per_seed) if per_seed and len(per_seed) > 1 else None,
+                     "ci95": stats.ci95(combined) if combined is not None else None, "per_seed": per_seed,
+                     "_replicates": combined}
+    return out or None
+
+
+def _compare(name: str, figures: list[dict | None]) -> None:
+    """Mark the best arm's figure, and give every other arm's its paired bootstrap p-value against it (on the same
+    examples and seeds; None where replicates are missing or the seeds differ)."""
+    present = [f for f in figures if f is not None]
+    if not present:
+        return
+    best = (min if name in LOWER_IS_BETTER else max)(present, key=lambda f: f["mean"])
+    for figure in present:
+        figure["best"] = figure is best
+        paired = (figure["_replicates"] is not None and best["_replicates"] is not None
+                  and len(figure["per_seed"] or []) == len(best["per_seed"] or []))
+        figure["p_value"] = (None if figure is best else
+                             stats.paired_p_value(figure["_replicates"], best["_replicates"]) if paired else None)
+
+
+def _kendall(arms: list[dict], tasks: list[str]) -> dict[str, dict[str, float | None]]:
+    """{task or "glue_average": {figure: mean Kendall tau between seeds' rankings of the arms}}, over the arms that
+    have every seed; empty with one seed."""
+    out: dict[str, dict[str, float | None]] = {}
+    for task in [*tasks, "glue_average"]:
+        for name in FIGURE_NAMES:
+            figures = [(arm["glue_average"] or {}).get(name) if task == "glue_average"
+                       else arm["tasks"][task]["figures"].get(name) for arm in arms]
+            rows = [f["per_seed"] for f in figures if f and f.get("per_seed")]
+            if len(rows) < 2 or len({len(r) for r in rows}) != 1 or len(rows[0]) < 2:
+                continue
+            by_seed = [[row[i] for row in rows] for i in range(len(rows[0]))]
+            out.setdefault(task, {})[name] = stats.kendall_tau(by_seed)
+    return out
 
 
 def _seconds(records: dict[int, dict[str, dict]]) -> dict | None:
@@ -101,38 +189,120 @@ def _shares(root: Path, arm: dict, seed: int) -> dict | None:
     return {t: {"configured": v["share"], "measured": seen.get(t, 0.0) / total} for t, v in configured.items()}
 
 
-def _cell(entry: dict | None) -> str:
-    if not entry or entry.get("mean") is None:
+def _cell(figure: dict | None, digits: int = 2) -> str:
+    """`mean [low, high]`, bold for the best arm, `*` where the paired test says it differs from the best (p < 0.05)."""
+    if not figure:
         return "-"
-    text = f"{entry['mean']:.2f}"
-    return text + (f" ± {entry['std']:.2f}" if entry.get("std") is not None else "")
+    text = f"{figure['mean']:.{digits}f}"
+    if figure.get("ci95"):
+        low, high = figure["ci95"]
+        text += f" [{low:.{digits}f}, {high:.{digits}f}]"
+    if figure.get("best"):
+        return f"**{text}**"
+    p = figure.get("p_value")
+    return text + ("*" if p is not None and p < 0.05 else "")
+
+
+def _table(results: dict, name: str, tasks: list[str], with_glue: bool, baseline: bool) -> list[str]:
+    digits = 3 if name in ("target_nll", "gold_label_logprob") else 2
+    head = ["arm", "seeds", *tasks] + (["GLUE avg"] if with_glue else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm in results["arms"]:
+        n = max((arm["tasks"][t]["n"] for t in tasks), default=0)
+        cells = [_cell(arm["tasks"][t]["figures"].get(name), digits) for t in tasks]
+        if with_glue:
+            cells.append(_cell((arm["glue_average"] or {}).get(name), digits))
+        lines.append(f"| {arm['name']} | {n} | " + " | ".join(cells) + " |")
+    base = results["baselines"]
+    if baseline and base:
+        key = (lambda m: score(m)) if name == "score" else (lambda m: m.get("accuracy", math.nan))
+        cells = [f"{key(base[t]['metrics']):.2f}" if t in base else "-" for t in tasks]
+        if with_glue:
+            glue = [key(base[t]["metrics"]) for t in tasks if t.startswith("glue_") and t in base]
+            cells.append(f"{statistics.fmean(glue):.2f}" if glue else "-")
+        lines.append("| majority class / constant prediction | - | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _reliability(results: dict) -> list[str]:
+    """Which figure ranks the arms alike across seeds (mean Kendall tau over tasks) and how many arms it tells
+    apart from the best at 95%."""
+    taus = results.get("kendall_tau") or {}
+    if not taus:
+        return ["With one seed, the seeds' agreement on a ranking is not measured; the intervals are over examples "
+                "only and say nothing about the variation between training runs."]
+    lines = ["| figure | mean Kendall tau between seeds (over tasks) | arm-task pairs that differ from the best "
+             "at 95% |", "|---|---|---|"]
+    best_name, best_tau = None, -math.inf
+    for name, label in FIGURE_NAMES.items():
+        values = [v[name] for task, v in taus.items() if task != "glue_average" and v.get(name) is not None
+                  and not math.isnan(v[name])]
+        figures = [arm["tasks"][t]["figures"].get(name) for arm in results["arms"] for t in results["tasks"]]
+        tested = [f for f in figures if f and f.get("p_value") is not None]
+        if not values:
+            continue
+        tau = statistics.fmean(values)
+        if tau > best_tau:
+            best_name, best_tau = label, tau
+        lines.append(f"| {label} | {tau:.2f} ({len(values)} tasks) | "
+                     f"{sum(f['p_value'] < 0.05 for f in tested)} of {len(tested)} |")
+    verdict = ("ranks the arms most alike across seeds" + (" (tau >= 0.5: a usable ranking at this budget)"
+               if best_tau >= 0.5 else " but below tau 0.5: no figure ranks the arms reliably at this budget"))
+    return [*lines, "", f"**{best_name}** {verdict}." if best_name else ""]
+
+
+def _findings(results: dict) -> list[str]:
+    """Per task: the best arm on score and on target NLL, and the arms not told apart from it at 95%."""
+    lines = []
+    for task in results["tasks"]:
+        parts = []
+        for name in ("score", "target_nll", "label_accuracy"):
+            figures = [(arm["name"], arm["tasks"][task]["figures"].get(name)) for arm in results["arms"]]
+            figures = [(arm, f) for arm, f in figures if f]
+            best = next((arm for arm, f in figures if f.get("best")), None)
+            if best is None or len(figures) < 2 or all(f.get("p_value") is None for _, f in figures):
+                continue  # untested: evaluations from before bootstrap replicates were kept
+            tied = [arm for arm, f in figures if not f.get("best") and (f.get("p_value") is None
+                                                                         or f["p_value"] >= 0.05)]
+            parts.append(f"{FIGURE_NAMES[name]}: best *{best}*" + (
+                f", not told apart from {', '.join(f'*{a}*' for a in tied)}" if tied
+                else ", ahead of every other arm at 95%"))
+        if parts:
+            lines.append(f"- `{task}`: " + "; ".join(parts) + ".")
+    return lines
 
 
 def markdown(results: dict) -> str:
     tasks = results["tasks"]
     has_glue = any(t.startswith("glue_") for t in tasks)
-    head = ["arm", "seeds", *tasks] + (["GLUE avg"] if has_glue else [])
+    labelled = [t for t in tasks if any("label_accuracy" in a["tasks"][t]["figures"] for a in results["arms"])]
     lines = [f"# {results['title']}", "",
-             "Each figure is the best validation score over the checkpoints evaluated (as the T5 paper reports), "
-             "mean ± standard deviation over seeds where there are several; results.json keeps every metric, "
-             "the checkpoint and step each figure came from, and the last checkpoint's score beside it. A task's "
-             "score is the mean of its metrics (CoNLL: entity F1; an undefined correlation, from constant "
-             "predictions, counts as 0); the GLUE average is the mean over the GLUE tasks here. "
+             "Every figure is the last checkpoint's of its stage (no checkpoint is selected on the examples it is "
+             "scored on), the mean over seeds where there are several, with its 95% bootstrap interval in brackets "
+             f"({results['bootstrap_samples']} resamples of the examples"
+             + (", and of the seeds" if len(results["seeds"]) > 1 else "") + "). **Bold**: the best arm; `*`: "
+             "differs from the best arm at 95% (paired bootstrap on the same examples and seeds, p < 0.05). "
+             "A task's score is the mean of its official metrics (CoNLL: entity F1; an undefined correlation, from "
+             "constant predictions, counts as 0); the GLUE average is the mean over the GLUE tasks here. "
              + (f"Every arm and the baseline are scored on the same first {results['eval_num_examples']} "
                 "validation examples of each task (all of them where a task has fewer)."
                 if results.get("eval_num_examples") else "Scored on each task's whole validation split."), "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for arm in results["arms"]:
-        n = max((arm["tasks"][t]["n"] for t in tasks), default=0)
-        cells = [_cell(arm["tasks"][t]) for t in tasks]
-        glue = [f"{arm['glue_average']:.2f}" if arm["glue_average"] is not None else "-"] if has_glue else []
-        lines.append(f"| {arm['name']} | {n} | " + " | ".join(cells + glue) + " |")
+             "## Score (official metrics, decoded)", "", *_table(results, "score", tasks, has_glue, True), "",
+             ]
+    if any("target_nll" in a["tasks"][t]["figures"] for a in results["arms"] for t in tasks):
+        lines += ["## Target NLL (teacher-forced, nats per target token; lower is better)", "",
+                  *_table(results, "target_nll", tasks, has_glue, False)]
+    if labelled:
+        lines += ["", "## Label accuracy (rank classification over the label set)", "",
+                  *_table(results, "label_accuracy", labelled, False, True), "",
+                  "## Gold label log-probability (renormalised over the label set; 0 is certain and right)", "",
+                  *_table(results, "gold_label_logprob", labelled, False, False)]
+    findings = _findings(results)
+    lines += ["", "## What the intervals say", "", *(findings or [
+        "No figure has bootstrap replicates (evaluations from before they were kept): nothing is tested."]),
+        "", "## Which figure ranks reliably", "", *_reliability(results)]
     base = results["baselines"]
     if base:
-        cells = [f"{score(base[t]['metrics']):.2f}" if t in base else "-" for t in tasks]
-        glue_scores = [score(base[t]["metrics"]) for t in tasks if t.startswith("glue_") and t in base]
-        glue = [f"{sum(glue_scores) / len(glue_scores):.2f}"] if has_glue and glue_scores else []
-        lines.append("| majority class / constant prediction | - | " + " | ".join(cells + glue) + " |")
         lines += ["", "Constant predictions: " + "; ".join(f"`{t}`: {base[t]['prediction']!r}" for t in base)]
     for arm in results["arms"]:
         if arm.get("shares"):
@@ -143,42 +313,96 @@ def markdown(results: dict) -> str:
         t = results["seconds"]
         lines += ["", f"Wall time in {t['stages']} of {t['of_stages']} stages: training {t['train']:,.0f} s, "
                       f"evaluation {t['eval']:,.0f} s (each stage's last run; stage.json `seconds`)."]
-    lines += ["", "Plots: `scores.png` (score per task and arm), `loss.png` (training loss per stage), "
-                  "`task_losses.png` (per-task loss in multi-task stages), `shares.png` (configured against "
-                  "trained-on mixture shares)."]
+    lines += ["", "Plots: `scores.png` and `target_nll.png` (one panel per task: each arm with its 95% interval, "
+                  "the constant baseline dashed), `loss.png` (training loss per stage), `task_losses.png` "
+                  "(per-task loss in multi-task stages), `shares.png` (configured against trained-on shares). "
+                  "results.json has every metric, each checkpoint's figures as a curve, every p-value and "
+                  "Kendall's tau between the seeds' rankings."]
     return "\n".join(lines) + "\n"
 
 
+def _public(value):
+    """results.json's content without the bootstrap replicates (kept in each evaluation's bootstrap.npz)."""
+    if isinstance(value, dict):
+        return {k: _public(v) for k, v in value.items() if not k.startswith("_")}
+    if isinstance(value, list):
+        return [_public(v) for v in value]
+    return value
+
+
 def build(root: Path | str) -> dict:
-    """Write results.json, results.md and the plots of the experiment in `root`; return the results."""
+    """Write results.json, results.md and the plots of the experiment in `root`; return the results (with each
+    figure's bootstrap replicates under `_replicates`, which results.json leaves out)."""
     root = Path(root)
     if not (root / "experiment.json").is_file():
         raise FileNotFoundError(f"{root}: no experiment.json; is this an EXPERIMENT_DIR that `mtp experiment` wrote?")
     results = collect(root)
-    (root / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (root / "results.json").write_text(json.dumps(_public(results), indent=2) + "\n")
     (root / "results.md").write_text(markdown(results))
     plots(root, results)
     return results
 
 
+def _panels(plt, count: int, columns: int = 4):
+    rows = max(1, math.ceil(count / columns))
+    fig, axes = plt.subplots(rows, min(columns, max(1, count)), figsize=(3.6 * min(columns, max(1, count)),
+                                                                         2.9 * rows + 0.6), squeeze=False)
+    for ax in axes.flat[count:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat)
+
+
+def _figure_grid(plt, results: dict, name: str, path: Path, baseline) -> None:
+    """One panel per task (and the GLUE average): each arm's figure with its 95% interval as an error bar."""
+    arms = results["arms"]
+    columns = [(t, [a["tasks"][t]["figures"].get(name) for a in arms]) for t in results["tasks"]]
+    if any(a["glue_average"] and name in a["glue_average"] for a in arms):
+        columns.append(("GLUE average", [(a["glue_average"] or {}).get(name) for a in arms]))
+    columns = [(t, figures) for t, figures in columns if any(figures)]
+    fig, axes = _panels(plt, max(1, len(columns)))
+    for ax, (task, figures) in zip(axes, columns, strict=False):
+        for i, figure in enumerate(figures):
+            if not figure:
+                continue
+            low, high = figure["ci95"] or (figure["mean"], figure["mean"])
+            ax.bar(i, figure["mean"], color=f"C{i % 10}", label=arms[i]["name"])
+            ax.errorbar(i, figure["mean"], yerr=[[figure["mean"] - low], [high - figure["mean"]]], color="black",
+                        capsize=3, lw=1)
+        constant = baseline(task)
+        if constant is not None:
+            ax.axhline(constant, color="black", ls="--", lw=1, label="constant prediction")
+        if name in LOWER_IS_BETTER:
+            values = [f["mean"] for f in figures if f]
+            ax.set_ylim(min(values) * 0.97, max(values) * 1.02)
+        ax.set_title(task, fontsize=9)
+        ax.set_xticks([])
+    fig.suptitle(FIGURE_NAMES[name] + " (last checkpoint, 95% bootstrap interval)", fontsize=10)
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=min(4, len(names) or 1), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.08 + 0.02 * math.ceil(len(arms) / 4), 1, 0.96))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plots(root: Path, results: dict) -> None:
-    """scores.png, loss.png, task_losses.png and shares.png beside results.md."""
+    """scores.png, target_nll.png, loss.png, task_losses.png and shares.png beside results.md."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    tasks, arms = results["tasks"], results["arms"]
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(tasks) * max(1, len(arms)) / 3), 4))
-    width = 0.8 / max(1, len(arms))
-    for i, arm in enumerate(arms):
-        values = [arm["tasks"][t]["mean"] if arm["tasks"][t]["mean"] is not None else 0 for t in tasks]
-        ax.bar(np.arange(len(tasks)) + i * width, values, width, label=arm["name"])
-    ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks, rotation=30, ha="right")
-    ax.set_ylabel("validation score")
-    ax.legend(fontsize=7)
-    _save(fig, root / "scores.png")
+    base = results["baselines"]
+
+    def constant_score(task: str) -> float | None:
+        if task == "GLUE average":
+            glue = [score(base[t]["metrics"]) for t in results["tasks"] if t.startswith("glue_") and t in base]
+            return statistics.fmean(glue) if glue else None
+        return score(base[task]["metrics"]) if task in base else None
+
+    _figure_grid(plt, results, "score", root / "scores.png", constant_score)
+    _figure_grid(plt, results, "target_nll", root / "target_nll.png", lambda task: None)
+    arms = results["arms"]
 
     spec = json.loads((root / "experiment.json").read_text())
     seed = spec["seeds"][0]
@@ -207,15 +431,15 @@ def plots(root: Path, results: dict) -> None:
     _save(fig2, root / "task_losses.png")
 
     with_shares = [arm for arm in arms if arm.get("shares")]
-    fig, axes = plt.subplots(1, max(1, len(with_shares)), figsize=(4 * max(1, len(with_shares)), 4), squeeze=False)
-    for ax, arm in zip(axes[0], with_shares, strict=False):
+    fig, axes = _panels(plt, max(1, len(with_shares)), columns=3)
+    for ax, arm in zip(axes, with_shares, strict=False):
         names = list(arm["shares"])
         x = np.arange(len(names))
         ax.bar(x - 0.2, [arm["shares"][t]["configured"] for t in names], 0.4, label="configured")
         ax.bar(x + 0.2, [arm["shares"][t]["measured"] for t in names], 0.4, label="trained on")
         ax.set_xticks(x, names, rotation=45, ha="right", fontsize=7)
         ax.set_title(arm["name"], fontsize=8)
-    axes[0][0].legend(fontsize=7)
+    axes[0].legend(fontsize=7)
     _save(fig, root / "shares.png")
 
 

@@ -22,6 +22,7 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -447,6 +448,7 @@ def train(
     seed: int = 0,
     task_loss_weights: dict[str, float] | None = None,
     checkpoint_every: int = 1000,
+    checkpoint_steps: Sequence[int] = (),
     keep_checkpoints: int | None = 3,
     log_every: int = 10,
     eval_every: int = 0,
@@ -474,7 +476,8 @@ def train(
     `torch_compile` trains through `torch.compile` of the model; its first step, which compiles, is timed and
     reported (off by default: on CPUs the compile takes seconds to minutes that short runs do not earn back).
     One run writes a MODEL_DIR at a time (`run_lock`); SIGTERM or SIGINT checkpoints and stops
-    (`interrupts.Stopped`).
+    (`interrupts.Stopped`). A checkpoint is written every `checkpoint_every` steps, at each of `checkpoint_steps`
+    (an experiment's evaluation points, counted from its stage's own start) and at the last step.
     """
     validation.check_train_settings(
         train_steps=train_steps, batch_size=batch_size, task_feature_lengths=task_feature_lengths,
@@ -505,7 +508,8 @@ def train(
             last = _loop(run, logger, stops, train_steps=train_steps, batch_size=batch_size,
                          grad_accum_steps=grad_accum_steps, z_loss=z_loss, clip_grad_norm=clip_grad_norm,
                          max_nonfinite_skips=max_nonfinite_skips, checkpoint_every=checkpoint_every,
-                         keep_checkpoints=keep_checkpoints, log_every=log_every, eval_every=eval_every,
+                         checkpoint_steps=frozenset(checkpoint_steps), keep_checkpoints=keep_checkpoints,
+                         log_every=log_every, eval_every=eval_every,
                          eval_settings=(eval_num_examples, eval_max_decode_length), progress=progress,
                          lengths=dict(task_feature_lengths), mixture_or_task_name=mixture_or_task_name)
         finally:
@@ -517,8 +521,8 @@ def train(
 
 def _loop(run: Run, logger: Logger, stops: interrupts.StopRequests, *, train_steps: int, batch_size: int,
           grad_accum_steps: int, z_loss: float, clip_grad_norm: float | None, max_nonfinite_skips: int,
-          checkpoint_every: int, keep_checkpoints: int | None, log_every: int, eval_every: int,
-          eval_settings: tuple[int | None, int], progress: bool, lengths: dict[str, int],
+          checkpoint_every: int, checkpoint_steps: frozenset[int], keep_checkpoints: int | None, log_every: int,
+          eval_every: int, eval_settings: tuple[int | None, int], progress: bool, lengths: dict[str, int],
           mixture_or_task_name: str) -> dict[str, float]:
     """Steps until `train_steps`, logging, evaluating and checkpointing on their intervals; the last logged values."""
     ctx = run.ctx
@@ -558,7 +562,7 @@ def _loop(run: Run, logger: Logger, stops: interrupts.StopRequests, *, train_ste
             _evaluate_and_log(run.model, mixture_or_task_name, lengths, *eval_settings, run.precision, run.device,
                               run.step, ctx, logger)
         stop = _stop_requested(stops, ctx)
-        if run.step % checkpoint_every == 0 or run.step == train_steps or stop:
+        if run.step % checkpoint_every == 0 or run.step in checkpoint_steps or run.step == train_steps or stop:
             save(run, keep_checkpoints)
         if stop and run.step < train_steps:  # on the last step the run is simply done
             if bar is not None:

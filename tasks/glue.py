@@ -16,6 +16,7 @@ import seqio
 import tensorflow_datasets as tfds
 from t5.data import glue_utils
 
+from mtplatform import scoring
 from tasks.common import OUTPUT_FEATURES, tokenized_and_cached
 from tasks.sources import DataFormatError, FileSource, Row, read_tsv
 
@@ -133,6 +134,8 @@ def _register(spec: GlueSpec) -> None:
         metric_fns=_METRICS.get(spec.config) or glue_utils.get_glue_metric(spec.config),
         output_features=OUTPUT_FEATURES,
     )
+    if config.label_classes:  # the targets are the class names (t5's preprocessor): rank classification applies
+        scoring.register_labels(f"glue_{spec.config}", config.label_classes)
 
 
 for _spec in SPECS.values():

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import seqio
 
-from mtplatform import mixing
+from mtplatform import mixing, scoring
 from tasks import objectives
 from tasks.common import OUTPUT_FEATURES
 from tasks.sources import TextSource
@@ -55,6 +55,8 @@ def register_text_tasks(prefix: str, patterns: Sequence[str]) -> list[str]:
             output_features=OUTPUT_FEATURES,
             metric_fns=[],
         )
+        if objective == "nsp":
+            scoring.register_labels(name, objectives.NSP_LABELS)
         mixing.UNSUPERVISED_TASKS.add(name)  # its size is arbitrary: mixing rates use an artificial one
         names.append(name)
     return names

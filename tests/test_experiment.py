@@ -49,30 +49,45 @@ def test_smoke_experiment_end_to_end_resumes_and_refuses_changes(tmp_path, vocab
     # The shared pre-training ran once, and fine-tuning continued its step count (t5x counting).
     assert out.stderr.count("stage pretrain (seed 0)") == 1
     assert checkpoints.all_steps(exp / "pretrained_ft_glue_rte" / "seed_0")[-1] == 10
-    # Every figure names the evaluation it came from, and that evaluation exists on disk.
+    # Each stage was evaluated exactly evals_per_stage (2) times, evenly over its own span: the fine-tuning stage,
+    # which continues pre-training's step count (6 -> 10), as often as the stage that starts at 0.
+    for stage, steps in {"pretrained_ft_glue_rte": ["8", "10"], "scratch_glue_stsb": ["5", "10"]}.items():
+        assert list(json.loads((exp / stage / "seed_0" / "stage.json").read_text())["evaluations"]) == steps
+    assert checkpoints.all_steps(exp / "pretrain" / "seed_0") == [3, 6]
+    # Every figure is the last checkpoint's, names the evaluation it came from, and that evaluation exists on disk
+    # with its bootstrap replicates; every figure has an interval, and the arm that is not best a p-value.
     for arm in results["arms"]:
         for task, entry in arm["tasks"].items():
             assert entry["n"] == 1
-            for which in ("best", "last"):
-                figure = entry["seeds"][0][which]
-                assert Path(figure["checkpoint"]).is_dir()
-                stage_dir = Path(figure["checkpoint"]).parent
-                metrics = json.loads((stage_dir / "eval" / f"{figure['step']}_{task}" / "metrics.json").read_text())
-                assert metrics["metrics"][task] == figure["metrics"]
-                assert figure["score"] == pytest.approx(report.score(figure["metrics"]))
-            assert entry["mean"] == entry["seeds"][0]["best"]["score"] >= entry["seeds"][0]["last"]["score"]
+            last = entry["seeds"][0]["last"]
+            assert last["step"] == 10 and Path(last["checkpoint"]).is_dir()
+            evaluation = Path(last["checkpoint"]).parent / "eval" / f"10_{task}"
+            assert json.loads((evaluation / "metrics.json").read_text())["metrics"][task] == last["metrics"]
+            assert last["figures"]["score"] == pytest.approx(report.score(last["metrics"]))
+            assert (evaluation / "bootstrap.npz").is_file()
+            fine_tuned = entry["seeds"][0]["stage"].startswith("pretrained_ft")
+            assert [c["step"] for c in entry["seeds"][0]["curve"]] == ([8, 10] if fine_tuned else [5, 10])
+            names = {"score", "target_nll"} | ({"label_accuracy", "gold_label_logprob"} if task == "glue_rte"
+                                               else set())
+            assert set(entry["figures"]) == names
+            for figure in entry["figures"].values():
+                low, high = figure["ci95"]
+                assert low <= figure["mean"] <= high or math.isclose(low, high)
+                assert figure["best"] or 0.0 <= figure["p_value"] <= 1.0
+            assert 0 < last["metrics"]["target_nll"] < 20
     assert results["baselines"]["glue_rte"]["prediction"] == "entailment"
     # The baseline is scored on the arms' examples: RTE's first 16 validation pairs, 10 of them entailment.
     assert results["baselines"]["glue_rte"]["metrics"]["accuracy"] == pytest.approx(100 * 10 / 16)
     table = (exp / "results.md").read_text()
     assert "| majority class / constant prediction | - | 62.50 |" in table and "GLUE avg" in table
+    assert "## Target NLL" in table and "## Label accuracy" in table and "95% bootstrap interval" in table
     assert "scored on the same first 16 validation examples" in table
     assert "configured share of examples -> share trained on" in table
     # Where the time went: every stage timed its training and its evaluation.
     seconds = results["seconds"]
     assert seconds["stages"] == seconds["of_stages"] == 5 and seconds["train"] > 0 and seconds["eval"] > 0
     assert f"Wall time in 5 of 5 stages: training {seconds['train']:,.0f} s" in table
-    for plot in ("scores.png", "loss.png", "task_losses.png", "shares.png"):
+    for plot in ("scores.png", "target_nll.png", "loss.png", "task_losses.png", "shares.png"):
         assert (exp / plot).stat().st_size > 5000
     # `mtp report` rebuilds the same tables from what the runs wrote.
     (exp / "results.md").unlink()
