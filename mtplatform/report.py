@@ -384,8 +384,39 @@ def _figure_grid(plt, results: dict, name: str, path: Path, baseline) -> None:
     plt.close(fig)
 
 
+def _learning_curves(plt, results: dict, path: Path) -> None:
+    """For experiments over training-set sizes (arms noting `train_examples`, as `strategies.low_resource`'s):
+    score and target NLL against labelled examples, one line per arm with its 95% interval as a band."""
+    sizes = next((arm["notes"]["train_examples"] for arm in results["arms"]
+                  if arm["notes"].get("train_examples")), None)
+    if not sizes:
+        return
+    base_tasks = sorted({v["task"] for v in sizes.values()})
+    fig, axes = _panels(plt, 2 * len(base_tasks), columns=2)
+    for row, task in enumerate(base_tasks):
+        columns = sorted((v["examples"], name) for name, v in sizes.items() if v["task"] == task)
+        for ax, name in zip(axes[2 * row: 2 * row + 2], ("score", "target_nll"), strict=True):
+            for i, arm in enumerate(results["arms"]):
+                points = [(n, f) for n, column in columns
+                          if (f := arm["tasks"].get(column, {}).get("figures", {}).get(name))]
+                if not points:
+                    continue
+                x = [n for n, _ in points]
+                ax.plot(x, [f["mean"] for _, f in points], marker="o", color=f"C{i % 10}", label=arm["name"])
+                bands = [(n, f["ci95"]) for n, f in points if f.get("ci95")]
+                if bands:
+                    ax.fill_between([n for n, _ in bands], [b[0] for _, b in bands], [b[1] for _, b in bands],
+                                    color=f"C{i % 10}", alpha=0.2)
+            ax.set_xscale("log")
+            ax.set_xlabel("labelled training examples")
+            ax.set_title(f"{task}: {FIGURE_NAMES[name]}", fontsize=9)
+    axes[0].legend(fontsize=7)
+    _save(fig, path)
+
+
 def plots(root: Path, results: dict) -> None:
-    """scores.png, target_nll.png, loss.png, task_losses.png and shares.png beside results.md."""
+    """scores.png, target_nll.png, loss.png, task_losses.png, shares.png (and learning_curve.png for experiments
+    over training-set sizes) beside results.md."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -402,6 +433,7 @@ def plots(root: Path, results: dict) -> None:
 
     _figure_grid(plt, results, "score", root / "scores.png", constant_score)
     _figure_grid(plt, results, "target_nll", root / "target_nll.png", lambda task: None)
+    _learning_curves(plt, results, root / "learning_curve.png")
     arms = results["arms"]
 
     spec = json.loads((root / "experiment.json").read_text())

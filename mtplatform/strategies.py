@@ -20,7 +20,8 @@ from mtplatform import mixing
 
 PAPER_PRETRAIN_STEPS = 2**19
 PAPER_FINETUNE_STEPS = 2**18
-STRATEGIES = ("training_strategies", "mixing_strategies", "pretrain_then_finetune", "pretraining_objectives")
+STRATEGIES = ("training_strategies", "mixing_strategies", "pretrain_then_finetune", "pretraining_objectives",
+              "low_resource")
 """The strategy functions below: their settings say how arms are made, so they are no part of a stage's config."""
 
 
@@ -178,4 +179,41 @@ def pretraining_objectives(
     if from_scratch_baseline:
         arms.append(Arm("no pre-training (each task from scratch)",
                         tuple(Stage(f"scratch_{t}", t, pre + ft, "scratch", None, (t,)) for t in tasks)))
+    return arms
+
+
+@gin.configurable
+def low_resource(
+    tasks: Sequence[str] = gin.REQUIRED,
+    sizes: Sequence[int | None] = gin.REQUIRED,
+    pretrain_steps: int = gin.REQUIRED,
+    finetune_steps: int = gin.REQUIRED,
+    unsupervised_task: str = "span_corruption",
+    multitask_tasks: Sequence[str] = (),
+) -> list[Arm]:
+    """Where pre-training starts to pay: each task cut to each number of labelled training examples (`sizes`; None
+    is all of them; `tasks.subsets`), fine-tuned for `finetune_steps` from a model pre-trained on
+    `unsupervised_task` and, with `multitask_tasks`, from one pre-trained on those tasks and the unsupervised one
+    (none of `tasks`: the labelled examples being rationed must not leak in), beside the same subset trained from
+    scratch for the same steps on the task. Pre-training is shared by every size, so its cost is paid once."""
+    from tasks import subsets
+
+    leaked = sorted(set(tasks) & set(multitask_tasks))
+    if leaked:
+        raise ValueError(f"low_resource.multitask_tasks holds {leaked}, which the experiment rations: drop them")
+    subset_of = {subsets.register_subset(t, n): (t, n) for t in tasks for n in sizes}
+    import seqio
+
+    notes = {"train_examples": {name: {"task": t, "examples": n or seqio.get_mixture_or_task(t).num_input_examples(
+        "train"), "all": n is None} for name, (t, n) in subset_of.items()}}
+    unsup = Stage("unsupervised_pretrain", unsupervised_task, pretrain_steps)
+    arms = [Arm(f"pre-trained on {unsupervised_task}", (unsup, *_finetunes("unsupervised", unsup, list(subset_of),
+                                                                           finetune_steps)), notes=notes)]
+    if multitask_tasks:
+        mixture = _derived_mixture("exp_low_resource_multitask", [*multitask_tasks, unsupervised_task])
+        multi = Stage("multitask_pretrain", mixture, pretrain_steps)
+        arms.append(Arm("pre-trained multi-task", (multi, *_finetunes("multitask", multi, list(subset_of),
+                                                                       finetune_steps)), mixture=mixture, notes=notes))
+    arms.append(Arm("from scratch", tuple(Stage(f"scratch_{t}", t, finetune_steps, "scratch", None, (t,))
+                                         for t in subset_of), notes=notes))
     return arms

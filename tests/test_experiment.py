@@ -219,3 +219,46 @@ def test_report_scores_follow_t5():
     assert report.score({"f1": 80.0, "accuracy": 70.0}) == 75.0  # MRPC: F1 and accuracy averaged
     assert report.score({"ner_precision": 10.0, "ner_recall": 20.0, "ner_f1": 13.0}) == 13.0
     assert report.score({"pearson_corrcoef": float("nan"), "spearman_corrcoef": float("nan")}) == 0.0
+
+
+def test_low_resource_subsets_are_fixed_and_its_arms_ration_only_the_task(data_dir):
+    """A capped task trains on the same examples however often it is registered (every arm, run and seed), keeps
+    the task's validation split, metrics and labels; the experiment file makes its arms."""
+    import seqio
+
+    from mtplatform import cli, scoring
+    from tasks import subsets
+
+    name = subsets.register_subset("glue_sst2", 256)
+    task = seqio.get_mixture_or_task(name)
+    first = [ex["sentence"] for ex in task.source.get_dataset("train").as_numpy_iterator()]
+    subsets.register_subset("glue_sst2", 256)
+    again = [ex["sentence"] for ex in seqio.get_mixture_or_task(name).source.get_dataset("train").as_numpy_iterator()]
+    full = seqio.get_mixture_or_task("glue_sst2")
+    everything = [ex["sentence"] for ex in full.source.get_dataset("train").as_numpy_iterator()]
+    assert len(first) == 256 and first == again and len(set(first)) == 256
+    assert set(first) <= set(everything) and first != everything[:256]  # drawn from the whole file, not its head
+    assert task.num_input_examples("train") == 256
+    assert task.num_input_examples("validation") == full.num_input_examples("validation")
+    assert scoring.LABELS[name] == scoring.LABELS["glue_sst2"] and task.metric_fns == full.metric_fns
+    with pytest.raises(ValueError, match="span_corruption: only a task read from files"):
+        subsets.register_subset("span_corruption", 256)
+    with pytest.raises(ValueError, match="positive integer size, got 0"):
+        subsets.register_subset("glue_sst2", 0)
+
+    gin.clear_config()
+    try:
+        cli.parse_gin(["gin/models/mini.gin", "gin/experiments/low_resource.gin"],
+                      ["--gin.EXPERIMENT_DIR='/nowhere'"], [])
+        arms = strategies.low_resource()
+        assert [a.name for a in arms] == ["pre-trained on span_corruption", "pre-trained multi-task", "from scratch"]
+        columns = [s.train_on for s in arms[2].stages]
+        assert columns == ["glue_sst2_train256", "glue_sst2_train1024", "glue_sst2_train4096", "glue_sst2",
+                           "glue_mrpc_train256", "glue_mrpc_train1024", "glue_mrpc_train4096", "glue_mrpc"]
+        multitask = {t.name for t in seqio.get_mixture_or_task(arms[1].stages[0].train_on).tasks}
+        assert not multitask & {"glue_sst2", "glue_mrpc"} and "span_corruption" in multitask
+        assert arms[0].notes["train_examples"]["glue_mrpc"] == {"task": "glue_mrpc", "examples": 3668, "all": True}
+        with pytest.raises(ValueError, match="multitask_tasks holds \\['glue_sst2'\\]"):
+            strategies.low_resource(multitask_tasks=["glue_sst2"])
+    finally:
+        gin.clear_config()

@@ -1,0 +1,128 @@
+"""Intervals, paired tests, seed agreement and the teacher-forced figures, each against a case with a known answer
+on the real validation data."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import seqio
+import torch
+
+import tasks  # noqa: F401  (registers the tasks)
+from mtplatform import evaluate, report, scoring, stats
+from mtplatform import model as model_lib
+
+
+def _validation(task_name: str, n: int | None = None) -> tuple[seqio.Task, list, list]:
+    """(task, postprocessed targets, the raw examples) of the first n validation examples."""
+    task = seqio.get_mixture_or_task(task_name)
+    ds = task.get_dataset(None, split="validation", shuffle=False, use_cached=False)
+    examples = list((ds.take(n) if n else ds).as_numpy_iterator())
+    targets = [task.postprocess_fn(ex["targets_pretokenized"].decode(), example=ex, is_target=True)
+               for ex in examples]
+    return task, targets, examples
+
+
+def test_accuracy_interval_matches_the_binomial_standard_error(data_dir, vocab_file):
+    task, targets, _ = _validation("glue_sst2")
+    predictions = [1] * len(targets)  # the constant "positive"
+    indices = stats.resample_indices(task.name, len(targets))
+    reps = stats.replicates(task.metric_fns, targets, predictions, indices)["accuracy"]
+    p = np.mean(np.array(targets) == 1)
+    standard_error = 100 * math.sqrt(p * (1 - p) / len(targets))  # 1.69 points on SST-2's 872 sentences
+    assert reps.std() == pytest.approx(standard_error, rel=0.1)
+    low, high = stats.ci95(reps)
+    assert low < 100 * p < high and high - low == pytest.approx(2 * 1.96 * standard_error, rel=0.15)
+    # Resampling is the same for every arm scored on the same examples (what makes the test paired).
+    assert np.array_equal(indices, stats.resample_indices(task.name, len(targets)))
+
+
+def test_replicates_equal_the_metric_recomputed_on_each_resample(data_dir, vocab_file):
+    """Per-example resampling (accuracy, SQuAD's EM/F1) and recomputation (MRPC's F1, STS-B's correlations) both
+    give the metric of the resampled examples."""
+    rng = np.random.default_rng(0)
+    for name in ("glue_mrpc", "glue_stsb", "squad_v1_devsplit"):
+        task, targets, _ = _validation(name, 120)
+        if name == "squad_v1_devsplit":
+            predictions = [t[0] if rng.random() < 0.5 else "the" for t in targets]
+        elif name == "glue_stsb":
+            predictions = [round(float(t) + rng.normal(0, 1.5), 1) for t in targets]
+        else:
+            predictions = [t if rng.random() < 0.7 else 1 - t for t in targets]
+        indices = stats.resample_indices(name, len(targets), samples=20)
+        reps = stats.replicates(task.metric_fns, targets, predictions, indices)
+        for b in (0, 7, 19):
+            direct = {}
+            for fn in task.metric_fns:
+                direct.update(fn([targets[i] for i in indices[b]], [predictions[i] for i in indices[b]]))
+            for key, value in direct.items():
+                assert reps[key][b] == pytest.approx(float(value), abs=1e-9), (name, key)
+
+
+def test_identical_arms_differ_by_nothing_and_a_real_gap_is_significant(data_dir, vocab_file):
+    task, targets, _ = _validation("glue_rte")
+    indices = stats.resample_indices(task.name, len(targets))
+    constant = stats.replicates(task.metric_fns, targets, [0] * len(targets), indices)["accuracy"]  # entailment
+    same = stats.replicates(task.metric_fns, targets, [0] * len(targets), indices)["accuracy"]
+    assert stats.paired_p_value(constant, same) == 1.0
+    flipped = [t if i % 5 else 1 - t for i, t in enumerate(targets)]  # 80% right
+    better = stats.replicates(task.metric_fns, targets, flipped, indices)["accuracy"]
+    assert stats.paired_p_value(constant, better) < 0.01
+    # Over seeds: identical seeds give the example-level interval; the seed level widens it when seeds differ.
+    assert np.array_equal(stats.over_seeds([constant, constant]), constant)
+    assert np.ptp(stats.over_seeds([constant, better])) > np.ptp(constant)
+
+
+def test_kendall_tau_between_seeds():
+    assert stats.kendall_tau([[1, 2, 3], [10, 20, 30]]) == 1.0
+    assert stats.kendall_tau([[1, 2, 3], [3, 2, 1]]) == -1.0
+    assert stats.kendall_tau([[1, 2, 3]]) is None
+
+
+def _constant_label_model(label_ids: list[int], vocab_size: int) -> model_lib.T5:
+    """A model whose next-token distribution is the same everywhere and favours the tokens of one label: it prefers
+    that label for every input, as a constant predictor does."""
+    torch.manual_seed(0)
+    model = model_lib.T5(model_lib.T5Config(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                            num_decoder_layers=1, num_heads=4))
+    logits = torch.zeros(vocab_size)
+    logits[label_ids] = 10.0
+    model._logits = lambda x: logits.expand(*x.shape[:-1], vocab_size)
+    return model
+
+
+def test_a_constant_predictors_label_accuracy_is_its_accuracy(data_dir, vocab_file):
+    """Rank classification on real SST-2 and RTE: a model that always prefers the majority label scores exactly the
+    majority-class baseline's accuracy; target NLL is its per-token loss on the gold labels."""
+    for name in ("glue_sst2", "glue_rte"):
+        task = seqio.get_mixture_or_task(name)
+        majority, baseline = evaluate.constant_baseline(name, num_examples=64)
+        vocab = task.output_features["targets"].vocabulary
+        model = _constant_label_model(vocab.encode(majority) + [1], vocab.vocab_size)
+        result = evaluate.evaluate_tasks(model, name, num_examples=64, max_decode_length=4)[name]
+        assert scoring.LABELS[name] and result.num_examples == 64
+        assert result.metrics["label_accuracy"] == pytest.approx(baseline["accuracy"])
+        assert result.metrics["gold_label_logprob"] < 0 and result.metrics["target_nll"] > 0
+        low, high = stats.ci95(result.replicates["label_accuracy"])
+        assert low <= baseline["accuracy"] <= high
+        assert set(result.replicates) >= {"accuracy", "target_nll", "label_accuracy", "gold_label_logprob"}
+        assert report.score(result.metrics) == pytest.approx(result.metrics["accuracy"])  # not in the score
+
+
+def test_target_nll_is_the_per_token_loss_of_the_targets(data_dir, vocab_file):
+    """target_nll equals the training loss's cross-entropy (without z-loss) over the same examples' target tokens."""
+    torch.manual_seed(0)
+    model = model_lib.T5(model_lib.T5Config(vocab_size=4096, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                            num_decoder_layers=1, num_heads=4)).eval()
+    result = evaluate.evaluate_tasks(model, "glue_mrpc", num_examples=16, max_decode_length=4)["glue_mrpc"]
+    task = seqio.get_mixture_or_task("glue_mrpc")
+    ds = task.get_dataset(None, split="validation", shuffle=False, use_cached=False).take(16)
+    converted = seqio.EncDecFeatureConverter(pack=False)(ds, {"inputs": 512, "targets": 16})
+    total, tokens = 0.0, 0.0
+    with torch.no_grad():
+        for batch in converted.batch(16).as_numpy_iterator():
+            loss, weight = model.loss({k: torch.tensor(v) for k, v in batch.items()})
+            total, tokens = total + float(loss), tokens + float(weight)
+    assert result.metrics["target_nll"] == pytest.approx(total / tokens, rel=1e-4)
