@@ -80,11 +80,15 @@ def evaluate_tasks(model: T5, mixture_or_task_name: str, *, split: str = "valida
     predict_fn = make_predict_fn(model, batch_size, max_decode_length, num_beams, precision, device, generate)
     results = {}
     for task in scored:  # one evaluator per task: each reads its seqio cache, where it has one, or preprocesses
+        cached = cache.where_cached(task)
+        if cached is not None:
+            print(f"mtp: {task.name}: reading its preprocessed {split} examples from seqio's cache {cached} "
+                  "(cache.use_cached = False preprocesses them instead)", file=sys.stderr)
         evaluator = seqio.Evaluator(
             mixture_or_task_name=task.name,
             feature_converter=seqio.EncDecFeatureConverter(pack=False),
             eval_split=split,
-            use_cached=cache.use_cached(task),
+            use_cached=cached is not None,
             sequence_length=dict(task_feature_lengths) if task_feature_lengths else None,
             num_examples=num_examples,
             async_compute_metrics=False,

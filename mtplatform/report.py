@@ -112,7 +112,8 @@ def collect(root: Path) -> dict:
         _compare(name, [(arm["glue_average"] or {}).get(name) for arm in arms])
     return {"title": spec["title"], "seeds": spec["seeds"], "eval_num_examples": spec.get("eval_num_examples"),
             "bootstrap_samples": stats.SAMPLES, "tasks": tasks, "arms": arms, "baselines": baselines,
-            "kendall_tau": _kendall(arms, tasks), "seconds": _seconds(records)}
+            "kendall_tau": _kendall(arms, tasks), "against_reference": _against_reference(arms, tasks),
+            "seconds": _seconds(records)}
 
 
 def _glue_average(by_task: dict[str, dict], glue: list[str]) -> dict | None:
@@ -147,6 +148,52 @@ def _compare(name: str, figures: list[dict | None]) -> None:
                   and len(figure["per_seed"] or []) == len(best["per_seed"] or []))
         figure["p_value"] = (None if figure is best else
                              stats.paired_p_value(figure["_replicates"], best["_replicates"]) if paired else None)
+
+
+def _against_reference(arms: list[dict], tasks: list[str]) -> list[dict]:
+    """Each arm's difference from the reference arm (notes `reference`, e.g. training from scratch) per task and
+    figure, with its paired 95% interval and p-value: whether pre-training paid, in each figure."""
+    reference = next((arm for arm in arms if arm["notes"].get("reference")), None)
+    out = []
+    for arm in arms:
+        if reference is None or arm is reference:
+            continue
+        for task in tasks:
+            for name in ("score", "target_nll", "label_accuracy"):
+                mine, theirs = arm["tasks"][task]["figures"].get(name), reference["tasks"][task]["figures"].get(name)
+                if not mine or not theirs:
+                    continue
+                paired = (mine["_replicates"] is not None and theirs["_replicates"] is not None
+                          and len(mine["per_seed"]) == len(theirs["per_seed"]))
+                diff = mine["_replicates"] - theirs["_replicates"] if paired else None
+                out.append({"arm": arm["name"], "reference": reference["name"], "task": task, "figure": name,
+                            "difference": mine["mean"] - theirs["mean"],
+                            "ci95": stats.ci95(diff) if paired else None,
+                            "p_value": stats.paired_p_value(mine["_replicates"], theirs["_replicates"])
+                            if paired else None})
+    return out
+
+
+def _verdicts(results: dict) -> list[str]:
+    """One line per arm and task: the difference from the reference arm in each figure, and whether it holds."""
+    lines, rows = [], results.get("against_reference") or []
+    for arm, task in dict.fromkeys((r["arm"], r["task"]) for r in rows):
+        parts, paid = [], []
+        for r in (r for r in rows if r["arm"] == arm and r["task"] == task):
+            label = FIGURE_NAMES[r["figure"]]
+            better = r["difference"] < 0 if r["figure"] in LOWER_IS_BETTER else r["difference"] > 0
+            if r["p_value"] is None:
+                verdict = "untested"
+            elif r["p_value"] < 0.05:
+                verdict = f"{'better' if better else 'worse'} at 95% (p = {r['p_value']:.3f})"
+                paid += [label] if better else []
+            else:
+                verdict = f"no difference at 95% (p = {r['p_value']:.2f})"
+            interval = f" [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]" if r.get("ci95") else ""
+            parts.append(f"{label} {r['difference']:+.3f}{interval}: {verdict}")
+        lines.append(f"- *{arm}* on `{task}`: " + "; ".join(parts) + ". "
+                     + (f"**It paid** in {', '.join(paid)}." if paid else "**It did not pay** in any figure at 95%."))
+    return lines
 
 
 def _kendall(arms: list[dict], tasks: list[str]) -> dict[str, dict[str, float | None]]:
@@ -297,6 +344,12 @@ def markdown(results: dict) -> str:
                   *_table(results, "label_accuracy", labelled, False, True), "",
                   "## Gold label log-probability (renormalised over the label set; 0 is certain and right)", "",
                   *_table(results, "gold_label_logprob", labelled, False, False)]
+    verdicts = _verdicts(results)
+    if verdicts:
+        reference = results["against_reference"][0]["reference"]
+        lines += ["", f"## Against *{reference}*", "", "Each arm's difference from the reference arm (the "
+                  "arm's figure minus the reference's; for target NLL lower is better), with its paired 95% "
+                  "bootstrap interval:", "", *verdicts]
     findings = _findings(results)
     lines += ["", "## What the intervals say", "", *(findings or [
         "No figure has bootstrap replicates (evaluations from before they were kept): nothing is tested."]),

@@ -30,11 +30,11 @@ def data_dir(path: str | None = None) -> Path:
     if not value:
         raise SettingError(
             f"no data directory: set the environment variable {DATA_DIR_ENV} (for example to ../shared/data) "
-            "or bind the gin macro DATA_DIR"
+            "or, in commands that take gin settings, bind data_dir.path (the DATA_DIR macro of the run gin files)"
         )
     resolved = Path(value).expanduser()
     if not resolved.is_dir():
-        raise SettingError(f"data directory {resolved} (from {DATA_DIR_ENV} or gin DATA_DIR) does not exist")
+        raise SettingError(f"data directory {resolved} (from {DATA_DIR_ENV} or gin data_dir.path) does not exist")
     return resolved
 
 

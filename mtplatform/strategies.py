@@ -49,6 +49,11 @@ class Arm:
     notes: dict = field(default_factory=dict)
 
 
+REFERENCE = {"reference": True}
+"""An arm's notes that make it the one the report compares every other arm with (training from scratch: did
+pre-training pay?)."""
+
+
 def steps_for(budget: float) -> tuple[int, int]:
     """(pre-training, fine-tuning) steps: the paper's 2**19 and 2**18 times `budget`, at least 1 each."""
     return max(1, round(PAPER_PRETRAIN_STEPS * budget)), max(1, round(PAPER_FINETUNE_STEPS * budget))
@@ -92,7 +97,8 @@ def training_strategies(
                                             (sup_pre, *_finetunes("supervised", sup_pre, tasks, ft)),
                                             mixture=supervised),
         "no_pretraining": Arm("no pre-training (each task from scratch)",
-                              tuple(Stage(f"scratch_{t}", t, pre + ft, "scratch", None, (t,)) for t in tasks)),
+                              tuple(Stage(f"scratch_{t}", t, pre + ft, "scratch", None, (t,)) for t in tasks),
+                              notes=dict(REFERENCE)),
     }
     unknown = [name for name in include if name not in arms]
     if unknown:
@@ -158,7 +164,8 @@ def pretrain_then_finetune(
                                                                              finetune_steps)), mixture=mixture)]
     if from_scratch_baseline:
         arms.append(Arm("from scratch, same total steps", tuple(
-            Stage(f"scratch_{t}", t, pretrain_steps + finetune_steps, "scratch", None, (t,)) for t in tasks)))
+            Stage(f"scratch_{t}", t, pretrain_steps + finetune_steps, "scratch", None, (t,)) for t in tasks),
+            notes=dict(REFERENCE)))
     return arms
 
 
@@ -178,7 +185,8 @@ def pretraining_objectives(
         arms.append(Arm(objective, (pretrain, *_finetunes(objective, pretrain, tasks, ft))))
     if from_scratch_baseline:
         arms.append(Arm("no pre-training (each task from scratch)",
-                        tuple(Stage(f"scratch_{t}", t, pre + ft, "scratch", None, (t,)) for t in tasks)))
+                        tuple(Stage(f"scratch_{t}", t, pre + ft, "scratch", None, (t,)) for t in tasks),
+                        notes=dict(REFERENCE)))
     return arms
 
 
@@ -215,5 +223,5 @@ def low_resource(
         arms.append(Arm("pre-trained multi-task", (multi, *_finetunes("multitask", multi, list(subset_of),
                                                                        finetune_steps)), mixture=mixture, notes=notes))
     arms.append(Arm("from scratch", tuple(Stage(f"scratch_{t}", t, finetune_steps, "scratch", None, (t,))
-                                         for t in subset_of), notes=notes))
+                                         for t in subset_of), notes={**notes, **REFERENCE}))
     return arms

@@ -556,8 +556,10 @@ def _loop(run: Run, logger: Logger, stops: interrupts.StopRequests, *, train_ste
             logger.log(run.step, last)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{window.tokens_per_second:.0f}",
-                            data_wait=f"{window.data_wait_fraction:.1%}", refresh=False)
+            # The step's own loss (metrics.jsonl logs the window's mean); throughput once a window has measured it.
+            measured = ({"window_tok_s": f"{window.tokens_per_second:.0f}",
+                         "data_wait": f"{window.data_wait_fraction:.1%}"} if window.tokens_per_second else {})
+            bar.set_postfix(step_loss=f"{step_loss:.4f}", **measured, refresh=False)
         if eval_every and run.step % eval_every == 0:
             _evaluate_and_log(run.model, mixture_or_task_name, lengths, *eval_settings, run.precision, run.device,
                               run.step, ctx, logger)

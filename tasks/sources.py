@@ -64,7 +64,7 @@ class FileSource(seqio.FunctionDataSource):
         missing = self.missing(split)
         if missing:
             raise FileNotFoundError(f"task {self._task_name}, split {split!r}: expected data file {missing} "
-                                    f"(data directory from {settings.DATA_DIR_ENV} or gin DATA_DIR)")
+                                    f"(data directory from {settings.DATA_DIR_ENV} or gin data_dir.path)")
         return self._paths(split)
 
     def missing(self, split: str) -> str | None:

@@ -81,6 +81,13 @@ def test_smoke_experiment_end_to_end_resumes_and_refuses_changes(tmp_path, vocab
     table = (exp / "results.md").read_text()
     assert "| majority class / constant prediction | - | 62.50 |" in table and "GLUE avg" in table
     assert "## Target NLL" in table and "## Label accuracy" in table and "95% bootstrap interval" in table
+    # Whether pre-training paid: every figure of the pre-trained arm against from scratch, with a paired test.
+    assert "## Against *from scratch, same total steps*" in table
+    against = results["against_reference"]
+    assert {(r["task"], r["figure"]) for r in against} == {
+        ("glue_rte", "score"), ("glue_rte", "target_nll"), ("glue_rte", "label_accuracy"), ("glue_stsb", "score"),
+        ("glue_stsb", "target_nll")}
+    assert all(0 <= r["p_value"] <= 1 and r["ci95"][0] <= r["ci95"][1] for r in against)
     assert "scored on the same first 16 validation examples" in table
     assert "configured share of examples -> share trained on" in table
     # Where the time went: every stage timed its training and its evaluation.
