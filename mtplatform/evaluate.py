@@ -64,17 +64,18 @@ class TaskEvaluation:
 def evaluate(model: T5, mixture_or_task_name: str, **settings) -> dict[str, dict[str, float]]:
     """Metrics per task ({task: {metric: value}}) for every task of a mixture that has metrics and the split
     (settings: `evaluate_tasks`'s)."""
-    return {task: result.metrics for task, result in evaluate_tasks(model, mixture_or_task_name, **settings).items()}
+    return {task: result.metrics
+            for task, result in evaluate_tasks(model, mixture_or_task_name, replicates=False, **settings).items()}
 
 
 def evaluate_tasks(model: T5, mixture_or_task_name: str, *, split: str = "validation",
                    task_feature_lengths: Mapping[str, int] | None = None, num_examples: int | None = None,
                    batch_size: int = 32, max_decode_length: int = 64, num_beams: int = 1, precision: str = "fp32",
                    device: torch.device | str = "cpu", step: int | None = None,
-                   generate: Generate | None = None) -> dict[str, TaskEvaluation]:
+                   generate: Generate | None = None, replicates: bool = True) -> dict[str, TaskEvaluation]:
     """Every task of a mixture that has metrics and `split`: the official metrics of decoded predictions, the
-    teacher-forced figures (`mtplatform.scoring`) and their bootstrap replicates (`generate`: see
-    `make_predict_fn`)."""
+    teacher-forced figures (`mtplatform.scoring`) and, with `replicates`, their bootstrap replicates (`generate`:
+    see `make_predict_fn`)."""
     tasks = seqio.get_subtasks(seqio.get_mixture_or_task(mixture_or_task_name))
     scored = [t for t in tasks if t.metric_fns and split in t.splits]
     predict_fn = make_predict_fn(model, batch_size, max_decode_length, num_beams, precision, device, generate)
@@ -106,7 +107,8 @@ def evaluate_tasks(model: T5, mixture_or_task_name: str, *, split: str = "valida
             gold=[labels.index(ex["targets_pretokenized"].decode("utf-8")) for ex in examples] if labels else None,
             precision=precision, device=device)
         metrics = {k: _scalar(v) for k, v in future.result()[task.name].items()} | scores.metrics()
-        results[task.name] = TaskEvaluation(metrics, _replicates(task, targets, predictions, scores), len(examples))
+        results[task.name] = TaskEvaluation(
+            metrics, _replicates(task, targets, predictions, scores) if replicates else {}, len(examples))
     return results
 
 
