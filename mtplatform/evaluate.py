@@ -153,6 +153,7 @@ def constant_baseline(task_name: str, split: str = "validation", max_train_examp
 
     The constant is the most frequent target text among the first `max_train_examples` training examples; it is
     postprocessed and scored exactly as a model's prediction would be (the task's postprocess_fn and metric_fns).
+    For a task with labels, `label_accuracy` is the share of examples whose label it is.
     """
     from collections import Counter
 
@@ -163,7 +164,8 @@ def constant_baseline(task_name: str, split: str = "validation", max_train_examp
     constant = counts.most_common(1)[0][0]
     targets, predictions = [], []
     validation = task.get_dataset(None, split=split, shuffle=False, use_cached=False)
-    for ex in (validation.take(num_examples) if num_examples else validation).as_numpy_iterator():
+    examples = list((validation.take(num_examples) if num_examples else validation).as_numpy_iterator())
+    for ex in examples:
         target = ex["targets_pretokenized"].decode("utf-8")
         targets.append(task.postprocess_fn(target, example=ex, is_target=True) if task.postprocess_fn else target)
         predictions.append(task.postprocess_fn(constant, example=ex, is_target=False)
@@ -171,6 +173,9 @@ def constant_baseline(task_name: str, split: str = "validation", max_train_examp
     metrics: dict[str, float] = {}
     for fn in task.metric_fns:
         metrics.update({k: _scalar(v) for k, v in fn(targets, predictions).items()})
+    if constant in scoring.LABELS.get(task_name, ()):  # what rank classification scores for a constant predictor
+        texts = [ex["targets_pretokenized"].decode("utf-8") for ex in examples]
+        metrics["label_accuracy"] = 100.0 * sum(text == constant for text in texts) / len(texts)
     return constant, metrics
 
 

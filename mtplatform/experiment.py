@@ -21,7 +21,7 @@ from pathlib import Path
 
 import gin
 
-from mtplatform import checkpoints, evaluate, report, strategies
+from mtplatform import checkpoints, evaluate, report, scoring, strategies
 from mtplatform import train as train_lib
 
 
@@ -191,7 +191,9 @@ def write_baselines(root: Path, tasks: Sequence[str], num_examples: int | None) 
     path = root / "baselines.json"
     baselines = json.loads(path.read_text()) if path.is_file() else {}
     for task in tasks:
-        if baselines.get(task, {}).get("num_examples", "unset") != num_examples:
+        known = baselines.get(task, {})
+        if known.get("num_examples", "unset") != num_examples or (
+                task in scoring.LABELS and "label_accuracy" not in known["metrics"]):  # from before label figures
             prediction, metrics = evaluate.constant_baseline(task, num_examples=num_examples)
             baselines[task] = {"prediction": prediction, "metrics": metrics, "num_examples": num_examples}
     path.write_text(json.dumps(baselines, indent=2) + "\n")

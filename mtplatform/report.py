@@ -262,7 +262,7 @@ def _table(results: dict, name: str, tasks: list[str], with_glue: bool, baseline
         lines.append(f"| {arm['name']} | {n} | " + " | ".join(cells) + " |")
     base = results["baselines"]
     if baseline and base:
-        key = (lambda m: score(m)) if name == "score" else (lambda m: m.get("accuracy", math.nan))
+        key = (lambda m: score(m)) if name == "score" else (lambda m: m.get("label_accuracy", math.nan))
         cells = [f"{key(base[t]['metrics']):.2f}" if t in base else "-" for t in tasks]
         if with_glue:
             glue = [key(base[t]["metrics"]) for t in tasks if t.startswith("glue_") and t in base]

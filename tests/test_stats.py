@@ -104,6 +104,7 @@ def test_a_constant_predictors_label_accuracy_is_its_accuracy(data_dir, vocab_fi
         result = evaluate.evaluate_tasks(model, name, num_examples=64, max_decode_length=4)[name]
         assert scoring.LABELS[name] and result.num_examples == 64
         assert result.metrics["label_accuracy"] == pytest.approx(baseline["accuracy"])
+        assert baseline["label_accuracy"] == pytest.approx(baseline["accuracy"])
         assert result.metrics["gold_label_logprob"] < 0 and result.metrics["target_nll"] > 0
         low, high = stats.ci95(result.replicates["label_accuracy"])
         assert low <= baseline["accuracy"] <= high
