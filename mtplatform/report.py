@@ -291,7 +291,7 @@ def _reliability(results: dict) -> list[str]:
         tau = statistics.fmean(values)
         if tau > best_tau:
             best_name, best_tau = label, tau
-        lines.append(f"| {label} | {tau:.2f} ({len(values)} tasks) | "
+        lines.append(f"| {label} | {tau:.2f} ({len(values)} task{'s' if len(values) > 1 else ''}) | "
                      f"{sum(f['p_value'] < 0.05 for f in tested)} of {len(tested)} |")
     verdict = ("ranks the arms most alike across seeds" + (" (tau >= 0.5: a usable ranking at this budget)"
                if best_tau >= 0.5 else " but below tau 0.5: no figure ranks the arms reliably at this budget"))
@@ -323,21 +323,23 @@ def markdown(results: dict) -> str:
     tasks = results["tasks"]
     has_glue = any(t.startswith("glue_") for t in tasks)
     labelled = [t for t in tasks if any("label_accuracy" in a["tasks"][t]["figures"] for a in results["arms"])]
+    intervals = any(f.get("ci95") for a in results["arms"] for t in tasks for f in a["tasks"][t]["figures"].values())
     lines = [f"# {results['title']}", "",
              "Every figure is the last checkpoint's of its stage (no checkpoint is selected on the examples it is "
-             "scored on), the mean over seeds where there are several, with its 95% bootstrap interval in brackets "
-             f"({results['bootstrap_samples']} resamples of the examples"
-             + (", and of the seeds" if len(results["seeds"]) > 1 else "") + "). **Bold**: the best arm; `*`: "
-             "differs from the best arm at 95% (paired bootstrap on the same examples and seeds, p < 0.05). "
-             "A task's score is the mean of its official metrics (CoNLL: entity F1; an undefined correlation, from "
-             "constant predictions, counts as 0); the GLUE average is the mean over the GLUE tasks here. "
+             "scored on), the mean over seeds where there are several, "
+             + (f"with its 95% bootstrap interval in brackets ({results['bootstrap_samples']} resamples of the "
+                "examples" + (", and of the seeds" if len(results["seeds"]) > 1 else "") + "). **Bold**: the best "
+                "arm; `*`: differs from the best arm at 95% (paired bootstrap on the same examples and seeds, "
+                "p < 0.05). " if intervals else
+                "without intervals: these evaluations predate the bootstrap replicates (**bold**: the best arm). ")
+             + "A task's score is the mean of its official metrics (CoNLL: entity F1; an undefined correlation, "
+             "from constant predictions, counts as 0); the GLUE average is the mean over the GLUE tasks here. "
              + (f"Every arm and the baseline are scored on the same first {results['eval_num_examples']} "
                 "validation examples of each task (all of them where a task has fewer)."
                 if results.get("eval_num_examples") else "Scored on each task's whole validation split."), "",
-             "## Score (official metrics, decoded)", "", *_table(results, "score", tasks, has_glue, True), "",
-             ]
+             "## Score (official metrics, decoded)", "", *_table(results, "score", tasks, has_glue, True)]
     if any("target_nll" in a["tasks"][t]["figures"] for a in results["arms"] for t in tasks):
-        lines += ["## Target NLL (teacher-forced, nats per target token; lower is better)", "",
+        lines += ["", "## Target NLL (teacher-forced, nats per target token; lower is better)", "",
                   *_table(results, "target_nll", tasks, has_glue, False)]
     if labelled:
         lines += ["", "## Label accuracy (rank classification over the label set)", "",
