@@ -48,6 +48,7 @@ def _stage_records(root: Path, seed: int) -> dict[str, dict]:
     records = {}
     for path in root.glob(f"*/seed_{seed}/stage.json"):
         record = json.loads(path.read_text())
+        record["_dir"] = str(path.parent)  # where its evaluations are now (model_dir is where it ran)
         records[record["name"]] = record
     return records
 
@@ -62,7 +63,8 @@ def _task_results(record: dict, task: str) -> dict | None:
         return None
     step, metrics = by_step[-1]
     stage_dir = Path(record["model_dir"])
-    replicates = evaluate.read_replicates(stage_dir / "eval" / f"{step}_{task}" / evaluate.REPLICATES_FILE, task)
+    replicates = evaluate.read_replicates(
+        Path(record.get("_dir", stage_dir)) / "eval" / f"{step}_{task}" / evaluate.REPLICATES_FILE, task)
     if replicates:
         replicates["score"] = _score_replicates(replicates)
     figures = {"score": score(metrics), **{k: metrics[k] for k in TEACHER_FORCED if k in metrics}}
