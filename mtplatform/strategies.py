@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import gin
+import seqio
 
 from mtplatform import mixing
 
@@ -204,14 +205,12 @@ def low_resource(
     `unsupervised_task` and, with `multitask_tasks`, from one pre-trained on those tasks and the unsupervised one
     (none of `tasks`: the labelled examples being rationed must not leak in), beside the same subset trained from
     scratch for the same steps on the task. Pre-training is shared by every size, so its cost is paid once."""
-    from tasks import subsets
+    from tasks import subsets  # the catalogue's own: a subset is a task read from the files a task reads
 
     leaked = sorted(set(tasks) & set(multitask_tasks))
     if leaked:
         raise ValueError(f"low_resource.multitask_tasks holds {leaked}, which the experiment rations: drop them")
     subset_of = {subsets.register_subset(t, n): (t, n) for t in tasks for n in sizes}
-    import seqio
-
     notes = {"train_examples": {name: {"task": t, "examples": n or seqio.get_mixture_or_task(t).num_input_examples(
         "train"), "all": n is None} for name, (t, n) in subset_of.items()}}
     unsup = Stage("unsupervised_pretrain", unsupervised_task, pretrain_steps)
