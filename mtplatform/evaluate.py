@@ -96,15 +96,16 @@ def evaluate_tasks(model: T5, mixture_or_task_name: str, *, split: str = "valida
         )
         future, outputs = evaluator.evaluate(compute_metrics=True, step=step, predict_fn=predict_fn)
         examples = list(evaluator.cached_task_datasets[task.name].as_numpy_iterator())
-        targets = [_postprocessed(task, ex["targets_pretokenized"].decode("utf-8"), ex, True) for ex in examples]
+        texts = [ex["targets_pretokenized"].decode("utf-8") for ex in examples]
+        targets = [_postprocessed(task, text, ex, True) for text, ex in zip(texts, examples, strict=True)]
         vocab = task.output_features["targets"].vocabulary
         predictions = [_postprocessed(task, vocab.decode(list(tokens)), ex, False)
                        for tokens, ex in zip(outputs[task.name][_PREDICTION], examples, strict=True)]
-        labels = _label_set(task, examples)
+        labels = _label_set(task, texts)
         scores = scoring.score(
             model, evaluator.cached_model_datasets[task.name], batch_size,
             label_ids=[vocab.encode(label) + [1] for label in labels] if labels else None,
-            gold=[labels.index(ex["targets_pretokenized"].decode("utf-8")) for ex in examples] if labels else None,
+            gold=[labels.index(text) for text in texts] if labels else None,
             precision=precision, device=device)
         metrics = {k: _scalar(v) for k, v in future.result()[task.name].items()} | scores.metrics()
         results[task.name] = TaskEvaluation(
@@ -119,13 +120,13 @@ def _postprocessed(task: seqio.Task, text: str, example: dict, is_target: bool):
     return task.postprocess_fn(text, example=example, is_target=is_target) if task.postprocess_fn else text
 
 
-def _label_set(task: seqio.Task, examples: list[dict]) -> tuple[str, ...] | None:
-    """The task's registered labels, when every evaluated target is one of them (else rank classification is
+def _label_set(task: seqio.Task, targets: list[str]) -> tuple[str, ...] | None:
+    """The task's registered labels, when every evaluated target text is one of them (else rank classification is
     undefined for the task, and it is said)."""
     labels = scoring.LABELS.get(task.name)
     if not labels:
         return None
-    stray = next((t for ex in examples if (t := ex["targets_pretokenized"].decode("utf-8")) not in labels), None)
+    stray = next((text for text in targets if text not in labels), None)
     if stray is not None:
         print(f"mtp: task {task.name}: target {stray!r} is none of its labels {list(labels)}; label_accuracy and "
               "gold_label_logprob are not computed", file=sys.stderr)

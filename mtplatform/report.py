@@ -33,14 +33,17 @@ def score(metrics: dict[str, float]) -> float:
     """A task's single figure, as the T5 paper's tables give it: the mean of its official metrics. An undefined
     metric (the correlation of constant predictions, NaN) counts as 0: such predictions carry no linear relation
     to the targets."""
-    values = [0.0 if math.isnan(v) else v for k, v in metrics.items()
-              if k not in SKIPPED_IN_SCORE and k not in TEACHER_FORCED]
+    values = [0.0 if math.isnan(v) else v for k, v in metrics.items() if _in_score(k)]
     return sum(values) / len(values) if values else float("nan")
 
 
+def _in_score(metric: str) -> bool:
+    return metric not in SKIPPED_IN_SCORE and metric not in TEACHER_FORCED
+
+
 def _score_replicates(replicates: dict[str, np.ndarray]) -> np.ndarray | None:
-    official = [np.nan_to_num(v, nan=0.0) for k, v in replicates.items()
-                if k not in SKIPPED_IN_SCORE and k not in TEACHER_FORCED]
+    """`score` of each resample: the same mean of the official metrics, replicate by replicate."""
+    official = [np.nan_to_num(v, nan=0.0) for k, v in replicates.items() if _in_score(k)]
     return np.mean(official, axis=0) if official else None
 
 
@@ -146,10 +149,15 @@ def _compare(name: str, figures: list[dict | None]) -> None:
     best = (min if name in LOWER_IS_BETTER else max)(present, key=lambda f: f["mean"])
     for figure in present:
         figure["best"] = figure is best
-        paired = (figure["_replicates"] is not None and best["_replicates"] is not None
-                  and len(figure["per_seed"] or []) == len(best["per_seed"] or []))
         figure["p_value"] = (None if figure is best else
-                             stats.paired_p_value(figure["_replicates"], best["_replicates"]) if paired else None)
+                             stats.paired_p_value(figure["_replicates"], best["_replicates"])
+                             if _paired(figure, best) else None)
+
+
+def _paired(a: dict, b: dict) -> bool:
+    """Two figures' replicates pair up: both have them, over as many seeds (so the seed draws match)."""
+    return (a["_replicates"] is not None and b["_replicates"] is not None
+            and len(a["per_seed"] or []) == len(b["per_seed"] or []))
 
 
 def _against_reference(arms: list[dict], tasks: list[str]) -> list[dict]:
@@ -165,8 +173,7 @@ def _against_reference(arms: list[dict], tasks: list[str]) -> list[dict]:
                 mine, theirs = arm["tasks"][task]["figures"].get(name), reference["tasks"][task]["figures"].get(name)
                 if not mine or not theirs:
                     continue
-                paired = (mine["_replicates"] is not None and theirs["_replicates"] is not None
-                          and len(mine["per_seed"]) == len(theirs["per_seed"]))
+                paired = _paired(mine, theirs)
                 diff = mine["_replicates"] - theirs["_replicates"] if paired else None
                 out.append({"arm": arm["name"], "reference": reference["name"], "task": task, "figure": name,
                             "difference": mine["mean"] - theirs["mean"],
@@ -478,7 +485,6 @@ def plots(root: Path, results: dict) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     base = results["baselines"]
 
