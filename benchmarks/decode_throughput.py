@@ -18,7 +18,8 @@ import argparse
 import harness  # benchmarks/harness.py: Python puts the script's directory first on the path
 import torch
 
-from mtplatform.model import T5Config, from_hf_state_dict
+from mtplatform.huggingface import from_hf_state_dict
+from mtplatform.model import T5Config
 
 CONFIG = T5Config(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6)
 

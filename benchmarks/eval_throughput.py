@@ -42,7 +42,7 @@ def side(args: argparse.Namespace) -> None:
     """One whole evaluation in this process, timed; the seconds inside the decoder are counted apart."""
     import tasks  # noqa: F401  (registers the catalogue)
     from mtplatform import evaluate
-    from mtplatform.model import to_hf_state_dict
+    from mtplatform.huggingface import to_hf_state_dict
     from mtplatform.tf_setup import configure_tensorflow
 
     configure_tensorflow()

@@ -59,7 +59,7 @@ def hf_t5(cfg) -> torch.nn.Module:
     from transformers import T5Config as HFConfig
     from transformers import T5ForConditionalGeneration
 
-    from mtplatform.model import config_to_hf
+    from mtplatform.huggingface import config_to_hf
 
     return T5ForConditionalGeneration(HFConfig(**{k: v for k, v in config_to_hf(cfg).items()
                                                   if k != "architectures"}))

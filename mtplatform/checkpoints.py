@@ -1,4 +1,9 @@
-"""Checkpoint directories: written atomically with checksums, found by step, verified on restore, pruned atomically.
+"""The run directory (MODEL_DIR) and its checkpoints; the only module that spells their file names.
+
+`MODEL_DIR` holds `config.gin` (the resolved gin config), `mixture.json` (the rates as resolved when the run began,
+and what a resume reads back), `metrics.jsonl` (one row per logged step), `tensorboard/`, and the checkpoints:
+checkpoint directories are written atomically with checksums, found by step, verified on restore, pruned
+atomically.
 
 `MODEL_DIR/checkpoint_<step>/` holds everything needed to continue: `model.safetensors`, `train_state.pt`
 (optimizer, step, RNG states), `data_rank<r>/` (each process's data iterator), `config.gin`, and `meta.json` (the
@@ -29,6 +34,46 @@ UNREADABLE_PREFIX = "unreadable-checkpoint_"
 META = "meta.json"
 MODEL = "model.safetensors"
 TRAIN_STATE = "train_state.pt"  # optimizer, step, data and RNG state, per-task counters
+CONFIG = "config.gin"
+MIXTURE = "mixture.json"
+METRICS = "metrics.jsonl"
+TENSORBOARD = "tensorboard"
+
+
+# --- the run directory's own files ---------------------------------------------------------------------------------
+
+
+def write_run_files(model_dir: Path, config_text: str, mixture: dict) -> None:
+    """The run's resolved gin config and its mixture as resolved (`mixture.json`), at the top of MODEL_DIR."""
+    (Path(model_dir) / CONFIG).write_text(config_text)
+    mixture_file(model_dir).write_text(json.dumps(mixture, indent=2) + "\n")
+
+
+def mixture_file(model_dir: Path) -> Path:
+    return Path(model_dir) / MIXTURE
+
+
+def read_mixture(model_dir: Path) -> dict | None:
+    """What `write_run_files` recorded of the mixture, or None where the run has not started."""
+    path = mixture_file(model_dir)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def metrics_file(model_dir: Path) -> Path:
+    return Path(model_dir) / METRICS
+
+
+def tensorboard_dir(model_dir: Path) -> Path:
+    return Path(model_dir) / TENSORBOARD
+
+
+def read_metrics(model_dir: Path) -> list[dict]:
+    """The rows of `metrics.jsonl`; none where there is no such file."""
+    path = metrics_file(model_dir)
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------------------
 
 
 def checkpoint_dir(model_dir: Path, step: int) -> Path:
@@ -37,6 +82,40 @@ def checkpoint_dir(model_dir: Path, step: int) -> Path:
 
 def temporary_dir(model_dir: Path, step: int, attempt: str) -> Path:
     return Path(model_dir) / f"{TMP_PREFIX}{step}-{attempt}"
+
+
+def data_state_dir(checkpoint: Path, rank: int) -> Path:
+    """Where process `rank` saves its data iterator inside a (temporary or complete) checkpoint directory."""
+    return Path(checkpoint) / f"data_rank{rank}"
+
+
+def write_train_state(directory: Path, model, model_state: dict, train_state: dict, config_text: str) -> None:
+    """The weights (`model_state`: a gathered one under FSDP), the rest of the train state (optimizer, step, RNG,
+    counters) and the gin config, into a temporary checkpoint directory; `finish` seals it."""
+    import torch
+
+    from mtplatform import model as model_lib
+
+    model_lib.save(model, directory / MODEL, model_state)
+    torch.save(train_state, directory / TRAIN_STATE)
+    (directory / CONFIG).write_text(config_text)
+
+
+def read_train_state(checkpoint: Path) -> tuple:
+    """(model, train state) of a complete checkpoint, as `write_train_state` wrote them."""
+    import torch
+
+    from mtplatform import model as model_lib
+
+    return model_lib.load(checkpoint / MODEL), torch.load(checkpoint / TRAIN_STATE, map_location="cpu",
+                                                          weights_only=False)
+
+
+def finish(directory: Path, model_dir: Path, step: int, world_size: int, loss: float | None, healthy: bool,
+           keep: int | None, attempt: str) -> Path:
+    """Checksum the temporary checkpoint `directory` (`write_meta`) and move it into place (`commit`)."""
+    write_meta(directory, step, world_size, loss, healthy)
+    return commit(model_dir, step, keep, attempt)
 
 
 def all_steps(model_dir: Path) -> list[int]:

@@ -7,7 +7,7 @@
     mtp finetune --gin_file=gin/models/small.gin --gin_file=gin/runs/finetune.gin --gin.INITIAL_CHECKPOINT_PATH=...
     mtp eval     --gin_file=gin/runs/eval.gin --gin.CHECKPOINT_PATH="'/tmp/run'" --gin.MIXTURE_OR_TASK_NAME=...
     mtp infer    --gin_file=gin/runs/infer.gin --gin.CHECKPOINT_PATH=... --gin.OUTPUT_FILE="'/tmp/preds.jsonl'"
-    mtp experiment --gin_file=gin/models/tiny.gin --gin_file=gin/experiments/demo.gin --gin.EXPERIMENT_DIR=...
+    mtp experiment --gin_file=gin/experiments/demo.gin --gin.EXPERIMENT_DIR=...
     mtp report   runs/demo
     mtp export   --checkpoint=/tmp/run --output=/tmp/run_hf
     mtp cache    --mixture_or_task=span_corruption --output_cache_dir=/data/cache [-- BEAM PIPELINE OPTIONS]
@@ -128,12 +128,9 @@ def parse_gin(files: list[str], overrides: list[str], search_paths: list[str]) -
     """Read gin files, then `--gin.NAME=VALUE` overrides (t5x style)."""
     import gin
 
-    import mtplatform.evaluate  # noqa: F401  (registers the configurables the run files bind)
-    import mtplatform.experiment  # noqa: F401
-    import mtplatform.settings  # noqa: F401
-    import mtplatform.strategies  # noqa: F401
-    import mtplatform.train  # noqa: F401
+    import mtplatform
 
+    mtplatform.register_configurables()
     for path in [*search_paths, str(GIN_DIR), str(GIN_DIR.parent), "."]:
         gin.add_config_file_search_path(path)
     bindings = []

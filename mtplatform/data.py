@@ -5,7 +5,7 @@ first-fit packing of `mtplatform.packing`), tf.data batches and prefetches it in
 threads, and we hand each batch to torch without a copy. The position in the stream is saved with
 `tf.train.Checkpoint` over the iterator: restoring it continues with exactly the next batch, in constant time,
 without replaying the stream. There is deliberately no prefetching thread of our own on top: batches it held
-would be missing from the saved position (ARCHITECTURE.md).
+would be missing from the saved position.
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ def mixed_examples(
     seed: int | None = 0,
     shard_info: seqio.ShardInfo | None = None,
     budget_examples: float | None = None,
+    resolved: mixing.Resolved | None = None,
 ) -> tuple[tf.data.Dataset, mixing.Resolved]:
     """An endless shuffled stream of a task's or mixture's examples, each tagged with its task, and the rates used.
 
@@ -85,10 +86,11 @@ def mixed_examples(
     `sample_from_datasets` by rate), with two differences that need the task of each example: the task id is
     added before sampling, and the rates are resolved once (`mixing.resolve`), dropping tasks without data where
     configured. Task ids follow `resolved.rates` (sorted by name, as seqio orders a mixture's tasks). A task with
-    a fresh cache in the configured cache directories is read from it (`mtplatform.cache`).
+    a fresh cache in the configured cache directories is read from it (`mtplatform.cache`). `resolved`: rates
+    already resolved (a run's, `resolve_rates`), used as they are.
     """
-    provider = seqio.get_mixture_or_task(mixture_or_task_name)
-    resolved = mixing.resolve(provider, budget_examples)
+    if resolved is None:
+        resolved = mixing.resolve(seqio.get_mixture_or_task(mixture_or_task_name), budget_examples)
     datasets = []
     for task_id, name in enumerate(resolved.rates, start=1):
         task = seqio.get_mixture_or_task(name)
@@ -104,7 +106,7 @@ def mixed_examples(
     return mixed, resolved
 
 
-@gin.configurable(denylist=["shard_index", "num_shards", "budget_rows", "packing"])  # packing: train.packing
+@gin.configurable(denylist=["shard_index", "num_shards", "budget_rows", "packing", "resolved"])  # train.packing
 def train_dataset(
     mixture_or_task_name: str = gin.REQUIRED,
     task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
@@ -116,6 +118,7 @@ def train_dataset(
     shard_index: int = 0,
     num_shards: int = 1,
     budget_rows: float | None = None,
+    resolved: mixing.Resolved | None = None,
 ) -> tuple[tf.data.Dataset, mixing.Resolved]:
     """An endless, shuffled, packed stream of batches of `batch_size` rows for shard `shard_index` of `num_shards`,
     and the mixture's resolved rates (its task names give the meaning of `decoder_task_ids`).
@@ -123,13 +126,24 @@ def train_dataset(
     Each shard (one per training process) reads its own part of every task's source (seqio `ShardInfo`).
     `packing` "first_fit" (mtplatform.packing) fills rows more densely than seqio's own packer ("seqio", next
     fit), which runs from before 2026-11-26 used; a saved data position restores only into the packing that
-    wrote it. `budget_rows`, the rows the run will read (over all shards), sets UniMax's budget (`budget_examples`).
+    wrote it. `resolved`: the run's rates (`resolve_rates`); without them, they are resolved here, and
+    `budget_rows`, the rows the run will read (over all shards), sets UniMax's budget (`budget_examples`).
     """
     shard_info = seqio.ShardInfo(index=shard_index, num_shards=num_shards) if num_shards > 1 else None
-    budget = budget_examples(mixture_or_task_name, task_feature_lengths, budget_rows, pack, packing, seed)
-    ds, resolved = mixed_examples(mixture_or_task_name, task_feature_lengths, split, seed, shard_info, budget)
+    if resolved is None:
+        resolved = resolve_rates(mixture_or_task_name, task_feature_lengths, budget_rows, pack, packing, seed)
+    ds, resolved = mixed_examples(mixture_or_task_name, task_feature_lengths, split, seed, shard_info,
+                                  resolved=resolved)
     ds = TaskIdFeatureConverter(pack=pack, packing=packing)(ds, dict(task_feature_lengths))
     return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE), resolved
+
+
+def resolve_rates(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int], budget_rows: float | None,
+                  pack: bool, packing: str, seed: int) -> mixing.Resolved:
+    """A run's rates, resolved once when it begins: under the strategy bound now, with UniMax's budget measured
+    for `budget_rows` rows where it needs one (`budget_examples`)."""
+    budget = budget_examples(mixture_or_task_name, task_feature_lengths, budget_rows, pack, packing, seed)
+    return mixing.resolve(seqio.get_mixture_or_task(mixture_or_task_name), budget)
 
 
 BUDGET_SAMPLE_ROWS = 1024  # packed rows read to measure how many examples a row holds (UniMax's budget)

@@ -287,41 +287,51 @@ def infer(
             return model.generate(enc.to(device), max_length=max_decode_length, num_beams=num_beams).cpu().tolist()
 
     rows: list[dict] = []
-    if input_file:
-        vocab = (seqio.get_mixture_or_task(mixture_or_task_name).output_features["inputs"].vocabulary
-                 if mixture_or_task_name else _configured_vocabulary())
-        lines = [line.rstrip("\n") for line in open(input_file, encoding="utf-8") if line.strip()]
-        max_in = (task_feature_lengths or {}).get("inputs", 512)
-        for start in tqdm(range(0, len(lines), batch_size), desc="infer", unit="batch"):
-            chunk = lines[start:start + batch_size]
-            out = decode([vocab.encode(text)[: max_in - 1] + [1] for text in chunk])
-            for text, tokens in zip(chunk, out, strict=True):
-                rows.append({"input": text, "prediction": vocab.decode(tokens)})
-    elif mixture_or_task_name:
-        for task in seqio.get_subtasks(seqio.get_mixture_or_task(mixture_or_task_name)):
-            if split not in task.splits:
-                continue
-            ds = task.get_dataset(task_feature_lengths, split=split, shuffle=False, use_cached=False)
-            if num_examples:
-                ds = ds.take(num_examples)
-            examples = list(ds.as_numpy_iterator())
-            vocab = task.output_features["targets"].vocabulary
-            for start in tqdm(range(0, len(examples), batch_size), desc=f"infer {task.name}", unit="batch"):
-                chunk = examples[start:start + batch_size]
-                out = decode([e["inputs"].tolist() for e in chunk])
-                for e, tokens in zip(chunk, out, strict=True):
-                    rows.append({"task": task.name,
-                                 "input": e.get("inputs_pretokenized", b"").decode("utf-8"),
-                                 "target": e.get("targets_pretokenized", b"").decode("utf-8"),
-                                 "prediction": vocab.decode(tokens)})
-    else:
-        raise ValueError("infer needs MIXTURE_OR_TASK_NAME or INPUT_FILE")
+    for name, items in _inference_inputs(mixture_or_task_name, input_file, split, task_feature_lengths,
+                                         num_examples):
+        for start in tqdm(range(0, len(items), batch_size), desc=f"infer {name}", unit="batch"):
+            chunk = items[start:start + batch_size]
+            out = decode([ids for _, ids, _ in chunk])
+            rows.extend({**row, "prediction": vocab.decode(tokens)}
+                        for (row, _, vocab), tokens in zip(chunk, out, strict=True))
     path = Path(output_file)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
+
+
+InferenceInput = tuple[dict, list[int], seqio.Vocabulary]  # (row without its prediction, input ids, vocabulary)
+
+
+def _inference_inputs(mixture_or_task_name: str | None, input_file: str | None, split: str,
+                      task_feature_lengths: Mapping[str, int] | None,
+                      num_examples: int | None) -> list[tuple[str, list[InferenceInput]]]:
+    """[(name, inputs)]: the lines of `input_file` (tokenized with the first task's vocabulary when a task is
+    named, else the configured one), or each task's `split`; batches never mix two of them."""
+    if input_file:
+        vocab = (seqio.get_mixture_or_task(mixture_or_task_name).output_features["inputs"].vocabulary
+                 if mixture_or_task_name else _configured_vocabulary())
+        max_in = (task_feature_lengths or {}).get("inputs", 512)
+        lines = [line.rstrip("\n") for line in open(input_file, encoding="utf-8") if line.strip()]
+        return [(Path(input_file).name, [({"input": text}, vocab.encode(text)[: max_in - 1] + [1], vocab)
+                                         for text in lines])]
+    if not mixture_or_task_name:
+        raise ValueError("infer needs MIXTURE_OR_TASK_NAME or INPUT_FILE")
+    groups = []
+    for task in seqio.get_subtasks(seqio.get_mixture_or_task(mixture_or_task_name)):
+        if split not in task.splits:
+            continue
+        ds = task.get_dataset(task_feature_lengths, split=split, shuffle=False, use_cached=False)
+        if num_examples:
+            ds = ds.take(num_examples)
+        vocab = task.output_features["targets"].vocabulary
+        groups.append((task.name, [({"task": task.name,
+                                     "input": e.get("inputs_pretokenized", b"").decode("utf-8"),
+                                     "target": e.get("targets_pretokenized", b"").decode("utf-8")},
+                                    e["inputs"].tolist(), vocab) for e in ds.as_numpy_iterator()]))
+    return groups
 
 
 def _configured_vocabulary() -> seqio.Vocabulary:

@@ -7,7 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
-from mtplatform import checkpoints, settings
+from mtplatform import checkpoints, huggingface, settings
 from mtplatform import model as model_lib
 from mtplatform.vocab import EXTRA_IDS
 
@@ -26,7 +26,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, vocab: str | P
         raise ValueError(f"--vocab={vocab}: {ids} ids with its {EXTRA_IDS} sentinels, but the model at {weights} "
                          f"has {model.cfg.vocab_size}: not the vocabulary it was trained with")
     output = Path(output)
-    model_lib.export_hf(model, output)
+    huggingface.export_hf(model, output)
     shutil.copyfile(vocab, output / "spiece.model")  # T5Tokenizer's file name
     (output / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "T5Tokenizer", "extra_ids": EXTRA_IDS, "eos_token": "</s>", "pad_token": "<pad>",

@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import gin
 import seqio
+
+from mtplatform import settings as app_settings
 
 STRATEGIES = ("proportional", "temperature", "equal", "explicit", "unimax")
 DROP_SWITCH = "mixing.drop_tasks_without_data"
@@ -186,7 +188,12 @@ def missing_training_data(task: seqio.Task) -> str | None:
 
 @dataclass(frozen=True)
 class Resolved:
-    """A mixture's rates as a run would use them: tasks kept, their sizes and rates, tasks dropped and why."""
+    """A mixture's rates as a run uses them: tasks kept, their sizes and rates, tasks dropped and why.
+
+    A run resolves its rates once, when it begins, records them (`record`, the run directory's `mixture.json`) and
+    reads them back when it resumes (`from_record`): UniMax's measured budget is not measured again, and a resumed
+    stream draws by the rates its saved position was drawn by. This is the value the data stream is built from;
+    rates that change while training (online mixing) would replace it between steps."""
 
     mixture: str
     settings: Settings
@@ -199,6 +206,22 @@ class Resolved:
         total = sum(self.rates.values())
         return {t: r / total for t, r in self.rates.items()}
 
+    def record(self) -> dict:
+        """JSON-ready: the strategy and its settings, each task's size, rate and share, and dropped tasks."""
+        return {"mixture": self.mixture, "settings": asdict(self.settings),
+                "tasks": {t: {"size": self.sizes[t], "rate": self.rates[t], "share": share}
+                          for t, share in self.shares.items()},
+                "dropped": self.dropped}
+
+    @classmethod
+    def from_record(cls, record: Mapping) -> Resolved:
+        """The inverse of `record` (settings a record lacks, from before they existed, take their defaults)."""
+        known = {f.name for f in fields(Settings)}
+        settings = replace(DEFAULTS, **{k: v for k, v in record["settings"].items() if k in known})
+        tasks = record["tasks"]
+        return cls(record["mixture"], settings, {t: v["size"] for t, v in tasks.items()},
+                   {t: v["rate"] for t, v in tasks.items()}, dict(record.get("dropped", {})))
+
 
 class Mixture(seqio.Mixture):
     """A seqio Mixture whose rates follow the configured strategy when they are asked for (not when registered),
@@ -210,6 +233,7 @@ class Mixture(seqio.Mixture):
                  **kwargs):
         del default_rate  # MixtureRegistry.add passes one; our rates come from the strategy
         self.declared = dict(declared or {})
+        self._resolved_for: tuple[str | None, Resolved | None] = (None, None)
         super().__init__(name, list(tasks), default_rate=self._rate_of, **kwargs)
 
     @property
@@ -245,7 +269,16 @@ class Mixture(seqio.Mixture):
         return Resolved(self.name, settings, sizes, rates_from_sizes(sizes, settings, self.name), dropped)
 
     def _rate_of(self, task: seqio.Task) -> float:
-        return self.resolve().rates.get(task.name, 0.0)
+        """seqio's rate function: the rates under the settings bound now, resolved once per distinct settings and
+        data directory (seqio asks once per task; resolving reads every task's size)."""
+        try:
+            where = str(app_settings.data_dir())
+        except app_settings.SettingError:
+            where = ""
+        key = f"{settings_for(self.declared)!r} in {where}"
+        if self._resolved_for[0] != key:
+            self._resolved_for = (key, self.resolve())
+        return self._resolved_for[1].rates.get(task.name, 0.0)
 
 
 def needs_budget(provider: seqio.Task | seqio.Mixture) -> bool:

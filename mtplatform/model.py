@@ -1,4 +1,5 @@
-"""A T5 encoder-decoder in one file: packed training, key/value-cached decoding, Hugging Face weight mapping.
+"""The T5 encoder-decoder network: packed training, losses, and saving its weights. Decoding lives in
+`decoding.py` (`T5.generate` calls it), the Hugging Face weight mapping in `huggingface.py`.
 
 The model consumes the batches of seqio's `EncDecFeatureConverter` as they are: `encoder_input_tokens`,
 `decoder_input_tokens`, `decoder_target_tokens`, `decoder_loss_weights`, and, when packed, `*_segment_ids` and
@@ -17,11 +18,8 @@ segment/padding mask folded into one additive mask.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import re
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -216,13 +214,13 @@ def _attention_bias(allowed: Tensor, position_bias: Tensor | None = None) -> Ten
     the dtype autocast computes in, so that the layers sharing it do not each cast (and, backwards, each cast its
     gradient). float32's minimum becomes -inf in bf16, so a row masked entirely (a padding query) has no finite
     entry there: PyTorch's CPU attention returns zeros for it (checked by hand, torch 2.13); the GPU's
-    memory-efficient kernel has not been checked for such rows. fp32 keeps `_mask_to_bias`'s finite value."""
-    bias = _mask_to_bias(allowed) if position_bias is None else position_bias + _mask_to_bias(allowed)
+    memory-efficient kernel has not been checked for such rows. fp32 keeps `mask_to_bias`'s finite value."""
+    bias = mask_to_bias(allowed) if position_bias is None else position_bias + mask_to_bias(allowed)
     device = bias.device.type
     return bias.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else bias
 
 
-def _mask_to_bias(allowed: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+def mask_to_bias(allowed: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """Boolean (B, Lq, Lk) -> additive (B, 1, Lq, Lk): 0 where allowed, a large negative number elsewhere.
 
     Not -inf: a fully masked row (a padding query) then gets uniform weights instead of NaNs (in fp32; cast to bf16
@@ -312,9 +310,9 @@ class T5(nn.Module):
         x = self.dropout(self.shared(tokens))
         for block in self.decoder:
             x = block(x, self_bias, memory, cross_bias)
-        return self._logits(self.dropout(self.decoder_norm(x)))
+        return self.logits(self.dropout(self.decoder_norm(x)))
 
-    def _logits(self, x: Tensor) -> Tensor:
+    def logits(self, x: Tensor) -> Tensor:
         if self.lm_head is None:
             return F.linear(x * self.cfg.d_model**-0.5, self.shared.weight)
         return self.lm_head(x)
@@ -355,161 +353,13 @@ class T5(nn.Module):
         token_loss, weights = self.token_losses(batch, z_loss, forward)
         return (token_loss * weights).sum(), weights.sum()
 
-    # -- decoding --
-
     @torch.no_grad()
     def generate(self, encoder_input_tokens: Tensor, max_length: int = 64, num_beams: int = 1,
                  length_penalty: float = 1.0, cuda_graph: bool = True) -> Tensor:
-        """Decode (B, ≤max_length) token ids, stopping at EOS (kept), padded with 0 after it.
+        """Decoded token ids (B, <=max_length), EOS kept and padding after it: `decoding.generate` on this model."""
+        from mtplatform import decoding  # decoding reads this module's layers; imported here to keep one direction
 
-        Greedy for num_beams=1; otherwise beam search scoring finished hypotheses by
-        sum log-prob / length**length_penalty (length counts generated tokens, EOS included).
-        On a GPU, greedy decoding replays each step as one CUDA graph (`cuda_graph`): a step of a small model is a
-        few hundred short kernels, and launching them one by one from Python is what bounds its speed there.
-        """
-        memory = self.encode(encoder_input_tokens)
-        if num_beams == 1:
-            return self._greedy(memory, encoder_input_tokens, max_length, cuda_graph and memory.is_cuda)
-        return self._beam_search(memory, encoder_input_tokens, max_length, num_beams, length_penalty)
-
-    def _start_cache(self, memory: Tensor, encoder_tokens: Tensor, max_length: int) -> dict:
-        """What every step reads: per-layer cross-attention keys/values (computed once), self-attention key/value
-        buffers of the full length, and the self-attention bias of every (query, key) position pair with the
-        causal mask folded in. Shapes never change between steps, so a step can be captured as a CUDA graph."""
-        b, dtype, device = memory.shape[0], memory.dtype, memory.device
-        shape = (b, self.cfg.num_heads, max_length, self.cfg.d_kv)
-        cross = [(blk.cross_attn.split(blk.cross_attn.k(memory)), blk.cross_attn.split(blk.cross_attn.v(memory)))
-                 for blk in self.decoder]
-        keys = [torch.zeros(shape, dtype=cross[0][0].dtype, device=device) for _ in self.decoder]
-        values = [torch.zeros_like(k) for k in keys]
-        enc_valid = encoder_tokens != self.cfg.pad_id
-        positions = torch.arange(max_length, device=device)[None]
-        causal = torch.ones(max_length, max_length, dtype=torch.bool, device=device).tril()[None]
-        self_bias = self.decoder_bias(positions, positions) + _mask_to_bias(causal)
-        return {"cross": cross, "k": keys, "v": values, "cross_bias": _mask_to_bias(enc_valid[:, None, :], dtype),
-                "self_bias": self_bias.to(dtype)}
-
-    def _step(self, token: Tensor, t: Tensor, cache: dict) -> Tensor:
-        """Logits (B, vocab) for decoder input `token` (B,) at position `t` (a one-element tensor), updating the cache.
-
-        Each layer is `DecoderBlock.forward` for one position (no dropout: decoding runs in eval mode). The query
-        attends to all cached positions; those after `t` are masked by the bias. Attending to the first t + 1
-        only would change the shapes every step and rule out graph capture.
-        """
-        x = self.shared(token[:, None])
-        self_bias = cache["self_bias"].index_select(2, t)
-        for i, blk in enumerate(self.decoder):
-            h = blk.self_attn_norm(x)
-            cache["k"][i].index_copy_(2, t, blk.self_attn.split(blk.self_attn.k(h)))
-            cache["v"][i].index_copy_(2, t, blk.self_attn.split(blk.self_attn.v(h)))
-            x = x + blk.self_attn(h, self_bias, cache=(cache["k"][i], cache["v"][i]))
-            x = x + blk.cross_attn(blk.cross_attn_norm(x), cache["cross_bias"], cache=cache["cross"][i])
-            x = x + blk.ff(blk.ff_norm(x))
-        return self._logits(self.decoder_norm(x))[:, 0].float()
-
-    def _graphed_step(self, cache: dict, batch: int) -> Callable[[Tensor, Tensor, dict], Tensor]:
-        """`_step` captured once as a CUDA graph over static token and position buffers and this cache."""
-        device = cache["self_bias"].device
-        token = torch.full((batch,), self.cfg.decoder_start_id, dtype=torch.long, device=device)
-        t = torch.zeros(1, dtype=torch.long, device=device)
-        # Autocast's weight-cast cache would hand the graph tensors freed when autocast exits (PyTorch's CUDA graph
-        # notes): capture with the same autocast minus its cache.
-        autocast = (torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
-                    if torch.is_autocast_enabled("cuda") else contextlib.nullcontext())
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side), autocast:
-            self._step(token, t, cache)  # warm-up outside the graph (cuBLAS workspaces); position 0 is rewritten
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), autocast:
-            logits = self._step(token, t, cache)
-
-        def step(new_token: Tensor, new_t: Tensor, _cache: dict) -> Tensor:
-            token.copy_(new_token)
-            t.copy_(new_t)
-            graph.replay()
-            return logits
-
-        return step
-
-    def _greedy(self, memory: Tensor, encoder_tokens: Tensor, max_length: int, cuda_graph: bool) -> Tensor:
-        b = memory.shape[0]
-        cache = self._start_cache(memory, encoder_tokens, max_length)
-        step = self._graphed_step(cache, b) if cuda_graph else self._step
-        token = torch.full((b,), self.cfg.decoder_start_id, dtype=torch.long, device=memory.device)
-        done = torch.zeros(b, dtype=torch.bool, device=memory.device)
-        positions = torch.arange(max_length, device=memory.device)
-        out = []
-        for t in range(max_length):
-            token = step(token, positions[t : t + 1], cache).argmax(-1)
-            token = token.masked_fill(done, self.cfg.pad_id)
-            out.append(token)
-            done |= token == self.cfg.eos_id
-            if done.all():
-                break
-        return torch.stack(out, 1)
-
-    def _beam_search(self, memory: Tensor, encoder_tokens: Tensor, max_length: int, num_beams: int,
-                     length_penalty: float) -> Tensor:
-        b, k, eos = memory.shape[0], num_beams, self.cfg.eos_id
-        memory = memory.repeat_interleave(k, 0)
-        cache = self._start_cache(memory, encoder_tokens.repeat_interleave(k, 0), max_length)
-        device = memory.device
-        seqs = torch.zeros(b * k, 0, dtype=torch.long, device=device)
-        scores = torch.full((b, k), -math.inf, device=device)
-        scores[:, 0] = 0.0  # all beams start identical: keep one alive so the first step has distinct candidates
-        token = torch.full((b * k,), self.cfg.decoder_start_id, dtype=torch.long, device=device)
-        finished: list[list[tuple[float, Tensor]]] = [[] for _ in range(b)]
-        positions = torch.arange(max_length, device=device)
-        for t in range(max_length):
-            logp = F.log_softmax(self._step(token, positions[t : t + 1], cache), -1).view(b, k, -1)
-            vocab = logp.shape[-1]
-            cand = (scores[:, :, None] + logp).view(b, -1)
-            top_scores, top_idx = cand.topk(2 * k, dim=1)
-            beam_idx, tok_idx = top_idx // vocab, top_idx % vocab
-            next_scores = torch.full((b, k), -math.inf, device=device)
-            next_beam = torch.zeros(b, k, dtype=torch.long, device=device)
-            next_tok = torch.full((b, k), self.cfg.pad_id, dtype=torch.long, device=device)
-            for i in range(b):
-                n = 0
-                for s, bi, ti in zip(top_scores[i].tolist(), beam_idx[i].tolist(), tok_idx[i].tolist(), strict=True):
-                    if s == -math.inf:
-                        break
-                    if ti == eos or t == max_length - 1:
-                        seq = torch.cat([seqs[i * k + bi], seqs.new_tensor([ti])])
-                        finished[i].append((s / (t + 1) ** length_penalty, seq))
-                    else:
-                        next_scores[i, n], next_beam[i, n], next_tok[i, n] = s, bi, ti
-                        n += 1
-                    if n == k:
-                        break
-            if all(self._beams_done(finished[i], next_scores[i], t + 1, k, length_penalty) for i in range(b)):
-                break
-            flat = (next_beam + torch.arange(b, device=device)[:, None] * k).flatten()
-            seqs = torch.cat([seqs[flat], next_tok.flatten()[:, None]], 1)
-            for i in range(len(self.decoder)):
-                cache["k"][i] = cache["k"][i][flat]
-                cache["v"][i] = cache["v"][i][flat]
-            scores, token = next_scores, next_tok.flatten()
-        best = [max(f, key=lambda x: x[0])[1] for f in finished]
-        out = torch.full((b, max(len(s) for s in best)), self.cfg.pad_id, dtype=torch.long, device=device)
-        for i, s in enumerate(best):
-            out[i, : len(s)] = s
-        return out
-
-    @staticmethod
-    def _beams_done(finished: list, running: Tensor, length: int, k: int, length_penalty: float) -> bool:
-        """Done when k hypotheses are finished and the best running beam, normalised at the current length, cannot
-        beat the k-th best of them: Hugging Face's rule with early_stopping=False. Exact for length_penalty = 0
-        (log-probs only fall as a sequence grows); for length_penalty > 0 a longer beam could still gain from the
-        larger divisor, so it is a heuristic there, as in transformers.
-        """
-        if len(finished) < k:
-            return bool(torch.isinf(running).all())
-        kth = sorted((s for s, _ in finished), reverse=True)[k - 1]
-        best_running = running.max().item()
-        return best_running == -math.inf or best_running / length**length_penalty <= kth
+        return decoding.generate(self, encoder_input_tokens, max_length, num_beams, length_penalty, cuda_graph)
 
     # -- accounting --
 
@@ -539,7 +389,7 @@ class T5(nn.Module):
         return float(matmul + attention)
 
 
-# --- saving, loading, Hugging Face ------------------------------------------------------------------------------
+# --- saving and loading ---------------------------------------------------------------------------------------------
 
 
 def save(model: T5, path: str | Path, state_dict: dict[str, Tensor] | None = None) -> None:
@@ -563,123 +413,3 @@ def load(path: str | Path, map_location: str = "cpu") -> T5:
     model = T5(T5Config(**json.loads(meta["mtplatform_config"])))
     model.load_state_dict(load_file(str(path), device=map_location))
     return model
-
-
-# (Hugging Face name, our name); {i} is a layer index, {p} a projection. First match wins, so the relative bias,
-# which lives in layer 0 of each HF stack, comes before the generic attention names.
-_NAMES = [
-    ("shared.weight", "shared.weight"),
-    ("lm_head.weight", "lm_head.weight"),
-    ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "encoder_bias.embedding.weight"),
-    ("decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "decoder_bias.embedding.weight"),
-    ("encoder.block.{i}.layer.0.SelfAttention.{p}.weight", "encoder.{i}.attn.{p}.weight"),
-    ("encoder.block.{i}.layer.0.layer_norm.weight", "encoder.{i}.attn_norm.weight"),
-    ("encoder.block.{i}.layer.1.DenseReluDense.{p}.weight", "encoder.{i}.ff.{p}.weight"),
-    ("encoder.block.{i}.layer.1.layer_norm.weight", "encoder.{i}.ff_norm.weight"),
-    ("encoder.final_layer_norm.weight", "encoder_norm.weight"),
-    ("decoder.block.{i}.layer.0.SelfAttention.{p}.weight", "decoder.{i}.self_attn.{p}.weight"),
-    ("decoder.block.{i}.layer.0.layer_norm.weight", "decoder.{i}.self_attn_norm.weight"),
-    ("decoder.block.{i}.layer.1.EncDecAttention.{p}.weight", "decoder.{i}.cross_attn.{p}.weight"),
-    ("decoder.block.{i}.layer.1.layer_norm.weight", "decoder.{i}.cross_attn_norm.weight"),
-    ("decoder.block.{i}.layer.2.DenseReluDense.{p}.weight", "decoder.{i}.ff.{p}.weight"),
-    ("decoder.block.{i}.layer.2.layer_norm.weight", "decoder.{i}.ff_norm.weight"),
-    ("decoder.final_layer_norm.weight", "decoder_norm.weight"),
-]
-
-
-def _rename(name: str, to_ours: bool) -> str | None:
-    for hf, ours in _NAMES:
-        src, dst = (hf, ours) if to_ours else (ours, hf)
-        pattern = re.escape(src).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>\w+)")
-        match = re.fullmatch(pattern, name)
-        if match:
-            return dst.format(**match.groupdict())
-    return None
-
-
-_HF_ALIASES = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight"}  # the shared embedding again
-
-
-def config_from_hf(hf: dict) -> T5Config:
-    """Our config from a Hugging Face T5 `config.json` dict."""
-    proj = hf.get("feed_forward_proj", "relu")
-    if proj not in ("relu", "gated-gelu"):
-        raise ValueError(f"feed_forward_proj={proj!r} is not supported (relu for T5 1.0, gated-gelu for T5 1.1)")
-    return T5Config(
-        vocab_size=hf["vocab_size"], d_model=hf["d_model"], d_kv=hf["d_kv"], d_ff=hf["d_ff"],
-        num_layers=hf["num_layers"], num_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"],
-        num_heads=hf["num_heads"], relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
-        relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
-        dropout_rate=hf.get("dropout_rate", 0.1), layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6),
-        feed_forward=proj, tie_word_embeddings=hf.get("tie_word_embeddings", True),
-        pad_id=hf.get("pad_token_id", 0), eos_id=hf.get("eos_token_id", 1),
-        decoder_start_id=hf.get("decoder_start_token_id", 0),
-    )
-
-
-def config_to_hf(cfg: T5Config) -> dict:
-    return {
-        "architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "is_encoder_decoder": True,
-        "vocab_size": cfg.vocab_size, "d_model": cfg.d_model, "d_kv": cfg.d_kv, "d_ff": cfg.d_ff,
-        "num_layers": cfg.num_layers, "num_decoder_layers": cfg.num_decoder_layers, "num_heads": cfg.num_heads,
-        "relative_attention_num_buckets": cfg.relative_attention_num_buckets,
-        "relative_attention_max_distance": cfg.relative_attention_max_distance,
-        "dropout_rate": cfg.dropout_rate, "layer_norm_epsilon": cfg.layer_norm_epsilon,
-        "feed_forward_proj": cfg.feed_forward, "tie_word_embeddings": cfg.tie_word_embeddings,
-        "pad_token_id": cfg.pad_id, "eos_token_id": cfg.eos_id, "decoder_start_token_id": cfg.decoder_start_id,
-    }
-
-
-def from_hf_state_dict(state: dict[str, Tensor], cfg: T5Config) -> T5:
-    """Our model holding the weights of a `T5ForConditionalGeneration` state dict."""
-    model = T5(cfg)
-    ours = {}
-    for name, tensor in state.items():
-        if name in _HF_ALIASES or (name == "lm_head.weight" and cfg.tie_word_embeddings):
-            continue
-        target = _rename(name, to_ours=True)
-        if target is None:
-            raise ValueError(f"Hugging Face parameter {name!r} has no counterpart in mtplatform's T5")
-        ours[target] = tensor
-    missing = set(model.state_dict()) - set(ours)
-    if missing:
-        raise ValueError(f"the Hugging Face weights lack {sorted(missing)}")
-    model.load_state_dict(ours)
-    return model
-
-
-def to_hf_state_dict(model: T5) -> dict[str, Tensor]:
-    """Our weights under `T5ForConditionalGeneration`'s names (lm_head included even when tied)."""
-    out = {_rename(name, to_ours=False): t.detach().clone().contiguous() for name, t in model.state_dict().items()}
-    if model.lm_head is None:
-        out["lm_head.weight"] = out["shared.weight"].clone()
-    return out
-
-
-def load_hf(directory: str | Path) -> T5:
-    """Our model from a local Hugging Face T5 directory (`config.json` + `model.safetensors` or
-    `pytorch_model.bin`): how a user fine-tunes a real pretrained T5 they have on disk."""
-    directory = Path(directory)
-    config_file = directory / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file}: a Hugging Face T5 directory needs its config.json")
-    cfg = config_from_hf(json.loads(config_file.read_text()))
-    if (directory / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        state = load_file(str(directory / "model.safetensors"))
-    elif (directory / "pytorch_model.bin").is_file():
-        state = torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"{directory}: no model.safetensors or pytorch_model.bin")
-    return from_hf_state_dict(state, cfg)
-
-
-def export_hf(model: T5, directory: str | Path) -> None:
-    """Write a directory that `T5ForConditionalGeneration.from_pretrained` loads."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(config_to_hf(model.cfg), indent=2))
-    save_file(to_hf_state_dict(model), str(directory / "model.safetensors"), metadata={"format": "pt"})

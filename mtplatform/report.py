@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mtplatform import evaluate, stats
+from mtplatform import checkpoints, evaluate, stats
 
 SKIPPED_IN_SCORE = ("ner_precision", "ner_recall")
 TEACHER_FORCED = ("target_nll", "label_accuracy", "gold_label_logprob")
@@ -72,7 +72,7 @@ def _task_results(record: dict, task: str) -> dict | None:
         replicates["score"] = _score_replicates(replicates)
     figures = {"score": score(metrics), **{k: metrics[k] for k in TEACHER_FORCED if k in metrics}}
     return {"stage": record["name"], "seed": record["config"]["seed"],
-            "last": {"step": step, "checkpoint": str(stage_dir / f"checkpoint_{step}"), "metrics": metrics,
+            "last": {"step": step, "checkpoint": str(checkpoints.checkpoint_dir(stage_dir, step)), "metrics": metrics,
                      "figures": figures, "ci95": {k: stats.ci95(v) for k, v in replicates.items() if v is not None}},
             "curve": [{"step": s, "score": score(m), **{k: m[k] for k in TEACHER_FORCED if k in m}}
                       for s, m in by_step],
@@ -236,10 +236,11 @@ def _shares(root: Path, arm: dict, seed: int) -> dict | None:
     if stage is None:
         return None
     model_dir = root / stage["name"] / f"seed_{seed}"
-    if not (model_dir / "mixture.json").is_file() or not (model_dir / "metrics.jsonl").is_file():
+    mixture = checkpoints.read_mixture(model_dir)
+    if mixture is None or not checkpoints.metrics_file(model_dir).is_file():
         return None
-    configured = json.loads((model_dir / "mixture.json").read_text())["tasks"]
-    rows = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = checkpoints.read_metrics(model_dir)
+    configured = mixture["tasks"]
     seen = {t: rows[-1].get(f"task/{t}/examples", 0.0) for t in configured} if rows else {}
     total = sum(seen.values()) or 1.0
     return {t: {"configured": v["share"], "measured": seen.get(t, 0.0) / total} for t, v in configured.items()}
@@ -539,10 +540,7 @@ def plots(root: Path, results: dict) -> None:
 
 
 def _metrics(model_dir: Path) -> list[dict]:
-    path = model_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [r for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
+    return [r for r in checkpoints.read_metrics(model_dir) if "loss" in r]
 
 
 def _save(fig, path: Path) -> None:

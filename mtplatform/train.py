@@ -23,8 +23,9 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import gin
 import numpy as np
@@ -32,7 +33,19 @@ import seqio
 import torch
 import torch.distributed as dist
 
-from mtplatform import cache, checkpoints, data, evaluate, health, interrupts, mixing, optim, run_lock, validation
+from mtplatform import (
+    cache,
+    checkpoints,
+    data,
+    evaluate,
+    health,
+    huggingface,
+    interrupts,
+    mixing,
+    optim,
+    run_lock,
+    validation,
+)
 from mtplatform import model as model_lib
 from mtplatform import precision as precision_lib
 from mtplatform.distributed import Distributed, full_state, gradient_sync, load_optimizer, setup_distributed, wrap_model
@@ -64,8 +77,8 @@ def _set_rng_state(state: dict) -> None:
 def load_initial_weights(path: str | Path, vocab_size: int) -> tuple[model_lib.T5, int]:
     """(model, step) from one of our checkpoints (or a model directory's latest) or a Hugging Face T5 directory."""
     path = Path(path)
-    if (path / "config.json").is_file():  # Hugging Face layout; our checkpoints have meta.json and config.gin
-        model, step = model_lib.load_hf(path), 0
+    if huggingface.is_hf_directory(path):
+        model, step = huggingface.load_hf(path), 0
     else:  # fine-tuning starts a fresh optimizer: the weights are all it reads
         weights, step = checkpoints.verified_weights(path, "INITIAL_CHECKPOINT_PATH")
         model = model_lib.load(weights)
@@ -76,20 +89,20 @@ def load_initial_weights(path: str | Path, vocab_size: int) -> tuple[model_lib.T
 
 
 class Logger:
-    """metrics.jsonl and TensorBoard scalars in MODEL_DIR (main process only). A run first drops what an interrupted
-    attempt logged after the step it starts from (metrics.jsonl rows; TensorBoard's purge_step), so that each step
-    is logged once."""
+    """The run's `metrics.jsonl` and TensorBoard scalars in MODEL_DIR (main process only). A run first drops what an
+    interrupted attempt logged after the step it starts from (metrics.jsonl rows; TensorBoard's purge_step), so
+    that each step is logged once."""
 
     def __init__(self, model_dir: Path, enabled: bool, resumed_at: int | None = None):
         self.enabled = enabled
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            path = model_dir / "metrics.jsonl"
+            path = checkpoints.metrics_file(model_dir)
             if resumed_at is not None and path.is_file():
                 _truncate_jsonl(path, resumed_at)
             self._jsonl = open(path, "a", buffering=1)  # noqa: SIM115 (closed in close())
-            self._tb = SummaryWriter(str(model_dir / "tensorboard"),
+            self._tb = SummaryWriter(str(checkpoints.tensorboard_dir(model_dir)),
                                      purge_step=None if resumed_at is None else resumed_at + 1)
 
     def log(self, step: int, values: dict[str, float]) -> None:
@@ -207,8 +220,7 @@ def restore_or_init(model_dir: Path, vocab_size: int, initial_checkpoint_path: s
     """Resume MODEL_DIR's latest checkpoint, else start from INITIAL_CHECKPOINT_PATH, else from scratch."""
     resume = checkpoints.latest(model_dir)  # setup has set unreadable ones aside
     if resume is not None:
-        state = torch.load(resume / checkpoints.TRAIN_STATE, map_location="cpu", weights_only=False)
-        model = model_lib.load(resume / checkpoints.MODEL)
+        model, state = checkpoints.read_train_state(resume)
         check_model_shape(model.cfg, str(resume))
         return Restored(model, state["step"], f"resuming from {resume}", resume, state)
     if initial_checkpoint_path:
@@ -254,12 +266,29 @@ def _check_settings(fsdp: bool, ctx: Distributed, eval_every: int) -> None:
                          "use 'adamw' or 'adamw_scale' with train.fsdp = True")
 
 
-def mixture_report(resolved: mixing.Resolved) -> dict:
-    """What `MODEL_DIR/mixture.json` records: the strategy, each task's size, rate and share, and dropped tasks."""
-    return {"mixture": resolved.mixture, "settings": asdict(resolved.settings),
-            "tasks": {t: {"size": resolved.sizes[t], "rate": resolved.rates[t], "share": share}
-                      for t, share in resolved.shares.items()},
-            "dropped": resolved.dropped}
+def run_rates(model_dir: Path, resuming: bool, mixture_or_task_name: str, task_feature_lengths: dict[str, int],
+              budget_rows: float, pack: bool, packing: str, seed: int) -> mixing.Resolved:
+    """The rates this run trains by, resolved once: those it began with (`mixture.json`, UniMax's measured budget
+    included) when it resumes from a checkpoint, else resolved now (`data.resolve_rates`)."""
+    recorded = checkpoints.read_mixture(model_dir) if resuming else None
+    if recorded is None:
+        return data.resolve_rates(mixture_or_task_name, task_feature_lengths, budget_rows, pack, packing, seed)
+    resolved = mixing.Resolved.from_record(recorded)
+    where = checkpoints.mixture_file(model_dir)
+    if resolved.mixture != mixture_or_task_name:
+        raise ValueError(f"{where}: this run trains on {resolved.mixture}, not {mixture_or_task_name}; resume it "
+                         "with the mixture it began with, or use another MODEL_DIR")
+    provider = seqio.get_mixture_or_task(mixture_or_task_name)
+    if isinstance(provider, mixing.Mixture):
+        now = mixing.settings_for(provider.declared)
+        if now.budget_examples is None:  # measured when the run began: not a setting that changed
+            now = replace(now, budget_examples=resolved.settings.budget_examples)
+        changed = [f"mixing.{k} = {v!r} now, {getattr(resolved.settings, k)!r} when it began"
+                   for k, v in asdict(now).items() if v != getattr(resolved.settings, k)]
+        if changed:
+            raise ValueError(f"{where}: {mixture_or_task_name}'s rates would change on resume ({'; '.join(changed)});"
+                             " resume with the settings the run began with, or use another MODEL_DIR")
+    return resolved
 
 
 def _config_text(resolved: mixing.Resolved) -> str:
@@ -268,199 +297,11 @@ def _config_text(resolved: mixing.Resolved) -> str:
     return "".join(dropped) + gin.config_str()
 
 
-@dataclass
-class Run:
-    """Everything a training run holds between steps (what `setup` builds and `train_step` and `save` use)."""
-
-    ctx: Distributed
-    device: torch.device
-    precision: str
-    model_dir: Path
-    model: model_lib.T5
-    wrapped: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    stream: data.BatchIterator
-    resolved: mixing.Resolved
-    meter: TaskMeter
-    task_weights: torch.Tensor | None
-    step: int
-    first_step: int  # where this run (not this attempt) began: UniMax's budget counts from there
-    losses_since_log: list[float]
-    config_text: str
-    fsdp: bool
-    attempt: str  # names this attempt's temporary checkpoint directories
-    spikes: health.SpikeDetector
-    skipped: int = 0  # consecutive updates skipped for a non-finite loss or gradient
-    data_wait_s: float = 0.0  # seconds spent waiting for batches from the input pipeline
-    compiling: bool = False  # torch.compile'd, first step not yet taken (its time is reported)
-    healthy: bool = True  # no spike, skipped update or zero gradient since the last checkpoint
-
-
-def setup(model_dir: Path, mixture_or_task_name: str, task_feature_lengths: dict[str, int], train_steps: int,
-          batch_size: int, per_rank: int, initial_checkpoint_path: str | None, finetune: bool,
-          dropout_rate: float | None, fsdp: bool, precision: str, pack: bool, packing: str, seed: int,
-          task_loss_weights: dict[str, float] | None, loss_spike_factor: float, max_truncated_share: float,
-          ctx: Distributed, device: torch.device) -> Run:
-    """Model, optimizer and data stream, from MODEL_DIR's latest checkpoint (exactly where it stopped), an initial
-    checkpoint, or scratch; writes config.gin and mixture.json."""
-    torch.manual_seed(seed)  # the same initial weights on every process (FSDP shards them without a broadcast)
-    if ctx.main:
-        checkpoints.latest_readable(model_dir)  # verifies checksums; moves an unreadable checkpoint aside, saying so
-    ctx.barrier()
-    start = restore_or_init(model_dir, vocab_size_for(mixture_or_task_name), initial_checkpoint_path, finetune)
-    model, state = start.model, start.state or {}
-    first_step = state.get("first_step", start.step)
-    if dropout_rate is not None:
-        model.set_dropout(dropout_rate)
-    model.to(device).train()
-    wrapped = wrap_model(model, fsdp)
-    torch.manual_seed(seed + ctx.rank)  # dropout masks differ between processes
-    optimizer = optim.make_optimizer(model.parameters())
-    if "optimizer" in state:
-        load_optimizer(model, optimizer, state["optimizer"], fsdp)
-
-    dataset, resolved = data.train_dataset(
-        mixture_or_task_name=mixture_or_task_name, task_feature_lengths=task_feature_lengths, batch_size=per_rank,
-        pack=pack, packing=packing, seed=seed, shard_index=ctx.rank, num_shards=ctx.world,
-        budget_rows=(train_steps - first_step) * batch_size)
-    if ctx.main:
-        validation.check_lengths_fit(list(resolved.rates), task_feature_lengths, max_truncated_share)
-    stream = data.BatchIterator(dataset, packing=packing if pack else data.UNPACKED)
-    if start.checkpoint is not None:
-        stream.restore(start.checkpoint / f"data_rank{ctx.rank}")
-        rng = state["rng"]
-        if isinstance(rng, list) and len(rng) != ctx.world:
-            raise ValueError(f"{start.checkpoint} was written by {len(rng)} processes; resume it with as many, "
-                             f"not {ctx.world}")
-        _set_rng_state(rng[ctx.rank] if isinstance(rng, list) else rng)
-    names = list(resolved.rates)
-    run = Run(ctx, device, precision, model_dir, model, wrapped, optimizer, stream, resolved,
-              TaskMeter(names, state.get("tasks")), task_weight_vector(names, task_loss_weights), start.step,
-              first_step, list(state.get("losses_since_log", [])), _config_text(resolved), fsdp, _attempt(ctx),
-              health.SpikeDetector(loss_spike_factor, history=state.get("recent_losses")))
-    if ctx.main:
-        (model_dir / "config.gin").write_text(run.config_text)
-        (model_dir / "mixture.json").write_text(json.dumps(mixture_report(resolved), indent=2) + "\n")
-        for task, why in resolved.dropped.items():
-            print(f"mtp: mixture {resolved.mixture}: dropped {task} ({why})", file=sys.stderr)
-        for task in names:
-            if where := cache.where_cached(seqio.get_mixture_or_task(task)):
-                print(f"mtp: {task}: reading seqio's cache in {where}", file=sys.stderr)
-        print(f"mtp: {model.num_params():,} parameters, {precision}, {ctx.world} process(es), global batch "
-              f"{batch_size} ({per_rank} x {batch_size // per_rank // ctx.world} accumulation per process); "
-              f"{start.source}", file=sys.stderr)
-    return run
-
-
-def _attempt(ctx: Distributed) -> str:
-    """A name for this attempt, the same on every process."""
-    token = [f"{os.getpid()}-{os.urandom(3).hex()}"]
-    if ctx.world > 1:
-        dist.broadcast_object_list(token, src=0)
-    return token[0]
-
-
-def train_step(run: Run, lr: float, grad_accum_steps: int, z_loss: float, clip_grad_norm: float | None,
-               max_nonfinite_skips: int) -> tuple[float, float, int]:
-    """One optimizer step over `grad_accum_steps` micro-batches: (loss, gradient norm, non-padding tokens).
-    A non-finite loss or gradient norm stops the run before the update (or skips it: `health.check_step`)."""
-    ctx, device = run.ctx, run.device
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
-    waited = time.perf_counter()
-    micro = [next(run.stream) for _ in range(grad_accum_steps)]
-    run.data_wait_s += time.perf_counter() - waited
-    weights = [loss_weights(b, run.task_weights) for b in micro]
-    total_weight = ctx.sum(sum(w.sum().item() for w in weights))
-    loss_sum, tokens = 0.0, 0
-    counts = torch.zeros(3, len(run.meter.names) + 1, dtype=torch.float64)
-    for i, cpu_batch in enumerate(micro):
-        batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
-        sync = gradient_sync(run.wrapped, run.fsdp, enabled=i == len(micro) - 1)
-        with sync, precision_lib.autocast(run.precision, device):
-            token_loss, _ = run.model.token_losses(batch, z_loss=z_loss, forward=run.wrapped)
-            loss = (token_loss * weights[i].to(device)).sum()
-            # DDP and FSDP average gradients over processes; scale so that the result is the gradient of
-            # (sum of token losses) / (total weight) over the global batch.
-            (loss * ctx.world / max(total_weight, 1.0)).backward()
-        loss_sum += loss.item()
-        counts += run.meter.step_counts(cpu_batch, token_loss)
-        tokens += int(sum((cpu_batch[k] != 0).sum().item() for k in ("encoder_input_tokens",
-                                                                      "decoder_target_tokens")))
-    run.meter.add(ctx.sum_tensor(counts))
-    norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip_grad_norm or math.inf)
-    grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # DTensor under FSDP
-    loss = ctx.sum(loss_sum) / max(total_weight, 1.0)
-    if health.check_step(run.step + 1, loss, grad_norm, run.skipped, max_nonfinite_skips,
-                         lambda: checkpoints.latest(run.model_dir)):
-        run.optimizer.step()
-        run.skipped = 0
-    else:
-        run.skipped += 1
-        run.healthy = False
-    run.optimizer.zero_grad(set_to_none=True)
-    return loss, grad_norm, tokens
-
-
-def save(run: Run, keep_checkpoints: int | None) -> None:
-    """Checkpoint `run` at its step: written under a temporary name by all processes, renamed by the main one."""
-    ctx, at_step = run.ctx, run.step
-    model_state, optimizer_state = full_state(run.model, run.optimizer, run.fsdp)
-    if ctx.main:  # refuse before anything is written: no checkpoint ever holds a NaN
-        health.check_finite_state(at_step, model_state, "weight")
-        health.check_finite_state(at_step, health.optimizer_tensors(optimizer_state), "optimizer state")
-    tmp = checkpoints.temporary_dir(run.model_dir, at_step, run.attempt)
-    if ctx.main:
-        tmp.mkdir(parents=True)
-    ctx.barrier()
-    run.stream.save(tmp / f"data_rank{ctx.rank}")
-    rng = _gather_rng(ctx)
-    if ctx.main:
-        model_lib.save(run.model, tmp / checkpoints.MODEL, model_state)
-        torch.save({"step": at_step, "optimizer": optimizer_state, "rng": rng, "tasks": run.meter.state(),
-                    "losses_since_log": run.losses_since_log, "first_step": run.first_step,
-                    "recent_losses": list(run.spikes.recent)}, tmp / checkpoints.TRAIN_STATE)
-        (tmp / "config.gin").write_text(run.config_text)
-        recent = list(run.spikes.recent)[-10:]
-        checkpoints.write_meta(tmp, at_step, ctx.world, sum(recent) / len(recent) if recent else None, run.healthy)
-        checkpoints.commit(run.model_dir, at_step, keep_checkpoints, run.attempt)
-    run.healthy = True
-    ctx.barrier()
-
-
-@gin.configurable(denylist=["finetune"])
-def train(
-    model_dir: str = gin.REQUIRED,
-    mixture_or_task_name: str = gin.REQUIRED,
-    task_feature_lengths: dict[str, int] = gin.REQUIRED,
-    train_steps: int = gin.REQUIRED,
-    batch_size: int = gin.REQUIRED,
-    initial_checkpoint_path: str | None = None,
-    finetune: bool = False,
-    dropout_rate: float | None = None,
-    fsdp: bool = False,
-    grad_accum_steps: int = 1,
-    clip_grad_norm: float | None = 1.0,
-    precision: str = "auto",
-    z_loss: float = 1e-4,
-    pack: bool = True,
-    packing: str = "first_fit",
-    seed: int = 0,
-    task_loss_weights: dict[str, float] | None = None,
-    checkpoint_every: int = 1000,
-    checkpoint_steps: Sequence[int] = (),
-    keep_checkpoints: int | None = 3,
-    log_every: int = 10,
-    eval_every: int = 0,
-    eval_num_examples: int | None = 256,
-    eval_max_decode_length: int = 32,
-    max_nonfinite_skips: int = 0,
-    loss_spike_factor: float = 3.0,
-    max_truncated_share: float = 0.9,
-    torch_compile: bool = False,
-    progress: bool = True,
-) -> dict:
-    """Train until `train_steps` (resuming from MODEL_DIR if it holds a checkpoint); return the last logged values.
+@gin.configurable("train", denylist=["finetune"])
+@dataclass(frozen=True)
+class RunConfig:
+    """Every setting of a training run, bound by gin as `train.<field>` (the run gin files bind the required ones
+    through their macros), validated when built, then frozen and passed down whole, as torchtune's recipe config.
 
     `dropout_rate`, when given, overrides the rate of a restored model (T5 fine-tunes with 0.1 what it pretrained
     without dropout); a fresh model takes its rate from `T5Config`. `fsdp` shards parameters, gradients and optimizer
@@ -475,43 +316,239 @@ def train(
     (0: never). Feature lengths that would cut more than `max_truncated_share` of a task's examples are refused.
     `torch_compile` trains through `torch.compile` of the model; its first step, which compiles, is timed and
     reported (off by default: on CPUs the compile takes seconds to minutes that short runs do not earn back).
-    One run writes a MODEL_DIR at a time (`run_lock`); SIGTERM or SIGINT checkpoints and stops
-    (`interrupts.Stopped`). A checkpoint is written every `checkpoint_every` steps, at each of `checkpoint_steps`
-    (an experiment's evaluation points, counted from its stage's own start) and at the last step.
+    A checkpoint is written every `checkpoint_every` steps, at each of `checkpoint_steps` (an experiment's
+    evaluation points, counted from its stage's own start) and at the last step. `finetune` is the command's
+    (`mtp finetune`), not a gin setting.
     """
-    validation.check_train_settings(
-        train_steps=train_steps, batch_size=batch_size, task_feature_lengths=task_feature_lengths,
-        grad_accum_steps=grad_accum_steps, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
-        log_every=log_every, eval_every=eval_every, clip_grad_norm=clip_grad_norm, dropout_rate=dropout_rate,
-        z_loss=z_loss, max_nonfinite_skips=max_nonfinite_skips, loss_spike_factor=loss_spike_factor,
-        max_truncated_share=max_truncated_share)
-    if not isinstance(torch_compile, bool):
-        raise ValueError(f"train.torch_compile = {torch_compile!r}: must be True or False")
+
+    model_dir: str = gin.REQUIRED
+    mixture_or_task_name: str = gin.REQUIRED
+    task_feature_lengths: dict[str, int] = gin.REQUIRED
+    train_steps: int = gin.REQUIRED
+    batch_size: int = gin.REQUIRED
+    initial_checkpoint_path: str | None = None
+    finetune: bool = False
+    dropout_rate: float | None = None
+    fsdp: bool = False
+    grad_accum_steps: int = 1
+    clip_grad_norm: float | None = 1.0
+    precision: str = "auto"
+    z_loss: float = 1e-4
+    pack: bool = True
+    packing: str = "first_fit"
+    seed: int = 0
+    task_loss_weights: dict[str, float] | None = None
+    checkpoint_every: int = 1000
+    checkpoint_steps: Sequence[int] = ()
+    keep_checkpoints: int | None = 3
+    log_every: int = 10
+    eval_every: int = 0
+    eval_num_examples: int | None = 256
+    eval_max_decode_length: int = 32
+    max_nonfinite_skips: int = 0
+    loss_spike_factor: float = 3.0
+    max_truncated_share: float = 0.9
+    torch_compile: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        validation.check_train_settings(
+            train_steps=self.train_steps, batch_size=self.batch_size, task_feature_lengths=self.task_feature_lengths,
+            grad_accum_steps=self.grad_accum_steps, checkpoint_every=self.checkpoint_every,
+            keep_checkpoints=self.keep_checkpoints, log_every=self.log_every, eval_every=self.eval_every,
+            clip_grad_norm=self.clip_grad_norm, dropout_rate=self.dropout_rate, z_loss=self.z_loss,
+            max_nonfinite_skips=self.max_nonfinite_skips, loss_spike_factor=self.loss_spike_factor,
+            max_truncated_share=self.max_truncated_share)
+        if not isinstance(self.torch_compile, bool):
+            raise ValueError(f"train.torch_compile = {self.torch_compile!r}: must be True or False")
+
+
+@dataclass
+class Run:
+    """Everything a training run holds between steps (what `setup` builds and `train_step` and `save` use)."""
+
+    config: RunConfig
+    ctx: Distributed
+    device: torch.device
+    precision: str  # the config's, resolved for this device ("auto" -> bf16 or fp32)
+    model: model_lib.T5
+    wrapped: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    stream: data.BatchIterator
+    resolved: mixing.Resolved
+    meter: TaskMeter
+    task_weights: torch.Tensor | None
+    step: int
+    first_step: int  # where this run (not this attempt) began: UniMax's budget counts from there
+    losses_since_log: list[float]
+    config_text: str
+    attempt: str  # names this attempt's temporary checkpoint directories
+    spikes: health.SpikeDetector
+    skipped: int = 0  # consecutive updates skipped for a non-finite loss or gradient
+    data_wait_s: float = 0.0  # seconds spent waiting for batches from the input pipeline
+    compiling: bool = False  # torch.compile'd, first step not yet taken (its time is reported)
+    healthy: bool = True  # no spike, skipped update or zero gradient since the last checkpoint
+
+    @property
+    def model_dir(self) -> Path:
+        return Path(self.config.model_dir)
+
+
+def setup(config: RunConfig, per_rank: int, ctx: Distributed, device: torch.device) -> Run:
+    """Model, optimizer and data stream, from MODEL_DIR's latest checkpoint (exactly where it stopped), an initial
+    checkpoint, or scratch; writes config.gin and mixture.json."""
+    c, model_dir = config, Path(config.model_dir)
+    torch.manual_seed(c.seed)  # the same initial weights on every process (FSDP shards them without a broadcast)
+    if ctx.main:
+        checkpoints.latest_readable(model_dir)  # verifies checksums; moves an unreadable checkpoint aside, saying so
+    ctx.barrier()
+    start = restore_or_init(model_dir, vocab_size_for(c.mixture_or_task_name), c.initial_checkpoint_path,
+                            c.finetune)
+    model, state = start.model, start.state or {}
+    first_step = state.get("first_step", start.step)
+    if c.dropout_rate is not None:
+        model.set_dropout(c.dropout_rate)
+    model.to(device).train()
+    wrapped = wrap_model(model, c.fsdp)
+    torch.manual_seed(c.seed + ctx.rank)  # dropout masks differ between processes
+    optimizer = optim.make_optimizer(model.parameters())
+    if "optimizer" in state:
+        load_optimizer(model, optimizer, state["optimizer"], c.fsdp)
+
+    resolved = run_rates(model_dir, start.checkpoint is not None, c.mixture_or_task_name, c.task_feature_lengths,
+                         (c.train_steps - first_step) * c.batch_size, c.pack, c.packing, c.seed)
+    dataset, _ = data.train_dataset(
+        mixture_or_task_name=c.mixture_or_task_name, task_feature_lengths=c.task_feature_lengths,
+        batch_size=per_rank, pack=c.pack, packing=c.packing, seed=c.seed, shard_index=ctx.rank, num_shards=ctx.world,
+        resolved=resolved)
+    if ctx.main:
+        validation.check_lengths_fit(list(resolved.rates), c.task_feature_lengths, c.max_truncated_share)
+    stream = data.BatchIterator(dataset, packing=c.packing if c.pack else data.UNPACKED)
+    if start.checkpoint is not None:
+        stream.restore(checkpoints.data_state_dir(start.checkpoint, ctx.rank))
+        rng = state["rng"]
+        if isinstance(rng, list) and len(rng) != ctx.world:
+            raise ValueError(f"{start.checkpoint} was written by {len(rng)} processes; resume it with as many, "
+                             f"not {ctx.world}")
+        _set_rng_state(rng[ctx.rank] if isinstance(rng, list) else rng)
+    names = list(resolved.rates)
+    run = Run(config=c, ctx=ctx, device=device, precision=precision_lib.resolve(c.precision, device), model=model,
+              wrapped=wrapped, optimizer=optimizer, stream=stream, resolved=resolved,
+              meter=TaskMeter(names, state.get("tasks")), task_weights=task_weight_vector(names, c.task_loss_weights),
+              step=start.step, first_step=first_step, losses_since_log=list(state.get("losses_since_log", [])),
+              config_text=_config_text(resolved), attempt=_attempt(ctx),
+              spikes=health.SpikeDetector(c.loss_spike_factor, history=state.get("recent_losses")))
+    if ctx.main:
+        checkpoints.write_run_files(model_dir, run.config_text, resolved.record())
+        for task, why in resolved.dropped.items():
+            print(f"mtp: mixture {resolved.mixture}: dropped {task} ({why})", file=sys.stderr)
+        for task in names:
+            if where := cache.where_cached(seqio.get_mixture_or_task(task)):
+                print(f"mtp: {task}: reading seqio's cache in {where}", file=sys.stderr)
+        print(f"mtp: {model.num_params():,} parameters, {run.precision}, {ctx.world} process(es), global batch "
+              f"{c.batch_size} ({per_rank} x {c.batch_size // per_rank // ctx.world} accumulation per process); "
+              f"{start.source}", file=sys.stderr)
+    return run
+
+
+def _attempt(ctx: Distributed) -> str:
+    """A name for this attempt, the same on every process."""
+    token = [f"{os.getpid()}-{os.urandom(3).hex()}"]
+    if ctx.world > 1:
+        dist.broadcast_object_list(token, src=0)
+    return token[0]
+
+
+def train_step(run: Run, lr: float) -> tuple[float, float, int]:
+    """One optimizer step over `grad_accum_steps` micro-batches: (loss, gradient norm, non-padding tokens).
+    A non-finite loss or gradient norm stops the run before the update (or skips it: `health.check_step`)."""
+    ctx, device, c = run.ctx, run.device, run.config
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    waited = time.perf_counter()
+    micro = [next(run.stream) for _ in range(c.grad_accum_steps)]
+    run.data_wait_s += time.perf_counter() - waited
+    weights = [loss_weights(b, run.task_weights) for b in micro]
+    total_weight = ctx.sum(sum(w.sum().item() for w in weights))
+    loss_sum, tokens = 0.0, 0
+    counts = torch.zeros(3, len(run.meter.names) + 1, dtype=torch.float64)
+    for i, cpu_batch in enumerate(micro):
+        batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
+        sync = gradient_sync(run.wrapped, c.fsdp, enabled=i == len(micro) - 1)
+        with sync, precision_lib.autocast(run.precision, device):
+            token_loss, _ = run.model.token_losses(batch, z_loss=c.z_loss, forward=run.wrapped)
+            loss = (token_loss * weights[i].to(device)).sum()
+            # DDP and FSDP average gradients over processes; scale so that the result is the gradient of
+            # (sum of token losses) / (total weight) over the global batch.
+            (loss * ctx.world / max(total_weight, 1.0)).backward()
+        loss_sum += loss.item()
+        counts += run.meter.step_counts(cpu_batch, token_loss)
+        tokens += int(sum((cpu_batch[k] != 0).sum().item() for k in ("encoder_input_tokens",
+                                                                      "decoder_target_tokens")))
+    run.meter.add(ctx.sum_tensor(counts))
+    norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), c.clip_grad_norm or math.inf)
+    grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # DTensor under FSDP
+    loss = ctx.sum(loss_sum) / max(total_weight, 1.0)
+    if health.check_step(run.step + 1, loss, grad_norm, run.skipped, c.max_nonfinite_skips,
+                         lambda: checkpoints.latest(run.model_dir)):
+        run.optimizer.step()
+        run.skipped = 0
+    else:
+        run.skipped += 1
+        run.healthy = False
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm, tokens
+
+
+def save(run: Run) -> None:
+    """Checkpoint `run` at its step: written under a temporary name by all processes, renamed by the main one."""
+    ctx, at_step = run.ctx, run.step
+    model_state, optimizer_state = full_state(run.model, run.optimizer, run.config.fsdp)
+    if ctx.main:  # refuse before anything is written: no checkpoint ever holds a NaN
+        health.check_finite_state(at_step, model_state, "weight")
+        health.check_finite_state(at_step, health.optimizer_tensors(optimizer_state), "optimizer state")
+    tmp = checkpoints.temporary_dir(run.model_dir, at_step, run.attempt)
+    if ctx.main:
+        tmp.mkdir(parents=True)
+    ctx.barrier()
+    run.stream.save(checkpoints.data_state_dir(tmp, ctx.rank))
+    rng = _gather_rng(ctx)
+    if ctx.main:
+        checkpoints.write_train_state(tmp, run.model, model_state, {
+            "step": at_step, "optimizer": optimizer_state, "rng": rng, "tasks": run.meter.state(),
+            "losses_since_log": run.losses_since_log, "first_step": run.first_step,
+            "recent_losses": list(run.spikes.recent)}, run.config_text)
+        recent = list(run.spikes.recent)[-10:]
+        checkpoints.finish(tmp, run.model_dir, at_step, ctx.world, sum(recent) / len(recent) if recent else None,
+                           run.healthy, run.config.keep_checkpoints, run.attempt)
+    run.healthy = True
+    ctx.barrier()
+
+
+def train(config: RunConfig | None = None, /, **fields: Any) -> dict:
+    """Train until `train_steps` (resuming from MODEL_DIR if it holds a checkpoint); return the last logged values.
+
+    `config` is the run's settings (`RunConfig`); without it, `fields` and gin's `train.*` bindings build it. One run
+    writes a MODEL_DIR at a time (`run_lock`); SIGTERM or SIGINT checkpoints and stops (`interrupts.Stopped`).
+    """
+    config = config if config is not None else RunConfig(**fields)
     configure_tensorflow()  # before the input pipeline's first op; a no-op when the CLI already did it
     mixing.register_declared()
     ctx, device = setup_distributed()
-    model_dir = Path(model_dir)
+    model_dir = Path(config.model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
-    per_rank, rest = divmod(batch_size, ctx.world * grad_accum_steps)
+    per_rank, rest = divmod(config.batch_size, ctx.world * config.grad_accum_steps)
     if rest or per_rank == 0:
-        raise ValueError(f"BATCH_SIZE={batch_size} must be a multiple of processes ({ctx.world}) x "
-                         f"grad_accum_steps ({grad_accum_steps})")
-    _check_settings(fsdp, ctx, eval_every)
+        raise ValueError(f"BATCH_SIZE={config.batch_size} must be a multiple of processes ({ctx.world}) x "
+                         f"grad_accum_steps ({config.grad_accum_steps})")
+    _check_settings(config.fsdp, ctx, config.eval_every)
     with run_lock.hold(model_dir, enabled=ctx.main), interrupts.StopRequests() as stops:
-        run = setup(model_dir, mixture_or_task_name, task_feature_lengths, train_steps, batch_size, per_rank,
-                    initial_checkpoint_path, finetune, dropout_rate, fsdp, precision_lib.resolve(precision, device),
-                    pack, packing, seed, task_loss_weights, loss_spike_factor, max_truncated_share, ctx, device)
-        if torch_compile:
+        run = setup(config, per_rank, ctx, device)
+        if config.torch_compile:
             run.wrapped, run.compiling = torch.compile(run.wrapped), True
         logger = Logger(model_dir, ctx.main, resumed_at=run.step)
         try:
-            last = _loop(run, logger, stops, train_steps=train_steps, batch_size=batch_size,
-                         grad_accum_steps=grad_accum_steps, z_loss=z_loss, clip_grad_norm=clip_grad_norm,
-                         max_nonfinite_skips=max_nonfinite_skips, checkpoint_every=checkpoint_every,
-                         checkpoint_steps=frozenset(checkpoint_steps), keep_checkpoints=keep_checkpoints,
-                         log_every=log_every, eval_every=eval_every,
-                         eval_settings=(eval_num_examples, eval_max_decode_length), progress=progress,
-                         lengths=dict(task_feature_lengths), mixture_or_task_name=mixture_or_task_name)
+            last = _loop(run, logger, stops)
         finally:
             logger.close()
     if not last and ctx.main:
@@ -519,27 +556,24 @@ def train(
     return {"step": run.step, "model_dir": str(model_dir), **last}
 
 
-def _loop(run: Run, logger: Logger, stops: interrupts.StopRequests, *, train_steps: int, batch_size: int,
-          grad_accum_steps: int, z_loss: float, clip_grad_norm: float | None, max_nonfinite_skips: int,
-          checkpoint_every: int, checkpoint_steps: frozenset[int], keep_checkpoints: int | None, log_every: int,
-          eval_every: int, eval_settings: tuple[int | None, int], progress: bool, lengths: dict[str, int],
-          mixture_or_task_name: str) -> dict[str, float]:
+def _loop(run: Run, logger: Logger, stops: interrupts.StopRequests) -> dict[str, float]:
     """Steps until `train_steps`, logging, evaluating and checkpointing on their intervals; the last logged values."""
-    ctx = run.ctx
+    ctx, c = run.ctx, run.config
+    lengths = dict(c.task_feature_lengths)
     example_flops = run.model.training_flops(lengths.get("inputs", 0), lengths["targets"])
+    checkpoint_steps = frozenset(c.checkpoint_steps)
     bar = None
-    if ctx.main and progress:
+    if ctx.main and c.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=train_steps, initial=run.step, desc="train", unit="step", dynamic_ncols=True,
+        bar = tqdm(total=c.train_steps, initial=run.step, desc="train", unit="step", dynamic_ncols=True,
                    file=sys.stderr)
     last: dict[str, float] = {}
     window = _Window()
-    while run.step < train_steps:
-        lr = optim.learning_rate(run.step, train_steps)
+    while run.step < c.train_steps:
+        lr = optim.learning_rate(run.step, c.train_steps)
         began = time.perf_counter()
-        step_loss, grad_norm, tokens = train_step(run, lr, grad_accum_steps, z_loss, clip_grad_norm,
-                                                  max_nonfinite_skips)
+        step_loss, grad_norm, tokens = train_step(run, lr)
         if run.compiling:
             run.compiling = False
             if ctx.main:
@@ -548,11 +582,11 @@ def _loop(run: Run, logger: Logger, stops: interrupts.StopRequests, *, train_ste
         run.step += 1
         window.tokens += tokens
         _observe_health(run, step_loss, grad_norm)
-        window_ends = run.step % log_every == 0
-        if window_ends or run.step == train_steps:
+        window_ends = run.step % c.log_every == 0
+        if window_ends or run.step == c.train_steps:
             # A run's last step is logged too; its window goes on (and is saved) unless it ends there, so that a
             # resumed run logs what an uninterrupted one would.
-            last = window.values(run, lr, grad_norm, example_flops * batch_size, window_ends)
+            last = window.values(run, lr, grad_norm, example_flops * c.batch_size, window_ends)
             logger.log(run.step, last)
         if bar is not None:
             bar.update(1)
@@ -560,13 +594,12 @@ def _loop(run: Run, logger: Logger, stops: interrupts.StopRequests, *, train_ste
             measured = ({"window_tok_s": f"{window.tokens_per_second:.0f}",
                          "data_wait": f"{window.data_wait_fraction:.1%}"} if window.tokens_per_second else {})
             bar.set_postfix(step_loss=f"{step_loss:.4f}", **measured, refresh=False)
-        if eval_every and run.step % eval_every == 0:
-            _evaluate_and_log(run.model, mixture_or_task_name, lengths, *eval_settings, run.precision, run.device,
-                              run.step, ctx, logger)
+        if c.eval_every and run.step % c.eval_every == 0:
+            _evaluate_and_log(run, logger)
         stop = _stop_requested(stops, ctx)
-        if run.step % checkpoint_every == 0 or run.step in checkpoint_steps or run.step == train_steps or stop:
-            save(run, keep_checkpoints)
-        if stop and run.step < train_steps:  # on the last step the run is simply done
+        if run.step % c.checkpoint_every == 0 or run.step in checkpoint_steps or run.step == c.train_steps or stop:
+            save(run)
+        if stop and run.step < c.train_steps:  # on the last step the run is simply done
             if bar is not None:
                 bar.close()
             raise interrupts.Stopped(stop, f"stopped by {signal.Signals(stop).name} at step {run.step}; wrote "
@@ -630,9 +663,11 @@ def _gather_rng(ctx: Distributed) -> list | dict:
     return gathered
 
 
-def _evaluate_and_log(model, name, lengths, num_examples, max_len, precision, device, step, ctx, logger) -> None:
-    if ctx.main:
-        metrics = evaluate.evaluate(model, name, task_feature_lengths=lengths, num_examples=num_examples,
-                                    max_decode_length=max_len, precision=precision, device=device, step=step)
-        logger.log(step, {f"eval/{task}/{k}": v for task, m in metrics.items() for k, v in m.items()})
-    ctx.barrier()
+def _evaluate_and_log(run: Run, logger: Logger) -> None:
+    c = run.config
+    if run.ctx.main:
+        metrics = evaluate.evaluate(run.model, c.mixture_or_task_name, task_feature_lengths=c.task_feature_lengths,
+                                    num_examples=c.eval_num_examples, max_decode_length=c.eval_max_decode_length,
+                                    precision=run.precision, device=run.device, step=run.step)
+        logger.log(run.step, {f"eval/{task}/{k}": v for task, m in metrics.items() for k, v in m.items()})
+    run.ctx.barrier()

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mtplatform import precision  # noqa: E402
+from mtplatform import decoding, precision  # noqa: E402
 from mtplatform.model import T5, T5Config  # noqa: E402
 
 
@@ -40,8 +40,9 @@ def step_logits(model: T5, enc: torch.Tensor, tokens: torch.Tensor, cuda_graph: 
     next steps differ."""
     steps = tokens.shape[1]
     memory = model.encode(enc)
-    cache = model._start_cache(memory, enc, steps)
-    step = model._graphed_step(cache, enc.shape[0]) if cuda_graph else model._step
+    cache = decoding.start_cache(model, memory, enc, steps)
+    step = (decoding.graphed_step(model, cache, enc.shape[0]) if cuda_graph
+            else lambda token, t, c: decoding.step(model, token, t, c))
     inputs = torch.cat([torch.full_like(tokens[:, :1], model.cfg.decoder_start_id), tokens[:, :-1]], 1)
     positions = torch.arange(steps, device=enc.device)
     return torch.stack([step(inputs[:, t], positions[t : t + 1], cache).clone() for t in range(steps)])

@@ -18,4 +18,4 @@ if [[ ! -f "$MTP_VOCAB" ]]; then
 fi
 "$MTP" tasks show --split=validation \
   --mixture_or_task=glue_cola,glue_sst2,glue_mrpc,glue_stsb,glue_qnli,glue_rte,glue_wnli,squad_v1_devsplit,conll2003_ner,span_corruption,bert_mlm,iid_denoising,prefix_lm
-"$MTP" experiment --gin_file=gin/models/mini.gin --gin_file=gin/experiments/demo.gin --gin.EXPERIMENT_DIR="'$OUT'"
+"$MTP" experiment --gin_file=gin/experiments/demo.gin --gin.EXPERIMENT_DIR="'$OUT'"

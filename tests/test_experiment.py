@@ -16,7 +16,7 @@ from conftest import REPO, mtp
 import tasks  # noqa: F401  (registers the tasks the strategies name)
 from mtplatform import checkpoints, report, strategies
 
-SMOKE = ("--gin_file=gin/models/tiny.gin", "--gin_file=gin/experiments/demo.gin",
+SMOKE = ("--gin_file=gin/experiments/demo.gin", "--gin_file=gin/models/tiny.gin",
          "--gin.pretrain_then_finetune.pretrain_steps=6", "--gin.pretrain_then_finetune.finetune_steps=4",
          "--gin.pretrain_then_finetune.tasks=['glue_rte', 'glue_stsb']", "--gin.experiment.eval_num_examples=16",
          "--gin.BATCH_SIZE=4", "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}", "--gin.train.log_every=2",
@@ -164,7 +164,7 @@ def test_shipped_experiment_files_make_their_arms_on_our_data(name, arms, data_d
 
     gin.clear_config()
     try:
-        cli.parse_gin(["gin/models/tiny.gin", f"gin/experiments/{name}.gin"],
+        cli.parse_gin([f"gin/experiments/{name}.gin", "gin/models/tiny.gin"],
                       ["--gin.EXPERIMENT_DIR='/nowhere'", "--gin.BUDGET=0.0005"], [])
         made = getattr(strategies, name)()
         assert len(made) == arms
@@ -184,7 +184,7 @@ def _objectives_config(*bindings: str) -> None:
     from mtplatform import cli
 
     gin.clear_config()
-    cli.parse_gin(["gin/models/mini.gin", "gin/experiments/objectives.gin"],
+    cli.parse_gin(["gin/experiments/objectives.gin"],
                   ["--gin.EXPERIMENT_DIR='/nowhere'", "--gin.BUDGET=0.0005", *bindings], [])
 
 
@@ -256,7 +256,7 @@ def test_low_resource_subsets_are_fixed_and_its_arms_ration_only_the_task(data_d
 
     gin.clear_config()
     try:
-        cli.parse_gin(["gin/models/mini.gin", "gin/experiments/low_resource.gin"],
+        cli.parse_gin(["gin/experiments/low_resource.gin"],
                       ["--gin.EXPERIMENT_DIR='/nowhere'"], [])
         arms = strategies.low_resource()
         assert [a.name for a in arms] == ["pre-trained on span_corruption", "pre-trained multi-task", "from scratch"]

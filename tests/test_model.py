@@ -13,6 +13,8 @@ import torch
 from transformers import T5Config as HFConfig
 from transformers import T5ForConditionalGeneration
 
+from mtplatform import decoding
+from mtplatform import huggingface as H
 from mtplatform import model as M
 
 VERSIONS = {"t5_1_0": ("relu", True), "t5_1_1": ("gated-gelu", False)}
@@ -43,7 +45,7 @@ def _hf_logits(hf, enc, dec):
 @pytest.mark.parametrize("version", VERSIONS)
 def test_hf_weights_give_hf_logits(version):
     hf = _hf(version)
-    ours = M.from_hf_state_dict(hf.state_dict(), M.config_from_hf(hf.config.to_dict())).eval()
+    ours = H.from_hf_state_dict(hf.state_dict(), H.config_from_hf(hf.config.to_dict())).eval()
     enc, dec = _inputs()
     with torch.no_grad():
         got = ours(enc, dec)
@@ -57,7 +59,7 @@ def test_exported_model_loads_in_transformers(version, tmp_path):
     torch.manual_seed(3)
     ours = M.T5(M.T5Config(vocab_size=300, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
                            feed_forward=proj, tie_word_embeddings=tie)).eval()
-    M.export_hf(ours, tmp_path)
+    H.export_hf(ours, tmp_path)
     hf = T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
     enc, dec = _inputs()
     with torch.no_grad():
@@ -65,7 +67,7 @@ def test_exported_model_loads_in_transformers(version, tmp_path):
     torch.testing.assert_close(_hf_logits(hf, enc, dec), want, atol=1e-4, rtol=0)
     # and back: a Hugging Face directory on disk loads into ours
     hf.save_pretrained(tmp_path / "hf")
-    again = M.load_hf(tmp_path / "hf").eval()
+    again = H.load_hf(tmp_path / "hf").eval()
     with torch.no_grad():
         torch.testing.assert_close(again(enc, dec), want, atol=1e-5, rtol=0)
 
@@ -75,13 +77,13 @@ def test_hf_mapping_rejects_foreign_weights():
     state = dict(hf.state_dict())
     state["encoder.block.0.layer.0.SelfAttention.q.bias"] = torch.zeros(64)
     with pytest.raises(ValueError, match="q.bias"):
-        M.from_hf_state_dict(state, M.config_from_hf(hf.config.to_dict()))
+        H.from_hf_state_dict(state, H.config_from_hf(hf.config.to_dict()))
 
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_greedy_equals_transformers_generate(version):
     hf = _hf(version, seed=4)
-    ours = M.from_hf_state_dict(hf.state_dict(), M.config_from_hf(hf.config.to_dict())).eval()
+    ours = H.from_hf_state_dict(hf.state_dict(), H.config_from_hf(hf.config.to_dict())).eval()
     enc, _ = _inputs(seed=5)
     want = hf.generate(input_ids=enc, attention_mask=(enc != 0).long(), max_new_tokens=15, do_sample=False,
                        num_beams=1)[:, 1:]  # drop the decoder start token
@@ -91,7 +93,7 @@ def test_greedy_equals_transformers_generate(version):
 
 def test_greedy_stops_at_eos_and_pads():
     hf = _hf("t5_1_1", vocab=40, seed=6)
-    ours = M.from_hf_state_dict(hf.state_dict(), M.config_from_hf(hf.config.to_dict())).eval()
+    ours = H.from_hf_state_dict(hf.state_dict(), H.config_from_hf(hf.config.to_dict())).eval()
     with torch.no_grad():  # make EOS likely after a few tokens by boosting its output row
         ours.lm_head.weight[1] += 0.3 * ours.lm_head.weight.norm(dim=1).mean()
     enc, _ = _inputs(vocab=40, seed=7)
@@ -132,10 +134,10 @@ def test_beam_search_finds_the_best_sequence_exhaustively():
 
 def test_one_beam_is_greedy():
     hf = _hf("t5_1_0", seed=9)
-    ours = M.from_hf_state_dict(hf.state_dict(), M.config_from_hf(hf.config.to_dict())).eval()
+    ours = H.from_hf_state_dict(hf.state_dict(), H.config_from_hf(hf.config.to_dict())).eval()
     enc, _ = _inputs(seed=10)
     greedy = ours.generate(enc, max_length=10)
-    beam = ours._beam_search(ours.encode(enc), enc, 10, 1, 1.0)
+    beam = decoding.beam_search(ours, ours.encode(enc), enc, 10, 1, 1.0)
     for g, b in zip(greedy.tolist(), beam.tolist(), strict=True):
         g = g[: g.index(1) + 1] if 1 in g else g
         b = b[: b.index(1) + 1] if 1 in b else b

@@ -101,6 +101,31 @@ def test_a_position_saved_before_packings_were_recorded_resumes_unpacked_or_seqi
     assert all((a == b).all() for a, b in zip(next(resumed).values(), next(saved).values(), strict=True))
 
 
+def test_rates_are_resolved_once_and_read_back_on_resume(tmp_path, vocab_file, monkeypatch):
+    """A UniMax run measures its budget when it begins and records it with the rates in mixture.json; resuming
+    reads them back without measuring again, and refuses settings that would change them."""
+    from mtplatform import mixing
+
+    name = "test_train_unimax_rte_span"
+    mixing.register(name, ["glue_rte", "span_corruption"], replace_existing=True, strategy="unimax", max_epochs=0.01)
+    run = tmp_path / "run"
+    _train(run, 4, mixture_or_task_name=name)
+    recorded = checkpoints.read_mixture(run)
+    assert recorded["settings"]["strategy"] == "unimax" and recorded["settings"]["budget_examples"] >= 4 * 4
+    rates = mixing.Resolved.from_record(recorded).rates
+    assert rates == {t: v["rate"] for t, v in recorded["tasks"].items()} and rates["glue_rte"] > 0
+
+    def measured(*args, **kwargs):
+        raise AssertionError("a resumed run measured UniMax's budget again")
+
+    monkeypatch.setattr(data, "examples_per_row", measured)
+    _train(run, 6, mixture_or_task_name=name)
+    assert checkpoints.all_steps(run)[-1] == 6 and checkpoints.read_mixture(run) == recorded
+    with pytest.raises(ValueError, match=r"mixture.json: test_train_unimax_rte_span's rates would change on resume "
+                                         r"\(mixing.max_epochs = 2.0 now, 0.01 when it began\)"):
+        _train(run, 8, mixture_or_task_name=name, bindings=("mixing.max_epochs = 2.0",))
+
+
 def test_another_seed_gives_other_losses(tmp_path, vocab_file):
     _train(tmp_path / "seed0", 2)
     _train(tmp_path / "seed1", 2, seed=1)
