@@ -452,6 +452,8 @@ def _figure_grid(plt, results: dict, name: str, path: Path, baseline) -> None:
 def _learning_curves(plt, results: dict, path: Path) -> None:
     """For experiments over training-set sizes (arms noting `train_examples`, as `strategies.low_resource`'s):
     score and target NLL against labelled examples, one line per arm with its 95% interval as a band."""
+    from matplotlib.ticker import NullFormatter
+
     sizes = next((arm["notes"]["train_examples"] for arm in results["arms"]
                   if arm["notes"].get("train_examples")), None)
     if not sizes:
@@ -473,6 +475,7 @@ def _learning_curves(plt, results: dict, path: Path) -> None:
                     ax.fill_between([n for n, _ in bands], [b[0] for _, b in bands], [b[1] for _, b in bands],
                                     color=f"C{i % 10}", alpha=0.2)
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # a narrow range labels its minor ticks on top of each other
             ax.set_xlabel("labelled training examples")
             ax.set_title(f"{task}: {FIGURE_NAMES[name]}", fontsize=9)
     axes[0].legend(fontsize=7)

@@ -211,8 +211,9 @@ def low_resource(
     if leaked:
         raise ValueError(f"low_resource.multitask_tasks holds {leaked}, which the experiment rations: drop them")
     subset_of = {subsets.register_subset(t, n): (t, n) for t in tasks for n in sizes}
-    notes = {"train_examples": {name: {"task": t, "examples": n or seqio.get_mixture_or_task(t).num_input_examples(
-        "train"), "all": n is None} for name, (t, n) in subset_of.items()}}
+    available = {t: seqio.get_mixture_or_task(t).num_input_examples("train") for t in tasks}
+    notes = {"train_examples": {name: {"task": t, "examples": min(n or available[t], available[t]), "all": n is None}
+                                for name, (t, n) in subset_of.items()}}  # a cap above the task's size is all of it
     unsup = Stage("unsupervised_pretrain", unsupervised_task, pretrain_steps)
     arms = [Arm(f"pre-trained on {unsupervised_task}", (unsup, *_finetunes("unsupervised", unsup, list(subset_of),
                                                                            finetune_steps)), notes=notes)]
