@@ -15,16 +15,21 @@ step, the loss when it was written, whether training was healthy then, and each 
   nothing that looks like a checkpoint; it never removes the newest checkpoint written while training was healthy.
 - `latest_readable` checks the newest checkpoint's files against its checksums and falls back to the previous one,
   setting the unreadable one aside (renamed, not deleted: no data is lost).
+- A full disk (`no_space_named`) is an error naming the path and the space a checkpoint needs; a failed save
+  removes its temporary directory (`discard`), and the run files are replaced atomically, never left cut.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import re
 import shutil
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 _NAME = re.compile(r"checkpoint_(\d+)")
@@ -43,10 +48,40 @@ TENSORBOARD = "tensorboard"
 # --- the run directory's own files ---------------------------------------------------------------------------------
 
 
+class DiskFull(OSError):
+    """No space left where a run writes; the message names the path (and the space needed, where known)."""
+
+
+@contextmanager
+def no_space_named(path: Path, what: str, needed_bytes: int | None = None) -> Iterator[None]:
+    """Turn ENOSPC inside the block into `DiskFull` naming `path`, `what` was being written and the space needed."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        existing = next((p for p in (Path(path), *Path(path).parents) if p.exists()), Path("/"))
+        need = f"; it needs about {needed_bytes / 2**20:,.1f} MiB" if needed_bytes else ""
+        raise DiskFull(f"no space left on the device of {path} writing {what}{need} "
+                       f"({shutil.disk_usage(existing).free / 2**20:,.1f} MiB free); free space there and run the "
+                       "same command again") from None
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write `path` whole or not at all (a temporary file renamed over it): a full disk never leaves it cut."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with no_space_named(path, path.name):
+            tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_run_files(model_dir: Path, config_text: str, mixture: dict) -> None:
     """The run's resolved gin config and its mixture as resolved (`mixture.json`), at the top of MODEL_DIR."""
-    (Path(model_dir) / CONFIG).write_text(config_text)
-    mixture_file(model_dir).write_text(json.dumps(mixture, indent=2) + "\n")
+    _replace_text(Path(model_dir) / CONFIG, config_text)
+    _replace_text(mixture_file(model_dir), json.dumps(mixture, indent=2) + "\n")
 
 
 def mixture_file(model_dir: Path) -> Path:
@@ -111,6 +146,11 @@ def read_train_state(checkpoint: Path) -> tuple:
                                                           weights_only=False)
 
 
+def discard(directory: Path) -> None:
+    """Remove a temporary checkpoint directory that a failed save left (a full disk stays full otherwise)."""
+    shutil.rmtree(directory, ignore_errors=True)
+
+
 def finish(directory: Path, model_dir: Path, step: int, world_size: int, loss: float | None, healthy: bool,
            keep: int | None, attempt: str) -> Path:
     """Checksum the temporary checkpoint `directory` (`write_meta`) and move it into place (`commit`)."""
@@ -167,7 +207,13 @@ def write_meta(directory: Path, step: int, world_size: int, loss: float | None, 
 
 
 def read_meta(checkpoint: Path) -> dict:
-    return json.loads((Path(checkpoint) / META).read_text())
+    """A checkpoint's meta.json; a ValueError where it is not the record `write_meta` writes (a JSON object with a
+    whole-number step and, if any, a table of files)."""
+    meta = json.loads((Path(checkpoint) / META).read_text())
+    if not isinstance(meta, dict) or isinstance(meta.get("step"), bool) or not isinstance(meta.get("step"), int) \
+            or not isinstance(meta.get("files", {}), dict):
+        raise ValueError(f"{Path(checkpoint) / META} is not a checkpoint record (no whole-number 'step')")
+    return meta
 
 
 def problem(checkpoint: Path, only: tuple[str, ...] | None = None) -> str | None:
@@ -194,19 +240,33 @@ def problem(checkpoint: Path, only: tuple[str, ...] | None = None) -> str | None
     return None
 
 
-def latest_readable(model_dir: Path) -> Path | None:
+def latest_readable(model_dir: Path, start_over: bool = False) -> Path | None:
     """The newest checkpoint that passes `problem`; each newer one that does not is reported by name and renamed
-    to `unreadable-checkpoint_<step>-<time>` so that it is neither restored nor pruned."""
-    for step in reversed(all_steps(model_dir)):
-        checkpoint = checkpoint_dir(model_dir, step)
-        why = problem(checkpoint)
+    to `unreadable-checkpoint_<step>-<time>` so that it is neither restored nor pruned.
+
+    A run whose checkpoints are all unreadable (or were all set aside before) is an error, not a silent start from
+    scratch that would overwrite its metrics: `start_over` (train.start_over_if_unreadable) allows that."""
+    bad, good = [], None
+    for step in reversed(all_steps(model_dir)):  # newest first, checksumming no further than the first good one
+        why = problem(checkpoint_dir(model_dir, step))
         if why is None:
-            return checkpoint
+            good = checkpoint_dir(model_dir, step)
+            break
+        bad.append((step, why))
+    set_aside = sorted(p.name for p in Path(model_dir).glob(f"{UNREADABLE_PREFIX}*")) if Path(model_dir).is_dir() \
+        else []
+    if good is None and (bad or set_aside) and not start_over:
+        found = "; ".join(f"{checkpoint_dir(model_dir, step).name}: {why}" for step, why in bad)
+        raise ValueError(f"MODEL_DIR {model_dir}: no checkpoint can be restored ({found or 'set aside before: '}"
+                         f"{'' if found else ', '.join(set_aside)}); set train.start_over_if_unreadable = True to "
+                         "train it again from scratch, or use another MODEL_DIR")
+    for step, why in bad:
+        checkpoint = checkpoint_dir(model_dir, step)
         aside = Path(model_dir) / f"{UNREADABLE_PREFIX}{step}-{time.strftime('%Y%m%d-%H%M%S')}"
         checkpoint.rename(aside)
         print(f"mtp: {checkpoint} cannot be restored ({why}); moved it to {aside.name} and falling back to the "
               "previous checkpoint", file=sys.stderr)
-    return None
+    return good
 
 
 def newest_healthy(model_dir: Path) -> int | None:

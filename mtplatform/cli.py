@@ -36,6 +36,19 @@ def _add_module_flag(p: argparse.ArgumentParser) -> None:
                    help="Python module that registers tasks or mixtures; repeatable")
 
 
+def _at_least(low: int):
+    """An argparse type: a whole number >= `low` (argparse then names the flag in its one-line error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is not a whole number >= {low}")
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtp", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -48,24 +61,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_module_flag(show)
     show.add_argument("--mixture_or_task", required=True)
     show.add_argument("--split", default="train")
-    show.add_argument("--n", type=int, default=1, help="examples per task")
-    show.add_argument("--inputs_length", type=int, default=512)
-    show.add_argument("--targets_length", type=int, default=128)
+    show.add_argument("--n", type=_at_least(1), default=1, help="examples per task")
+    show.add_argument("--inputs_length", type=_at_least(1), default=512)
+    show.add_argument("--targets_length", type=_at_least(1), default=128)
 
     vocab = commands.add_parser("vocab", help="SentencePiece vocabulary")
     vocab_cmd = vocab.add_subparsers(dest="vocab_command", required=True)
     train = vocab_cmd.add_parser("train", help="train a unigram model with T5's ids on the text of tasks")
     _add_module_flag(train)
     train.add_argument("--mixture_or_task", required=True, help="task or mixture whose training text to use")
-    train.add_argument("--vocab_size", type=int, required=True, help="total ids, the 100 sentinels included")
+    train.add_argument("--vocab_size", type=_at_least(101), required=True, help="total ids, the 100 sentinels included")
     train.add_argument("--output", required=True, help="path of the .model file to write")
     train.add_argument("--split", default="train")
-    train.add_argument("--max_examples_per_task", type=int, default=None)
+    train.add_argument("--max_examples_per_task", type=_at_least(1), default=None)
 
     export = commands.add_parser("export", help="write a checkpoint as a Hugging Face T5 directory")
     export.add_argument("--checkpoint", required=True, help="checkpoint_<step> directory, or a model directory")
     export.add_argument("--output", required=True, help="directory to write (config.json, safetensors, spiece.model)")
     export.add_argument("--vocab", help="SentencePiece model the run tokenized with (default: $MTP_VOCAB)")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty --output directory")
     _add_module_flag(export)
 
     cache = commands.add_parser("cache", help="preprocess tasks once with seqio's Apache Beam pipeline",
@@ -76,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--mixture_or_task", required=True, action="append", help="task or mixture; repeatable")
     cache.add_argument("--output_cache_dir", required=True)
     cache.add_argument("--overwrite", action="store_true", help="rebuild caches that exist (stale ones included)")
-    cache.add_argument("--min_shards", type=int, default=64, help="TFRecord files per split (seqio's default)")
+    cache.add_argument("--min_shards", type=_at_least(1), default=64, help="TFRecord files per split (seqio's default)")
     _add_module_flag(cache)
 
     rep = commands.add_parser("report", help="rebuild an experiment's results.md/json and plots from its runs")
@@ -90,11 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     mshow.add_argument("name", help="mixture (or task) name")
     mshow.add_argument("--gin_file", action="append", default=[], help="run gin file (lengths, steps, batch, mixing)")
     mshow.add_argument("--gin_search_path", action="append", default=[])
-    mshow.add_argument("--steps", type=int, help="training steps (default: TRAIN_STEPS from the gin files)")
-    mshow.add_argument("--batch_size", type=int, help="global batch (default: BATCH_SIZE from the gin files)")
-    mshow.add_argument("--examples", type=int, default=4000, help="examples to draw from the pipeline")
-    mshow.add_argument("--inputs_length", type=int, help="default: TASK_FEATURE_LENGTHS from gin, else 512")
-    mshow.add_argument("--targets_length", type=int, help="default: TASK_FEATURE_LENGTHS from gin, else 114")
+    mshow.add_argument("--steps", type=_at_least(1), help="training steps (default: TRAIN_STEPS from the gin files)")
+    mshow.add_argument("--batch_size", type=_at_least(1), help="global batch (default: BATCH_SIZE from the gin files)")
+    mshow.add_argument("--examples", type=_at_least(1), default=4000, help="examples to draw from the pipeline")
+    mshow.add_argument("--inputs_length", type=_at_least(1), help="default: TASK_FEATURE_LENGTHS from gin, else 512")
+    mshow.add_argument("--targets_length", type=_at_least(1), help="default: TASK_FEATURE_LENGTHS from gin, else 114")
     mshow.add_argument("--no_pack", action="store_true", help="measure without packing")
     mshow.add_argument("--plot", help="also write a PNG bar chart of configured against measured shares here")
 
@@ -183,11 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug, verbose = "--debug" in argv, "--verbose" in argv
     argv = [a for a in argv if a not in ("--debug", "--verbose")]
-    configure_tensorflow(verbose=verbose)
-    from mtplatform import health, interrupts
+    from mtplatform import interrupts
 
     try:
-        return _dispatch(argv)
+        with interrupts.exit_at_once():  # from the start: a signal while TensorFlow loads ends with a line too
+            configure_tensorflow(verbose=verbose)
+            return _dispatch(argv)
     except interrupts.Stopped as e:
         print(f"mtp: {_without_gin_context(e)}", file=sys.stderr)
         return e.exit_code
@@ -197,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if debug:
             raise
+        from mtplatform import health
+
         known = isinstance(e, FileNotFoundError | ValueError | ModuleNotFoundError | OSError | health.Diverged)
         if known:
             message = _without_gin_context(e)
@@ -232,7 +249,7 @@ def _dispatch(argv: list[str]) -> int:
     if args.command == "export":
         from mtplatform import export
 
-        out = export.export_checkpoint(args.checkpoint, args.output, args.vocab)
+        out = export.export_checkpoint(args.checkpoint, args.output, args.vocab, overwrite=args.overwrite)
         print(f"wrote {out}: T5ForConditionalGeneration.from_pretrained and T5Tokenizer.from_pretrained load it")
         return 0
     if args.command == "cache":
@@ -358,11 +375,9 @@ def _split_size(summary, split: str) -> str:
 
 
 def _tasks_show(args: argparse.Namespace) -> int:
-    from mtplatform import catalog
 
     lengths = {"inputs": args.inputs_length, "targets": args.targets_length}
-    for task in catalog.tasks_of(args.mixture_or_task):
-        split = args.split if args.split in task.splits else task.splits[0]
+    for task, split in _tasks_with_split(args.mixture_or_task, args.split):
         ds = task.get_dataset(lengths, split=split, shuffle=False, use_cached=False, seed=0)
         for ex in ds.take(args.n).as_numpy_iterator():
             print(f"== {task.name} ({split})")
@@ -375,6 +390,22 @@ def _tasks_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tasks_with_split(mixture_or_task: str, split: str) -> list:
+    """[(task, split)] for the tasks of `mixture_or_task` that have `split`; those without it are named on stderr,
+    and a split no task has is an error listing the splits there are."""
+    from mtplatform import catalog
+
+    tasks = catalog.tasks_of(mixture_or_task)
+    having = [(task, split) for task in tasks if split in task.splits]
+    if not having:
+        splits = sorted({s for task in tasks for s in task.splits})
+        raise ValueError(f"--split={split}: no task of {mixture_or_task} has it; its splits are {', '.join(splits)}")
+    for task in tasks:
+        if split not in task.splits:
+            print(f"mtp: {task.name} has no {split} split ({', '.join(task.splits)}); skipped", file=sys.stderr)
+    return having
+
+
 def _vocab_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -382,8 +413,7 @@ def _vocab_train(args: argparse.Namespace) -> int:
     from mtplatform.vocab import train_vocabulary
 
     def texts():
-        for task in catalog.tasks_of(args.mixture_or_task):
-            split = args.split if args.split in task.splits else "train"
+        for task, split in _tasks_with_split(args.mixture_or_task, args.split):
             yield from tqdm(catalog.raw_texts(task, split, args.max_examples_per_task),
                             desc=f"reading {task.name}/{split}", unit=" texts", mininterval=2, file=sys.stderr)
 

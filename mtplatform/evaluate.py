@@ -19,7 +19,7 @@ import seqio
 import tensorflow as tf
 import torch
 
-from mtplatform import cache, scoring, stats
+from mtplatform import cache, scoring, stats, validation
 from mtplatform import precision as precision_lib
 from mtplatform.model import T5
 
@@ -235,6 +235,8 @@ def evaluate_checkpoint(
 ) -> tuple[dict, Path]:
     """Evaluate a checkpoint; write `metrics.json`, the metrics' bootstrap replicates (`bootstrap.npz`) and
     TensorBoard scalars to `output_dir` (default: `<model dir>/eval_<split>`). Returns (metrics, metrics file)."""
+    check_settings("evaluate_checkpoint", mixture_or_task_name, split, num_examples, batch_size, max_decode_length,
+                   num_beams, task_feature_lengths)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, step, ckpt = _model_from(checkpoint_path, device)
     precision = precision_lib.resolve(precision, device)
@@ -275,6 +277,8 @@ def infer(
     configured one)."""
     from tqdm import tqdm
 
+    check_settings("infer", mixture_or_task_name, split, num_examples, batch_size, max_decode_length, num_beams,
+                   task_feature_lengths, needs_split=not input_file)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, _, _ = _model_from(checkpoint_path, device)
     precision = precision_lib.resolve(precision, device)
@@ -305,6 +309,58 @@ def infer(
 InferenceInput = tuple[dict, list[int], seqio.Vocabulary]  # (row without its prediction, input ids, vocabulary)
 
 
+def check_settings(where: str, mixture_or_task_name: str | None, split: str, num_examples: int | None,
+                   batch_size: int, max_decode_length: int, num_beams: int,
+                   task_feature_lengths: Mapping[str, int] | None, needs_split: bool = True) -> None:
+    """`evaluate_checkpoint`'s or `infer`'s settings, checked before the model is loaded: one line naming the
+    setting (`where`.<name>), its value and its range; a split no task of the mixture has is named with theirs."""
+    validation.positive_int(f"{where}.num_examples", num_examples, allow_none=True)
+    validation.positive_int(f"{where}.batch_size", batch_size)
+    validation.positive_int(f"{where}.max_decode_length", max_decode_length)
+    validation.positive_int(f"{where}.num_beams", num_beams)
+    if task_feature_lengths is not None:
+        validation.check_feature_lengths(task_feature_lengths)
+    if mixture_or_task_name is None:
+        return
+    validation.name_setting("MIXTURE_OR_TASK_NAME", mixture_or_task_name)
+    tasks = seqio.get_subtasks(seqio.get_mixture_or_task(mixture_or_task_name))
+    splits = sorted({s for task in tasks for s in task.splits})
+    if needs_split and split not in splits:
+        raise ValueError(f"{where}.split = {split!r}: no task of {mixture_or_task_name} has it; its splits are "
+                         f"{', '.join(splits)}")
+
+
+def _input_lines(input_file: str) -> list[tuple[int, str]]:
+    """(line number, text) of the non-blank lines of `input_file`; invalid UTF-8 and a file without lines are errors
+    naming the file (and the line)."""
+    lines = []
+    with open(input_file, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{input_file}:{number}: not UTF-8 ({e.reason} at byte {e.start})") from None
+            if line.strip():
+                lines.append((number, line))
+    if not lines:
+        raise ValueError(f"INPUT_FILE {input_file} has no lines to run the model on")
+    return lines
+
+
+def _encode_lines(input_file: str, vocab: seqio.Vocabulary, max_in: int) -> list[InferenceInput]:
+    """Each line tokenized and cut to `max_in` tokens (EOS included), as T5 truncates; the lines cut are reported."""
+    rows, cut = [], []
+    for number, text in _input_lines(input_file):
+        ids = vocab.encode(text)
+        if len(ids) > max_in - 1:
+            cut.append(number)
+        rows.append(({"input": text}, ids[: max_in - 1] + [1], vocab))
+    if cut:
+        print(f"mtp: {input_file}: {len(cut)} of {len(rows)} input line(s) cut to {max_in} tokens (the inputs "
+              f"length; TASK_FEATURE_LENGTHS sets it), the first of them line {cut[0]}", file=sys.stderr)
+    return rows
+
+
 def _inference_inputs(mixture_or_task_name: str | None, input_file: str | None, split: str,
                       task_feature_lengths: Mapping[str, int] | None,
                       num_examples: int | None) -> list[tuple[str, list[InferenceInput]]]:
@@ -314,9 +370,7 @@ def _inference_inputs(mixture_or_task_name: str | None, input_file: str | None, 
         vocab = (seqio.get_mixture_or_task(mixture_or_task_name).output_features["inputs"].vocabulary
                  if mixture_or_task_name else _configured_vocabulary())
         max_in = (task_feature_lengths or {}).get("inputs", 512)
-        lines = [line.rstrip("\n") for line in open(input_file, encoding="utf-8") if line.strip()]
-        return [(Path(input_file).name, [({"input": text}, vocab.encode(text)[: max_in - 1] + [1], vocab)
-                                         for text in lines])]
+        return [(Path(input_file).name, _encode_lines(input_file, vocab, max_in))]
     if not mixture_or_task_name:
         raise ValueError("infer needs MIXTURE_OR_TASK_NAME or INPUT_FILE")
     groups = []

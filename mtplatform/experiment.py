@@ -21,7 +21,7 @@ from pathlib import Path
 
 import gin
 
-from mtplatform import checkpoints, evaluate, report, scoring, strategies
+from mtplatform import checkpoints, evaluate, report, scoring, strategies, validation
 from mtplatform import train as train_lib
 
 
@@ -164,12 +164,17 @@ def experiment(
 ) -> Path:
     """Run every stage of every arm for every seed (each shared stage once), write the report; return the
     experiment directory."""
+    validation.path_setting("EXPERIMENT_DIR (experiment.experiment_dir)", experiment_dir)
+    validation.positive_int("experiment.eval_num_examples", eval_num_examples, allow_none=True)
+    validation.positive_int("experiment.evals_per_stage", evals_per_stage)
+    for seed in seeds:
+        validation.whole_number("experiment.seeds[]", seed, 0, 2 ** 31 - 1)
     root = Path(experiment_dir)
-    root.mkdir(parents=True, exist_ok=True)
     arms = list(arms)
     _check_arms(arms)
     for stage in (stage for arm in arms for stage in arm.stages):  # before anything trains
         eval_steps(0, stage.steps, evals_per_stage)
+    root.mkdir(parents=True, exist_ok=True)
     (root / "experiment.json").write_text(json.dumps(
         {"title": title, "seeds": list(seeds), "eval_num_examples": eval_num_examples,
          "arms": [asdict(arm) for arm in arms]}, indent=2) + "\n")

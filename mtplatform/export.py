@@ -4,6 +4,7 @@ that `T5ForConditionalGeneration.from_pretrained` and `T5Tokenizer.from_pretrain
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -12,9 +13,16 @@ from mtplatform import model as model_lib
 from mtplatform.vocab import EXTRA_IDS
 
 
-def export_checkpoint(checkpoint: str | Path, output: str | Path, vocab: str | Path | None = None) -> Path:
+def export_checkpoint(checkpoint: str | Path, output: str | Path, vocab: str | Path | None = None,
+                      overwrite: bool = False) -> Path:
     """Write `output` from `checkpoint` (a checkpoint directory or a model directory's latest) and the
-    SentencePiece model the tasks tokenized with (`vocab`, default the configured one); return `output`."""
+    SentencePiece model the tasks tokenized with (`vocab`, default the configured one); return `output`.
+
+    A non-empty `output` is refused unless `overwrite`. The export is written to a temporary directory beside it
+    and renamed into place, so that a failure leaves the old `output` (or none), never half of a new one."""
+    output = Path(output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
+        raise ValueError(f"--output={output} exists and is not empty; pass --overwrite to replace it")
     weights, step = checkpoints.verified_weights(checkpoint, "--checkpoint")
     model = model_lib.load(weights)
     vocab = Path(vocab) if vocab else settings.vocab_path()
@@ -25,15 +33,27 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, vocab: str | P
     if ids > model.cfg.vocab_size:
         raise ValueError(f"--vocab={vocab}: {ids} ids with its {EXTRA_IDS} sentinels, but the model at {weights} "
                          f"has {model.cfg.vocab_size}: not the vocabulary it was trained with")
-    output = Path(output)
-    huggingface.export_hf(model, output)
-    shutil.copyfile(vocab, output / "spiece.model")  # T5Tokenizer's file name
-    (output / "tokenizer_config.json").write_text(json.dumps(
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
+    try:
+        _write(model, vocab, tmp, {"checkpoint": str(weights.parent), "step": step, "vocab": str(vocab)})
+        if output.is_dir():
+            shutil.rmtree(output)
+        elif output.exists():
+            output.unlink()
+        tmp.rename(output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output
+
+
+def _write(model: model_lib.T5, vocab: Path, directory: Path, provenance: dict) -> None:
+    huggingface.export_hf(model, directory)
+    shutil.copyfile(vocab, directory / "spiece.model")  # T5Tokenizer's file name
+    (directory / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "T5Tokenizer", "extra_ids": EXTRA_IDS, "eos_token": "</s>", "pad_token": "<pad>",
          "unk_token": "<unk>"}, indent=2) + "\n")
-    (output / "mtp_export.json").write_text(json.dumps(
-        {"checkpoint": str(weights.parent), "step": step, "vocab": str(vocab)}, indent=2) + "\n")
-    return output
+    (directory / "mtp_export.json").write_text(json.dumps(provenance, indent=2) + "\n")
 
 
 def _piece_count(vocab: Path) -> int:

@@ -64,16 +64,15 @@ class Settings:
         where = f"mixture {mixture}"
         if self.strategy not in STRATEGIES:
             raise MixingError(f"{where}: mixing.strategy={self.strategy!r} is none of {', '.join(STRATEGIES)}")
-        if self.cap is not None and not self.cap > 0:
-            raise MixingError(f"{where}: mixing.cap (K) = {self.cap!r} must be > 0, or None for no cap")
-        if not self.temperature > 0 or math.isinf(self.temperature):
-            raise MixingError(f"{where}: mixing.temperature (T) = {self.temperature!r} must be finite and > 0")
-        if not self.max_epochs > 0:
-            raise MixingError(f"{where}: mixing.max_epochs = {self.max_epochs!r} must be > 0")
-        if not self.unsupervised_size > 0:
-            raise MixingError(f"{where}: mixing.unsupervised_size = {self.unsupervised_size!r} must be > 0")
-        if self.budget_examples is not None and not self.budget_examples > 0:
-            raise MixingError(f"{where}: mixing.budget_examples = {self.budget_examples!r} must be > 0")
+        for setting, label in (("cap", "mixing.cap (K)"), ("temperature", "mixing.temperature (T)"),
+                               ("max_epochs", "mixing.max_epochs"), ("unsupervised_size", "mixing.unsupervised_size"),
+                               ("budget_examples", "mixing.budget_examples")):
+            value = getattr(self, setting)
+            if value is None and setting in ("cap", "budget_examples"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (0 < value < math.inf):
+                none = ", or None for no cap" if setting == "cap" else ""
+                raise MixingError(f"{where}: {label} = {value!r} must be a finite number > 0{none}")
         if self.strategy == "explicit" and not self.weights:
             raise MixingError(f"{where}: mixing.strategy='explicit' needs mixing.weights = {{task: rate, ...}}")
 
@@ -121,11 +120,17 @@ def rates_from_sizes(sizes: Mapping[str, float], settings: Settings, mixture: st
         rates = _explicit(sizes, settings.weights or {}, mixture)
     else:
         rates = unimax(sizes, settings.budget_examples, settings.max_epochs, mixture)
+    return _checked(rates, mixture, settings.strategy)
+
+
+def _checked(rates: Mapping[str, object], mixture: str, how: str) -> dict[str, float]:
+    """`rates` as floats, each finite and >= 0 and not all zero (seqio would divide by their sum)."""
     for task, rate in rates.items():
-        if not (rate >= 0 and math.isfinite(rate)):
-            raise MixingError(f"mixture {mixture}: task {task} has rate {rate!r}; rates must be finite and >= 0")
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not (rate >= 0 and math.isfinite(rate)):
+            raise MixingError(f"mixture {mixture}: task {task} has rate {rate!r} ({how}); rates must be finite and "
+                              ">= 0")
     if not any(rates.values()):
-        raise MixingError(f"mixture {mixture}: every task's rate is zero ({settings.strategy})")
+        raise MixingError(f"mixture {mixture}: every task's rate is zero ({how})")
     return {task: float(rate) for task, rate in rates.items()}  # floats, also where a cap K made every rate an int
 
 
@@ -295,7 +300,7 @@ def resolve(provider: seqio.Task | seqio.Mixture, budget_examples: float | None 
         return provider.resolve(budget_examples)
     if isinstance(provider, seqio.Task):
         return Resolved(provider.name, DEFAULTS, {provider.name: 1.0}, {provider.name: 1.0})
-    rates = {t.name: float(provider.get_rate(t)) for t in provider.tasks}
+    rates = _checked({t.name: provider.get_rate(t) for t in provider.tasks}, provider.name, "seqio rates")
     return Resolved(provider.name, DEFAULTS, dict(rates), rates)
 
 

@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable
 import gin
 import torch
 
+from mtplatform import validation
+
 
 class AdamWScale(torch.optim.AdamW):
     """AdamW whose update is multiplied by max(1e-3, RMS(parameter)) (nanoT5's `AdamWScale`)."""
@@ -40,6 +42,7 @@ class AdamWScale(torch.optim.AdamW):
 def make_optimizer(params: Iterable[torch.nn.Parameter], name: str = "adafactor", weight_decay: float = 0.0,
                    betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
     """The optimizer named `name`; its learning rate is set every step by the schedule."""
+    _check_optimizer(name, weight_decay, betas)
     params = list(params)
     if name == "adafactor":
         from transformers.optimization import Adafactor
@@ -53,18 +56,39 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], name: str = "adafactor"
     raise ValueError(f"make_optimizer.name={name!r}: use 'adafactor', 'adamw' or 'adamw_scale'")
 
 
+def _check_optimizer(name: str, weight_decay: object, betas: object) -> None:
+    validation.number_in("make_optimizer.weight_decay", weight_decay, 0.0)
+    if name in ("adamw", "adamw_scale"):
+        if not isinstance(betas, tuple | list) or len(betas) != 2:
+            raise ValueError(f"make_optimizer.betas = {betas!r}: must be two numbers (beta1, beta2), as (0.9, 0.999)")
+        for i, beta in enumerate(betas):
+            validation.number_in(f"make_optimizer.betas[{i}]", beta, 0.0, 1.0, high_open=True)
+
+
+def check_settings(total_steps: int) -> None:
+    """The schedule's gin settings, checked before a run builds anything (the optimizer's are checked when it is
+    built, before the input pipeline)."""
+    learning_rate(0, total_steps)
+
+
+def _bound(configurable: str, parameter: str, default: object) -> object:
+    try:
+        return gin.query_parameter(f"{configurable}.{parameter}")
+    except ValueError:  # not bound: the default
+        return default
+
+
 def make_optimizer_name() -> str:
     """The optimizer `make_optimizer` will build under the current gin bindings."""
-    try:
-        return gin.query_parameter("make_optimizer.name")
-    except ValueError:  # not bound: the default
-        return "adafactor"
+    return _bound("make_optimizer", "name", "adafactor")
 
 
 @gin.configurable
 def learning_rate(step: int, total_steps: int, name: str = "rsqrt", base: float = 1.0,
                   warmup_steps: int = 10_000) -> float:
     """Learning rate at `step` (0-based: the step about to be taken)."""
+    validation.number_in("learning_rate.base", base, 0.0, low_open=True)
+    validation.whole_number("learning_rate.warmup_steps", warmup_steps)
     s = step + 1
     if name == "rsqrt":
         return base / math.sqrt(max(s, warmup_steps))

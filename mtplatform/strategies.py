@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import gin
 import seqio
 
-from mtplatform import mixing
+from mtplatform import mixing, validation
 
 PAPER_PRETRAIN_STEPS = 2**19
 PAPER_FINETUNE_STEPS = 2**18
@@ -57,6 +57,7 @@ pre-training pay?)."""
 
 def steps_for(budget: float) -> tuple[int, int]:
     """(pre-training, fine-tuning) steps: the paper's 2**19 and 2**18 times `budget`, at least 1 each."""
+    validation.number_in("BUDGET", budget, 0.0, low_open=True, meaning="a share of the paper's steps")
     return max(1, round(PAPER_PRETRAIN_STEPS * budget)), max(1, round(PAPER_FINETUNE_STEPS * budget))
 
 

@@ -15,6 +15,7 @@ processes are summed first, then divided by the total loss weight.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -57,6 +58,24 @@ def vocab_size_for(mixture_or_task_name: str) -> int:
     provider = seqio.get_mixture_or_task(mixture_or_task_name)
     size = provider.output_features["targets"].vocabulary.vocab_size
     return int(math.ceil(size / 128) * 128)
+
+
+def vocabulary_of(mixture_or_task_name: str) -> dict:
+    """What identifies the tasks' vocabulary: its size and the SHA-256 of its SentencePiece model (saved with each
+    checkpoint, so that a run is never resumed with another vocabulary)."""
+    vocab = seqio.get_mixture_or_task(mixture_or_task_name).output_features["targets"].vocabulary
+    model = getattr(vocab, "sp_model", None)
+    return {"size": vocab.vocab_size, "sha256": hashlib.sha256(model).hexdigest() if model else None}
+
+
+def check_vocabulary(current: dict, saved: dict | None, model_ids: int, checkpoint: Path) -> None:
+    """Refuse to resume `checkpoint` with a vocabulary other than its own (its ids would mean other pieces, and a
+    larger one fails with an index error steps later). Checkpoints from before the fingerprint: the size only."""
+    if current["size"] > model_ids or (saved is not None and saved != current):
+        was = f"{saved['size']:,} ids, sha256 {str(saved['sha256'])[:12]}" if saved else f"up to {model_ids:,} ids"
+        raise ValueError(f"the vocabulary (MTP_VOCAB or vocab_path.path) has {current['size']:,} ids, sha256 "
+                         f"{str(current['sha256'])[:12]}; {checkpoint} was trained with {was}: resume with the run's "
+                         "vocabulary, or use another MODEL_DIR")
 
 
 def _rng_state() -> dict:
@@ -106,9 +125,12 @@ class Logger:
                                      purge_step=None if resumed_at is None else resumed_at + 1)
 
     def log(self, step: int, values: dict[str, float]) -> None:
+        """One row of metrics.jsonl (a non-finite value, as a skipped step's loss, is `null`: JSON has no NaN)."""
         if not self.enabled:
             return
-        self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        row = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in values.items()}
+        with checkpoints.no_space_named(self._jsonl.name, checkpoints.METRICS):
+            self._jsonl.write(json.dumps({"step": step, **row}, allow_nan=False) + "\n")
         for k, v in values.items():
             self._tb.add_scalar(k, v, step)
 
@@ -314,6 +336,7 @@ class RunConfig:
     A non-finite loss or gradient norm stops the run before the update (`max_nonfinite_skips` > 0 skips up to that
     many such updates in a row instead); a step loss above `loss_spike_factor` times its recent mean is reported
     (0: never). Feature lengths that would cut more than `max_truncated_share` of a task's examples are refused.
+    A MODEL_DIR whose checkpoints are all unreadable is an error unless `start_over_if_unreadable`.
     `torch_compile` trains through `torch.compile` of the model; its first step, which compiles, is timed and
     reported (off by default: on CPUs the compile takes seconds to minutes that short runs do not earn back).
     A checkpoint is written every `checkpoint_every` steps, at each of `checkpoint_steps` (an experiment's
@@ -350,12 +373,15 @@ class RunConfig:
     max_truncated_share: float = 0.9
     torch_compile: bool = False
     progress: bool = True
+    start_over_if_unreadable: bool = False
 
     def __post_init__(self) -> None:
         validation.check_train_settings(
-            train_steps=self.train_steps, batch_size=self.batch_size, task_feature_lengths=self.task_feature_lengths,
-            grad_accum_steps=self.grad_accum_steps, checkpoint_every=self.checkpoint_every,
+            model_dir=self.model_dir, mixture_or_task_name=self.mixture_or_task_name, train_steps=self.train_steps,
+            batch_size=self.batch_size, task_feature_lengths=self.task_feature_lengths,
+            grad_accum_steps=self.grad_accum_steps, seed=self.seed, checkpoint_every=self.checkpoint_every,
             keep_checkpoints=self.keep_checkpoints, log_every=self.log_every, eval_every=self.eval_every,
+            eval_num_examples=self.eval_num_examples, eval_max_decode_length=self.eval_max_decode_length,
             clip_grad_norm=self.clip_grad_norm, dropout_rate=self.dropout_rate, z_loss=self.z_loss,
             max_nonfinite_skips=self.max_nonfinite_skips, loss_spike_factor=self.loss_spike_factor,
             max_truncated_share=self.max_truncated_share)
@@ -384,6 +410,7 @@ class Run:
     config_text: str
     attempt: str  # names this attempt's temporary checkpoint directories
     spikes: health.SpikeDetector
+    vocabulary: dict  # `vocabulary_of`, saved with each checkpoint
     skipped: int = 0  # consecutive updates skipped for a non-finite loss or gradient
     data_wait_s: float = 0.0  # seconds spent waiting for batches from the input pipeline
     compiling: bool = False  # torch.compile'd, first step not yet taken (its time is reported)
@@ -400,11 +427,15 @@ def setup(config: RunConfig, per_rank: int, ctx: Distributed, device: torch.devi
     c, model_dir = config, Path(config.model_dir)
     torch.manual_seed(c.seed)  # the same initial weights on every process (FSDP shards them without a broadcast)
     if ctx.main:
-        checkpoints.latest_readable(model_dir)  # verifies checksums; moves an unreadable checkpoint aside, saying so
+        # Verifies checksums; moves an unreadable checkpoint aside, saying so.
+        checkpoints.latest_readable(model_dir, start_over=c.start_over_if_unreadable)
     ctx.barrier()
+    vocabulary = vocabulary_of(c.mixture_or_task_name)
     start = restore_or_init(model_dir, vocab_size_for(c.mixture_or_task_name), c.initial_checkpoint_path,
                             c.finetune)
     model, state = start.model, start.state or {}
+    if start.checkpoint is not None:
+        check_vocabulary(vocabulary, state.get("vocabulary"), model.cfg.vocab_size, start.checkpoint)
     first_step = state.get("first_step", start.step)
     if c.dropout_rate is not None:
         model.set_dropout(c.dropout_rate)
@@ -437,7 +468,8 @@ def setup(config: RunConfig, per_rank: int, ctx: Distributed, device: torch.devi
               meter=TaskMeter(names, state.get("tasks")), task_weights=task_weight_vector(names, c.task_loss_weights),
               step=start.step, first_step=first_step, losses_since_log=list(state.get("losses_since_log", [])),
               config_text=_config_text(resolved), attempt=_attempt(ctx),
-              spikes=health.SpikeDetector(c.loss_spike_factor, history=state.get("recent_losses")))
+              spikes=health.SpikeDetector(c.loss_spike_factor, history=state.get("recent_losses")),
+              vocabulary=vocabulary)
     if ctx.main:
         checkpoints.write_run_files(model_dir, run.config_text, resolved.record())
         for task, why in resolved.dropped.items():
@@ -508,6 +540,26 @@ def save(run: Run) -> None:
         health.check_finite_state(at_step, model_state, "weight")
         health.check_finite_state(at_step, health.optimizer_tensors(optimizer_state), "optimizer state")
     tmp = checkpoints.temporary_dir(run.model_dir, at_step, run.attempt)
+    needed = sum(t.nbytes for t in [*model_state.values(), *health.optimizer_tensors(optimizer_state).values()]
+                 if isinstance(t, torch.Tensor))
+    try:
+        with checkpoints.no_space_named(tmp, f"the checkpoint of step {at_step}", needed):
+            _write_checkpoint(run, tmp, model_state, optimizer_state)
+    except BaseException as e:
+        if ctx.main:  # a partial checkpoint would hold the space a rerun needs; the previous one stays
+            checkpoints.discard(tmp)
+        if isinstance(e, checkpoints.DiskFull):
+            kept = checkpoints.latest(run.model_dir)
+            raise checkpoints.DiskFull(f"{e}; removed the partial checkpoint, "
+                                       f"{f'kept {kept.name}' if kept else 'no earlier checkpoint to keep'}") from None
+        raise
+    run.healthy = True
+    ctx.barrier()
+
+
+def _write_checkpoint(run: Run, tmp: Path, model_state: dict, optimizer_state: dict) -> None:
+    """All processes write `tmp` (each its data iterator; the main one the rest), the main one seals it."""
+    ctx, at_step = run.ctx, run.step
     if ctx.main:
         tmp.mkdir(parents=True)
     ctx.barrier()
@@ -517,12 +569,10 @@ def save(run: Run) -> None:
         checkpoints.write_train_state(tmp, run.model, model_state, {
             "step": at_step, "optimizer": optimizer_state, "rng": rng, "tasks": run.meter.state(),
             "losses_since_log": run.losses_since_log, "first_step": run.first_step,
-            "recent_losses": list(run.spikes.recent)}, run.config_text)
+            "recent_losses": list(run.spikes.recent), "vocabulary": run.vocabulary}, run.config_text)
         recent = list(run.spikes.recent)[-10:]
         checkpoints.finish(tmp, run.model_dir, at_step, ctx.world, sum(recent) / len(recent) if recent else None,
                            run.healthy, run.config.keep_checkpoints, run.attempt)
-    run.healthy = True
-    ctx.barrier()
 
 
 def train(config: RunConfig | None = None, /, **fields: Any) -> dict:
@@ -536,19 +586,22 @@ def train(config: RunConfig | None = None, /, **fields: Any) -> dict:
     mixing.register_declared()
     ctx, device = setup_distributed()
     model_dir = Path(config.model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
     per_rank, rest = divmod(config.batch_size, ctx.world * config.grad_accum_steps)
     if rest or per_rank == 0:
         raise ValueError(f"BATCH_SIZE={config.batch_size} must be a multiple of processes ({ctx.world}) x "
                          f"grad_accum_steps ({config.grad_accum_steps})")
+    validation.check_micro_batch(config.batch_size, per_rank, config.task_feature_lengths)
+    optim.check_settings(config.train_steps)
+    model_dir.mkdir(parents=True, exist_ok=True)
     _check_settings(config.fsdp, ctx, config.eval_every)
-    with run_lock.hold(model_dir, enabled=ctx.main), interrupts.StopRequests() as stops:
-        run = setup(config, per_rank, ctx, device)
+    with run_lock.hold(model_dir, enabled=ctx.main):
+        run = setup(config, per_rank, ctx, device)  # a signal now exits at once (`interrupts.exit_at_once`)
         if config.torch_compile:
             run.wrapped, run.compiling = torch.compile(run.wrapped), True
         logger = Logger(model_dir, ctx.main, resumed_at=run.step)
         try:
-            last = _loop(run, logger, stops)
+            with interrupts.StopRequests() as stops:  # from here a signal checkpoints first
+                last = _loop(run, logger, stops)
         finally:
             logger.close()
     if not last and ctx.main:
@@ -568,6 +621,17 @@ def _loop(run: Run, logger: Logger, stops: interrupts.StopRequests) -> dict[str,
 
         bar = tqdm(total=c.train_steps, initial=run.step, desc="train", unit="step", dynamic_ncols=True,
                    file=sys.stderr)
+    try:
+        return _steps(run, logger, stops, bar, example_flops, checkpoint_steps)
+    finally:
+        if bar is not None:  # also on an error: its message then starts on a line of its own
+            bar.close()
+
+
+def _steps(run: Run, logger: Logger, stops: interrupts.StopRequests, bar, example_flops: float,
+           checkpoint_steps: frozenset[int]) -> dict[str, float]:
+    """The training loop proper (see `_loop`)."""
+    ctx, c = run.ctx, run.config
     last: dict[str, float] = {}
     window = _Window()
     while run.step < c.train_steps:
@@ -600,13 +664,9 @@ def _loop(run: Run, logger: Logger, stops: interrupts.StopRequests) -> dict[str,
         if run.step % c.checkpoint_every == 0 or run.step in checkpoint_steps or run.step == c.train_steps or stop:
             save(run)
         if stop and run.step < c.train_steps:  # on the last step the run is simply done
-            if bar is not None:
-                bar.close()
             raise interrupts.Stopped(stop, f"stopped by {signal.Signals(stop).name} at step {run.step}; wrote "
                                            f"{checkpoints.checkpoint_dir(run.model_dir, run.step)}; run the same "
                                            "command again to resume")
-    if bar is not None:
-        bar.close()
     return last
 
 

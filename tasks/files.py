@@ -23,7 +23,7 @@ from typing import Any
 import seqio
 
 from tasks.common import OUTPUT_FEATURES, tokenized_and_cached
-from tasks.sources import DataFormatError, FileSource, read_tsv, text_files
+from tasks.sources import DataFormatError, FileSource, read_tsv, text_files, utf8_named
 
 Template = str | Callable[[Mapping[str, Any]], str]
 FORMATS = ("tsv", "csv", "jsonl", "parquet")
@@ -95,7 +95,7 @@ def _tsv_rows(path: Path, columns: Sequence[str] | None) -> Iterator[tuple[str, 
 
 def _csv_rows(path: Path, columns: Sequence[str] | None) -> Iterator[tuple[str, dict]]:
     try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
+        with utf8_named(path), open(path, encoding="utf-8-sig", newline="") as f:
             reader = csv.reader(f)
             header = list(columns) if columns is not None else next(reader, None)
             for row in reader if header is not None else ():
@@ -105,13 +105,11 @@ def _csv_rows(path: Path, columns: Sequence[str] | None) -> Iterator[tuple[str, 
                 yield str(reader.line_num), dict(zip(header, row, strict=True))
     except csv.Error as e:
         raise DataFormatError(f"{path}:{reader.line_num}: {e}") from e
-    except UnicodeDecodeError as e:
-        raise DataFormatError(f"{path}: not UTF-8 ({e.reason})") from e
 
 
 def _jsonl_rows(path: Path, columns: Sequence[str] | None) -> Iterator[tuple[str, dict]]:
     del columns  # each line names its fields
-    with open(path, encoding="utf-8") as f:
+    with utf8_named(path), open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue

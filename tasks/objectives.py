@@ -26,11 +26,41 @@ import seqio
 import tensorflow as tf
 from t5.data import preprocessors as t5p
 
+from mtplatform import validation
+
 MIN_CHUNK = 8  # tokens; shorter chunks teach nothing and mean the lengths are a mistake
 MIN_NOISED = 3  # words (SpanBERT) or tokens (BART): the last piece of a corpus may be shorter, and stays clean
 NO_LENGTHS = {"inputs": 512, "targets": 512}  # where a dataset is built without lengths (`mtp tasks show`)
 WORD_START = "\u2581"  # SentencePiece's marker of a piece that starts a word
 SENTENCE_END = (".", "!", "?", '."', '?"', '!"')
+
+
+# --- parameters: each in its range, checked when the dataset is built (before any example) ------------------
+
+# A noise density of 0 trains nothing, one of 1 or more leaves no text to predict from (and sends t5's span helper
+# into an endless loop): both ends are open.
+_RANGES: dict[str, tuple[float, float, bool, bool, str]] = {
+    "noise_density": (0.0, 1.0, True, True, "the share of tokens corrupted"),
+    "mean_noise_span_length": (1.0, float("inf"), False, False, "tokens per span"),
+    "mask_prob": (0.0, 1.0, False, False, "the share of chosen tokens masked"),
+    "random_prob": (0.0, 1.0, False, False, "the share of chosen tokens made random"),
+    "geometric_p": (0.0, 1.0, True, False, "the geometric distribution's p"),
+    "poisson_lambda": (0.0, float("inf"), True, False, "the mean span length"),
+}
+
+
+def _check(objective: str, **params: object) -> None:
+    """One-line errors naming `objectives.<objective>.<parameter>` and its valid range."""
+    for name, value in params.items():
+        setting = f"objectives.{objective}.{name}"
+        if name in ("max_span_words", "negative_block"):
+            validation.whole_number(setting, value, 1 if name == "max_span_words" else 2)
+            continue
+        low, high, low_open, high_open, meaning = _RANGES[name]
+        validation.number_in(setting, value, low, high, low_open=low_open, high_open=high_open, meaning=meaning)
+    if params.get("mask_prob", 0) + params.get("random_prob", 0) > 1:
+        raise ValueError(f"objectives.{objective}: mask_prob {params['mask_prob']} + random_prob "
+                         f"{params['random_prob']} is more than 1")
 
 
 # --- chunking: the lengths decide the chunk --------------------------------------------------------------------
@@ -158,6 +188,7 @@ def span_corruption(dataset, sequence_length, output_features, noise_density: fl
                     mean_noise_span_length: float = 3.0):
     """T5's objective: spans (mean length `mean_noise_span_length`) covering `noise_density` of the tokens, each
     replaced by a unique sentinel; the target lists the spans after their sentinels (Tables 6 and 7's knobs)."""
+    _check("span_corruption", noise_density=noise_density, mean_noise_span_length=mean_noise_span_length)
     lengths = {**NO_LENGTHS, **(sequence_length or {})}
     _, needed = t5p.random_spans_helper(inputs_length=lengths["inputs"], noise_density=noise_density,
                                         mean_noise_span_length=mean_noise_span_length,
@@ -181,6 +212,7 @@ def iid_denoising(dataset, sequence_length, output_features, noise_density: floa
     """T5's "replace corrupted spans": i.i.d. noise tokens, each run of them one unique sentinel in the inputs; the
     target lists the runs after their sentinels. A chunk holds at most as many noise tokens as there are sentinels
     (100), so that no run borrows an ordinary piece's id as its sentinel."""
+    _check("iid_denoising", noise_density=noise_density)
     sentinels = getattr(_vocabulary(output_features), "extra_ids", 100)
 
     def targets_needed(n: int) -> float:
@@ -195,6 +227,7 @@ def iid_denoising(dataset, sequence_length, output_features, noise_density: floa
 @gin.configurable(module="objectives", denylist=["dataset", "sequence_length", "output_features"])
 def drop_corrupted_tokens(dataset, sequence_length, output_features, noise_density: float = 0.15):
     """T5's "drop corrupted tokens": i.i.d. noise tokens removed from the inputs; the target is them, in order."""
+    _check("drop_corrupted_tokens", noise_density=noise_density)
     n = chunk_length("drop_corrupted_tokens", sequence_length,
                      targets_needed=lambda n: _noise_count(n, noise_density) + 1)
     ds = chunks(dataset, output_features, n)
@@ -251,6 +284,7 @@ def bert_mlm(dataset, sequence_length, output_features, noise_density: float = 0
              random_prob: float = 0.1):
     """BERT's masked LM in text-to-text form: `noise_density` of the tokens chosen; of those 80% become the mask
     sentinel, 10% a random piece, 10% stay. The target is the original chunk."""
+    _check("bert_mlm", noise_density=noise_density, mask_prob=mask_prob, random_prob=random_prob)
 
     def choose(tokens, seeds):
         noise = exact_noise_mask(tf.size(tokens), noise_density, seeds[0])
@@ -264,6 +298,7 @@ def bert_mlm_wwm(dataset, sequence_length, output_features, noise_density: float
                  random_prob: float = 0.1):
     """BERT with whole-word masking: words (a piece with SentencePiece's word-start marker and the pieces after it)
     are chosen in random order until `noise_density` of the tokens are; each chosen token then follows 80/10/10."""
+    _check("bert_mlm_wwm", noise_density=noise_density, mask_prob=mask_prob, random_prob=random_prob)
     word_start = piece_table(_vocabulary(output_features), "word_start")
 
     def choose(tokens, seeds):
@@ -296,6 +331,8 @@ def spanbert(dataset, sequence_length, output_features, noise_density: float = 0
     (p = `geometric_p`, clipped at `max_span_words`), until `noise_density` of the words are covered; the 80/10/10
     rule is applied per span (every token of a span masked, or every token random, or all kept). The target is
     the original chunk. A chunk of fewer than MIN_NOISED words stays clean."""
+    _check("spanbert", noise_density=noise_density,
+           geometric_p=geometric_p, max_span_words=max_span_words, mask_prob=mask_prob, random_prob=random_prob)
     word_start = piece_table(_vocabulary(output_features), "word_start")
 
     def choose(tokens, seeds):
@@ -323,6 +360,7 @@ def bart_infilling(dataset, sequence_length, output_features, noise_density: flo
                    poisson_lambda: float = 3.0):
     """BART's text infilling: span lengths from Poisson(`poisson_lambda`), spans sampled until `noise_density` of
     the tokens are covered; each span, zero-length ones included (an insertion), becomes one mask sentinel."""
+    _check("bart_infilling", noise_density=noise_density, poisson_lambda=poisson_lambda)
     ds = chunks(dataset, output_features, chunk_length("bart_infilling", sequence_length))
     mask_id = t5p.sentinel_id(_vocabulary(output_features))
 
@@ -350,6 +388,7 @@ def bart_infilling(dataset, sequence_length, output_features, noise_density: flo
 @gin.configurable(module="objectives", denylist=["dataset", "sequence_length", "output_features"])
 def bart_token_masking(dataset, sequence_length, output_features, noise_density: float = 0.3):
     """BART's token masking: `noise_density` of the tokens replaced by the mask sentinel; the target is the chunk."""
+    _check("bart_token_masking", noise_density=noise_density)
     ds = chunks(dataset, output_features, chunk_length("bart_token_masking", sequence_length))
     return _iid_denoise(ds, output_features, noise_density, t5p.noise_token_to_sentinel, None)
 
@@ -358,6 +397,7 @@ def bart_token_masking(dataset, sequence_length, output_features, noise_density:
 def bart_token_deletion(dataset, sequence_length, output_features, noise_density: float = 0.3):
     """BART's token deletion: `noise_density` of the tokens removed (the model must find where); the target is
     the chunk."""
+    _check("bart_token_deletion", noise_density=noise_density)
     ds = chunks(dataset, output_features, chunk_length("bart_token_deletion", sequence_length))
     return _iid_denoise(ds, output_features, noise_density, t5p.drop_noise_tokens, None)
 
@@ -422,6 +462,7 @@ def nsp(dataset, sequence_length=None, output_features=None, negative_block: int
 
     The other document's sentence comes from the stream of all sentences, shuffled in blocks of
     `negative_block` and read half a block ahead, so it is far from the current document (and never from it)."""
+    _check("nsp", negative_block=negative_block)
     del sequence_length, output_features  # targets are one word; inputs longer than the length are cut as GLUE's
     documents = dataset.map(lambda ex: {"sentences": split_sentences(ex["text"]),
                                         "doc": tf.strings.to_hash_bucket_fast(ex["text"], 2**62)})

@@ -10,10 +10,12 @@ dataset is built.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import sys
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -137,8 +139,16 @@ def read_tsv(path: Path, fieldnames: Sequence[str] | None = None) -> Iterator[tu
     Quote handling is off: the official files contain stray `"` (QNLI) that are text, not quoting. A UTF-8 byte-order
     mark (MRPC) is dropped. Column names come from the header row, or from `fieldnames` for files without one (CoLA).
     """
-    try:
+    with utf8_named(path):
         yield from _tsv_rows(path, fieldnames)
+
+
+@contextmanager
+def utf8_named(path: Path) -> Iterator[None]:
+    """A UnicodeDecodeError while reading `path` becomes an error naming the file and its first line that is not
+    UTF-8 (Python's names neither)."""
+    try:
+        yield
     except UnicodeDecodeError as e:
         raise DataFormatError(f"{path}:{_first_undecodable_line(path)}: not UTF-8 ({e.reason}, byte "
                               f"{e.object[e.start:e.start + 1]!r})") from e
@@ -176,9 +186,9 @@ def _tsv_rows(path: Path, fieldnames: Sequence[str] | None) -> Iterator[tuple[in
 def read_squad(path: Path, keep_article: Callable[[str], bool] | None = None) -> list[Row]:
     """SQuAD v1.1 questions in the TFDS feature layout: id, title, context, question, answers (all gold texts)."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with utf8_named(path), open(path, encoding="utf-8") as f:
             articles = json.load(f)["data"]
-    except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, KeyError) as e:
         raise DataFormatError(f"{path}: not a SQuAD v1.1 JSON file with a top-level 'data' list ({e})") from e
     rows = []
     for a, article in enumerate(articles):
@@ -241,7 +251,7 @@ def read_conll(path: Path) -> list[Row]:
             tokens.clear()
             tags.clear()
 
-    with open(path, encoding="utf-8") as f:
+    with utf8_named(path), open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
             fields = line.split()
             if not fields:
@@ -297,6 +307,7 @@ class TextSource(FileSource):
     def __init__(self, task_name: str, patterns: Sequence[str]):
         files = text_files(patterns)
         super().__init__(task_name, {"train": files, "validation": files}, reader=None)
+        self._has_documents: dict[tuple[str, ...], bool] = {}
 
     def read_rows(self, split: str) -> list[Row]:
         return [{"text": text.decode("utf-8")} for text in self._documents(split).as_numpy_iterator()]
@@ -321,11 +332,27 @@ class TextSource(FileSource):
         files = self.files(split)
         if shard_info and shard_info.num_shards > 1:  # seqio passes it only where there are at least as many files
             files = files[shard_info.index::shard_info.num_shards]
-        return self._documents(split, files, shuffle, seed).map(lambda text: {"text": text})
+        documents = self._documents(split, files, shuffle, seed)
+        if split == "train":
+            self._check_has_documents(files, documents)
+        return documents.map(lambda text: {"text": text})
+
+    def _check_has_documents(self, files: list[Path], documents: tf.data.Dataset) -> None:
+        """A training corpus without one document (blank lines only) is an error naming its files, not an input
+        pipeline that runs dry before the first step. Reading up to the first document is instant for any corpus
+        that has one; the answer is kept per file list."""
+        key = tuple(map(str, files))
+        if key not in self._has_documents:
+            self._has_documents[key] = bool(list(documents.take(1).as_numpy_iterator()))
+        if not self._has_documents[key]:
+            shown = ", ".join(key[:3]) + (f" and {len(key) - 3} more" if len(key) > 3 else "")
+            raise ValueError(f"task {self._task_name}: its text files ({shown}) hold no document (only blank lines)")
 
     def _documents(self, split: str, files: list[Path] | None = None, shuffle_files: bool = False,
                    seed: int | None = None) -> tf.data.Dataset:
         files = self.files(split) if files is None else files
+        for path in files:
+            _check_is_text(path)
         ds = tf.data.Dataset.from_tensor_slices(([str(f) for f in files], [_is_wrapped_file(f) for f in files]))
         if shuffle_files and len(files) > 1:
             ds = ds.shuffle(len(files), seed=seed)
@@ -367,6 +394,20 @@ def _clean_lines(lines: tf.Tensor) -> tf.Tensor:
     valid = tf.equal(tf.strings.unicode_transcode(lines, "UTF-8", "UTF-8", errors="replace"), lines)
     latin1 = tf.strings.unicode_transcode(lines, "ISO-8859-1", "UTF-8")
     return tf.strings.strip(tf.where(valid, lines, latin1))
+
+
+BINARY_SAMPLE_BYTES = 8000  # as git: a NUL byte in a file's first 8,000 bytes makes it binary
+
+
+@functools.cache
+def _check_is_text(path: Path) -> None:
+    """Refuse a file that is not text (undecodable bytes would otherwise be read as Latin-1 without a word)."""
+    with open(path, "rb") as f:
+        head = f.read(BINARY_SAMPLE_BYTES)
+    nul = head.find(b"\0")
+    if nul >= 0:
+        raise ValueError(f"{path}: not a text file (a NUL byte at offset {nul}); the text corpus reads plain-text "
+                         "files only")
 
 
 def _is_wrapped_file(path: Path) -> bool:

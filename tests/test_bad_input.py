@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +102,47 @@ def _checkpoint(edit: Callable[[Path], None] | None = None) -> Callable[[Path, P
     return prepare
 
 
+def _corpus(content: bytes) -> Callable[[Path, Path], dict[str, str]]:
+    """A data directory whose text corpus is one file of `content` (the other data linked to the real files)."""
+    def prepare(tmp: Path, data: Path) -> dict[str, str]:
+        root = tmp / "data"
+        for item in data.iterdir():
+            if item.name != "text":
+                root.mkdir(parents=True, exist_ok=True)
+                (root / item.name).symlink_to(item)
+        (root / "text").mkdir(parents=True)
+        (root / "text" / "corpus.txt").write_bytes(content)
+        return {"MTP_DATA_DIR": str(root)}
+    return prepare
+
+
+def _text_file(name: str, content: bytes) -> Callable[[Path, Path], dict[str, str]]:
+    def prepare(tmp: Path, data: Path) -> dict[str, str]:
+        (tmp / name).write_bytes(content)
+        return {}
+    return prepare
+
+
+def _eval(*overrides: str, checkpoint: str = "/no/such/run") -> Callable[[Path], list[str]]:
+    """`mtp eval` of glue_rte; settings are checked before the checkpoint is read, so most cases need none."""
+    return lambda tmp: ["eval", "--gin_file=gin/runs/eval.gin", f"--gin.CHECKPOINT_PATH='{checkpoint}'",
+                        "--gin.MIXTURE_OR_TASK_NAME='glue_rte'", *overrides]
+
+
+def _infer(input_name: str) -> Callable[[Path], list[str]]:
+    return lambda tmp: ["infer", "--gin_file=gin/runs/infer.gin", f"--gin.CHECKPOINT_PATH='{tmp / 'run'}'",
+                        f"--gin.OUTPUT_FILE='{tmp / 'out.jsonl'}'", f"--gin.INPUT_FILE='{tmp / input_name}'"]
+
+
+def _experiment(*overrides: str) -> Callable[[Path], list[str]]:
+    return lambda tmp: ["experiment", "--gin_file=gin/experiments/training_strategies.gin",
+                        f"--gin.EXPERIMENT_DIR='{tmp / 'exp'}'", *overrides]
+
+
+def _both(*prepares: Callable[[Path, Path], dict[str, str]]) -> Callable[[Path, Path], dict[str, str]]:
+    return lambda tmp, data: {k: v for prepare in prepares for k, v in prepare(tmp, data).items()}
+
+
 def _truncate(name: str) -> Callable[[Path], None]:
     def edit(checkpoint: Path) -> None:
         path = checkpoint / name
@@ -189,6 +231,75 @@ CASES = [
          ("checkpoint_1", "model.safetensors has"), _checkpoint(_truncate("model.safetensors"))),
     Case("report_not_an_experiment", lambda tmp: ["report", str(tmp)], ("no experiment.json",)),
     Case("mixture_unknown", lambda tmp: ["mixture", "show", "no_such_mixture"], ("no_such_mixture",)),
+    # Issue 28: settings of the wrong type name the setting (they failed deep inside with a bare TypeError)
+    Case("model_dir_a_number", _train("--gin.MODEL_DIR=42"), ("MODEL_DIR (train.model_dir) = 42", "a path")),
+    Case("task_name_a_number", _train("--gin.MIXTURE_OR_TASK_NAME=7"), ("MIXTURE_OR_TASK_NAME", "= 7")),
+    Case("learning_rate_a_word", _train("--gin.learning_rate.base='abc'"), ("learning_rate.base = 'abc'",)),
+    Case("weight_decay_a_word", _train("--gin.make_optimizer.weight_decay='abc'"),
+         ("make_optimizer.weight_decay = 'abc'",)),
+    Case("betas_one_number", _train("--gin.make_optimizer.name='adamw'", "--gin.make_optimizer.betas=(0.9,)"),
+         ("make_optimizer.betas = (0.9,)", "two numbers")),
+    Case("seed_a_fraction", _train("--gin.train.seed=1.5"), ("train.seed = 1.5", "whole number")),
+    Case("mean_span_zero", _train("--gin.MIXTURE_OR_TASK_NAME='span_corruption'",
+                                  "--gin.objectives.span_corruption.mean_noise_span_length=0"),
+         ("objectives.span_corruption.mean_noise_span_length = 0", ">= 1")),
+    Case("temperature_a_word", _train("--gin.MIXTURE_OR_TASK_NAME='glue'", "--gin.mixing.temperature='hot'",
+                                      "--gin.mixing.strategy='temperature'"),
+         ("mixture glue", "mixing.temperature (T) = 'hot'")),
+    Case("max_decode_length_zero", _eval("--gin.evaluate_checkpoint.max_decode_length=0"),
+         ("evaluate_checkpoint.max_decode_length = 0",)),
+    Case("num_beams_zero", _eval("--gin.evaluate_checkpoint.num_beams=0"), ("evaluate_checkpoint.num_beams = 0",)),
+    Case("eval_batch_size_zero", _eval("--gin.evaluate_checkpoint.batch_size=0"),
+         ("evaluate_checkpoint.batch_size = 0",)),
+    Case("infer_input_not_utf8", _infer("in.txt"), ("in.txt:2", "not UTF-8"),
+         _both(_checkpoint(), _text_file("in.txt", b"a line\nCaf\xe9\n"))),
+    Case("conll_not_utf8", _train("--gin.MIXTURE_OR_TASK_NAME='conll2003_ner'"), ("conll2003/eng.train:4", "UTF-8"),
+         lambda tmp, data: _data_with(tmp, data, "conll2003/eng.train", b"-DOCSTART- -X- -X- O\n\nEU NNP B-NP B-ORG\n"
+                                                                          b"Caf\xe9 NNP I-NP O\n")),
+    Case("corpus_blank_lines_only", _train("--gin.MIXTURE_OR_TASK_NAME='span_corruption'"),
+         ("corpus.txt", "no document (only blank lines)"), _corpus(b"\n   \n\n")),
+    # ... and what was accepted without a word
+    Case("learning_rate_negative", _train("--gin.learning_rate.base=-1.0"), ("learning_rate.base = -1.0", "> 0")),
+    Case("warmup_negative", _train("--gin.learning_rate.warmup_steps=-5"), ("learning_rate.warmup_steps = -5",)),
+    Case("eval_num_examples_zero", _eval("--gin.evaluate_checkpoint.num_examples=0"),
+         ("evaluate_checkpoint.num_examples = 0",)),
+    Case("eval_num_examples_negative", _train("--gin.train.eval_num_examples=-3"),
+         ("train.eval_num_examples = -3",)),
+    Case("eval_split_unknown", _eval("--gin.evaluate_checkpoint.split='bogus'"),
+         ("evaluate_checkpoint.split = 'bogus'", "test, train, validation")),
+    Case("corpus_not_text", _train("--gin.MIXTURE_OR_TASK_NAME='span_corruption'"),
+         ("corpus.txt", "not a text file"), _corpus(bytes(range(256)) * 64)),
+    Case("mixture_show_steps_negative", lambda tmp: ["mixture", "show", "glue_rte", "--steps=-5"],
+         ("--steps", "-5 is not a whole number >= 1")),
+    Case("mixture_show_examples_zero", lambda tmp: ["mixture", "show", "glue_rte", "--examples=0"],
+         ("--examples", "0 is not")),
+    Case("tasks_show_n_negative", lambda tmp: ["tasks", "show", "--mixture_or_task=glue_rte", "--n=-1"],
+         ("--n", "-1 is not")),
+    Case("tasks_show_inputs_length_zero", lambda tmp: ["tasks", "show", "--mixture_or_task=glue_rte",
+                                                       "--inputs_length=0"], ("--inputs_length", "0 is not")),
+    Case("tasks_show_split_unknown", lambda tmp: ["tasks", "show", "--mixture_or_task=glue_rte", "--split=bogus"],
+         ("--split=bogus", "test, train, validation")),
+    Case("experiment_budget_zero", _experiment("--gin.BUDGET=0"), ("BUDGET = 0", "> 0")),
+    Case("experiment_eval_num_examples_zero", _experiment("--gin.BUDGET=0.00001",
+                                                          "--gin.experiment.eval_num_examples=0"),
+         ("experiment.eval_num_examples = 0",)),
+    Case("infer_empty_input", _infer("empty.txt"), ("empty.txt", "no lines"),
+         _both(_checkpoint(), _text_file("empty.txt", b"\n\n"))),
+    # ... and what stalled before step 1, ignoring SIGTERM
+    Case("noise_density_two", _train("--gin.MIXTURE_OR_TASK_NAME='span_corruption'",
+                                     "--gin.objectives.span_corruption.noise_density=2.0"),
+         ("objectives.span_corruption.noise_density = 2.0", "in (0.0, 1.0)")),
+    Case("batch_size_a_billion", _train("--gin.BATCH_SIZE=1000000000"),
+         ("BATCH_SIZE = 1,000,000,000", "must be from 1 to")),
+    Case("inputs_length_ten_million", _train("--gin.TASK_FEATURE_LENGTHS={'inputs': 10000000, 'targets': 8}"),
+         ("TASK_FEATURE_LENGTHS['inputs'] = 10000000", "from 1 to 65,536")),
+    # Resume and export safety
+    Case("export_into_a_non_empty_directory", lambda tmp: ["export", f"--checkpoint={tmp / 'run'}",
+                                                           f"--output={tmp}"], ("exists and is not empty",
+                                                                                "--overwrite"), _checkpoint()),
+    Case("resume_with_every_checkpoint_unreadable", _train("--gin.TRAIN_STEPS=2"),
+         ("no checkpoint can be restored", "checkpoint_1: model.safetensors has", "start_over_if_unreadable"),
+         _checkpoint(_truncate("model.safetensors"))),
 ]
 
 
@@ -206,6 +317,8 @@ def test_bad_input_is_one_line_naming_the_culprit(case: Case, tmp_path, vocab_fi
     os.chdir(REPO)
     try:
         code = cli.main(case.args(tmp_path))
+    except SystemExit as e:  # argparse's own errors: usage, then one line naming the flag
+        code = e.code
     finally:
         os.chdir(cwd)
         gin.clear_config()
@@ -213,7 +326,7 @@ def test_bad_input_is_one_line_naming_the_culprit(case: Case, tmp_path, vocab_fi
     assert code == 2, err[-2000:]
     assert "Traceback" not in err
     message = err.strip().splitlines()[-1]
-    assert message.startswith("mtp: error: "), err[-2000:]
+    assert message.startswith(("mtp: error: ", "mtp ")) and "error: " in message, err[-2000:]
     for part in case.says:
         assert part in message, message
 
@@ -229,3 +342,31 @@ def test_debug_prints_the_traceback(tmp_path, vocab_file):
             cli.main(["--debug", *_train_args(tmp_path / "run", "--gin.TRAIN_STEPS=0")])
     finally:
         gin.clear_config()
+
+
+NOISED = ["span_corruption", "iid_denoising", "drop_corrupted_tokens", "bert_mlm", "bert_mlm_wwm", "spanbert",
+          "bart_infilling", "bart_token_masking", "bart_token_deletion"]
+
+
+@pytest.mark.parametrize("density", [0.0, -0.1, 1.0, 1.5, "high"])
+@pytest.mark.parametrize("objective", NOISED)
+def test_every_objective_refuses_a_noise_density_outside_zero_to_one(objective, density):
+    """Checked before the objective touches its dataset (none is given here): 0 noises nothing, 1 leaves nothing to
+    read, and t5's span helper loops forever above 1."""
+    from tasks import objectives
+
+    with pytest.raises(ValueError, match=rf"objectives\.{objective}\.noise_density = {re.escape(repr(density))}: "
+                                         r"must be a number in \(0\.0, 1\.0\)"):
+        getattr(objectives, objective)(None, None, None, noise_density=density)
+
+
+def test_infer_says_which_input_lines_it_cut(tmp_path, vocab_file, capfd):
+    _checkpoint()(tmp_path, Path())
+    (tmp_path / "in.txt").write_text("a short line\n" + "word " * 400_000 + "\n")  # 2 MB
+    gin.clear_config()
+    try:
+        assert cli.main(_infer("in.txt")(tmp_path)) == 0
+    finally:
+        gin.clear_config()
+    assert "in.txt: 1 of 2 input line(s) cut to 512 tokens" in capfd.readouterr().err
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 2

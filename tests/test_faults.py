@@ -5,6 +5,7 @@ on disk and that training goes on from it exactly."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -87,6 +88,8 @@ def test_nan_steps_can_be_skipped_up_to_a_limit(tmp_path, vocab_file, monkeypatc
     _inject_nan_loss(monkeypatch, at_call=3)
     _train(tmp_path / "run", 5, max_nonfinite_skips=1)
     assert "step 3: loss nan" in capfd.readouterr().err
+    for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():  # strict JSON: null, never NaN
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"metrics.jsonl holds {name}"))
     rows = {r["step"]: r for r in _rows(tmp_path / "run")}
     assert "loss" not in rows[3] and all("loss" in rows[s] for s in (1, 2, 4, 5))
     assert checkpoints.read_meta(tmp_path / "run" / "checkpoint_3")["healthy"] is False  # a skipped update
@@ -164,6 +167,69 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, 
     assert [r["step"] for r in _rows(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.parametrize("meta", ["[]", '{"files": {}}', '{"step": "2"}'])
+def test_a_meta_json_without_a_step_is_unreadable_and_resume_falls_back(tmp_path, vocab_file, capfd, meta):
+    _train(tmp_path / "run", 2, keep_checkpoints=None)
+    (tmp_path / "run" / "checkpoint_2" / "meta.json").write_text(meta)
+    assert "meta.json unreadable" in checkpoints.problem(tmp_path / "run" / "checkpoint_2")
+    _train(tmp_path / "run", 3, keep_checkpoints=None)
+    assert f"resuming from {tmp_path / 'run' / 'checkpoint_1'}" in capfd.readouterr().err
+    assert checkpoints.all_steps(tmp_path / "run") == [1, 2, 3]
+
+
+def test_a_run_whose_checkpoints_are_all_unreadable_stops_unless_told_to_start_over(tmp_path, vocab_file):
+    _train(tmp_path / "run", 2, keep_checkpoints=None)
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    for step in (1, 2):
+        (tmp_path / "run" / f"checkpoint_{step}" / "model.safetensors").write_bytes(b"cut")
+    for _ in range(2):  # and again: nothing was set aside, so the second attempt finds the same
+        with pytest.raises(ValueError, match=r"no checkpoint can be restored \(checkpoint_2: model.safetensors has 3 "
+                                             r"bytes.*start_over_if_unreadable = True"):
+            _train(tmp_path / "run", 3)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics  # nothing rewritten
+    _train(tmp_path / "run", 3, start_over_if_unreadable=True)
+    assert [r["step"] for r in _rows(tmp_path / "run")] == [1, 2, 3]
+    assert len(list((tmp_path / "run").glob("unreadable-checkpoint_*"))) == 2  # set aside, not deleted
+
+
+def test_resuming_with_another_vocabulary_is_refused_at_start(tmp_path, vocab_file, data_dir, monkeypatch):
+    _train(tmp_path / "run", 1)
+    from mtplatform.vocab import train_vocabulary
+
+    lines = (data_dir / "glue" / "SST-2" / "train.tsv").read_text().splitlines()[1:3000]
+    other = train_vocabulary((line.split("\t")[0] for line in lines), vocab_size=1000,
+                             output=tmp_path / "other.model")
+    monkeypatch.setenv("MTP_VOCAB", str(other))
+    with pytest.raises(ValueError, match=r"the vocabulary \(MTP_VOCAB or vocab_path.path\) has 1,000 ids, sha256 "
+                                         r"\w{12}; .*checkpoint_1 was trained with 4,000 ids"):
+        _train(tmp_path / "run", 2)
+    assert checkpoints.all_steps(tmp_path / "run") == [1]
+
+
+def test_a_full_disk_removes_the_partial_checkpoint_and_names_the_path(tmp_path, vocab_file, monkeypatch):
+    """ENOSPC injected where the weights are written (what a full disk does to safetensors' write)."""
+    _train(tmp_path / "run", 1)
+    original = model_lib.save
+
+    def full_disk(model, path, state=None):
+        Path(path).write_bytes(b"x" * 1000)  # part of the file made it
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(model_lib, "save", full_disk)
+    with pytest.raises(checkpoints.DiskFull, match=rf"no space left on the device of {tmp_path}/run/.tmp-checkpoint_2"
+                                                   r".* writing the checkpoint of step 2; it needs about [\d.]+ MiB "
+                                                   r".*removed the partial checkpoint, kept checkpoint_1"):
+        _train(tmp_path / "run", 2)
+    assert not list((tmp_path / "run").glob(".tmp-*")) and checkpoints.all_steps(tmp_path / "run") == [1]
+    assert checkpoints.problem(tmp_path / "run" / "checkpoint_1") is None
+    monkeypatch.setattr(model_lib, "save", original)
+    monkeypatch.setattr(Path, "write_text", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    with pytest.raises(checkpoints.DiskFull, match=rf"no space left on the device of {tmp_path}/run/config.gin"):
+        _train(tmp_path / "run", 2)  # the rerun, the disk still full: named too, and config.gin left whole
+    monkeypatch.undo()
+    assert (tmp_path / "run" / "config.gin").read_text().strip()
+
+
 def test_an_altered_checkpoint_fails_its_checksum(tmp_path, vocab_file):
     _train(tmp_path / "run", 1)
     state = tmp_path / "run" / "checkpoint_1" / "train_state.pt"
@@ -219,9 +285,44 @@ def test_a_signal_checkpoints_and_exits_with_its_code(tmp_path, vocab_file, sig)
     assert (model_dir / ".lock").read_text() == ""
 
 
+def test_a_signal_during_set_up_exits_at_once_with_one_line(tmp_path, vocab_file):
+    process = _start(tmp_path / "run", 5)
+    time.sleep(2.0)  # loading TensorFlow, reading gin, building the pipeline: before any step
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)  # at once, not after set-up
+    assert process.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert err.strip().splitlines()[-1] == ("mtp: SIGTERM received outside a training step: exiting now; run the "
+                                            "same command again to go on from the last checkpoint")
+    assert checkpoints.all_steps(tmp_path / "run") == []
+
+
+def test_an_error_line_starts_on_its_own_line_after_the_progress_bar(tmp_path, vocab_file, monkeypatch, capfd):
+    from mtplatform import cli
+
+    _inject_nan_loss(monkeypatch, at_call=2)
+    gin.clear_config()
+    try:
+        assert cli.main(["train", *CLI_RUN, "--gin.TRAIN_STEPS=4", f"--gin.MODEL_DIR='{tmp_path / 'run'}'"]) == 3
+    finally:
+        gin.clear_config()
+    lines = capfd.readouterr().err.rstrip("\n").split("\n")  # the bar redraws with \r: only \n ends a line
+    assert lines[-1].startswith("mtp: error: training diverged at step 2"), lines[-3:]
+    assert "train:" in lines[-2]  # the bar, closed on a line of its own
+
+
 def _kill_and_resume(tmp_path: Path, kills: int, steps: int, seed: int) -> None:
     """SIGKILL a real run `kills` times, at moments drawn from start-up to mid-checkpoint, rerunning it after each;
-    then the finished run must equal one that was never killed: weights, and every logged step once."""
+    then the finished run must equal one that was never killed: weights, and every logged step once.
+
+    The uninterrupted run goes first, and every wait is a multiple of its wall time (start-up included): a loaded
+    machine slows both alike, so only a hang or a defect runs out of time."""
+    reference = tmp_path / "reference"
+    began = time.monotonic()
+    process = _start(reference, steps)
+    _, err = process.communicate(timeout=3600)
+    assert process.returncode == 0, err[-3000:]
+    uninterrupted = time.monotonic() - began
     rng = random.Random(seed)
     model_dir = tmp_path / "killed"
     for i in range(kills):
@@ -230,24 +331,18 @@ def _kill_and_resume(tmp_path: Path, kills: int, steps: int, seed: int) -> None:
         if i % 3 == 1:
             time.sleep(rng.uniform(0.0, 12.0))  # anywhere, start-up included
         else:  # just after a new checkpoint: inside the next step, or writing or pruning the next checkpoint
-            _wait_for_training(model_dir, process)
+            _wait_for_training(model_dir, process, timeout=5 * uninterrupted)
+            deadline = time.monotonic() + 5 * uninterrupted
             while checkpoints.all_steps(model_dir) == before and process.poll() is None:
+                assert time.monotonic() < deadline, "no new checkpoint"
                 time.sleep(0.01)
             time.sleep(rng.uniform(0.0, 0.3))
         process.kill()
         process.wait()
     process = _start(model_dir, steps)
-    _, err = process.communicate(timeout=600)
+    _, err = process.communicate(timeout=10 * uninterrupted)
     assert process.returncode == 0, err[-3000:]
 
-    from mtplatform import cli
-
-    reference = tmp_path / "reference"
-    gin.clear_config()
-    try:
-        assert cli.main(["train", *CLI_RUN, f"--gin.TRAIN_STEPS={steps}", f"--gin.MODEL_DIR='{reference}'"]) == 0
-    finally:
-        gin.clear_config()
     want, got = _weights(reference / f"checkpoint_{steps}"), _weights(model_dir / f"checkpoint_{steps}")
     assert all(torch.equal(want[k], got[k]) for k in want)
     rows = _rows(model_dir)
