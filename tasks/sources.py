@@ -397,6 +397,8 @@ def _clean_lines(lines: tf.Tensor) -> tf.Tensor:
 
 
 BINARY_SAMPLE_BYTES = 8000  # as git: a NUL byte in a file's first 8,000 bytes makes it binary
+MAX_CONTROL_SHARE = 0.05  # control bytes (not tab, line ends or form feed) in the sample: text has none to speak of
+_CONTROL = bytes([*range(0, 9), *range(14, 32), 127])
 
 
 @functools.cache
@@ -405,9 +407,10 @@ def _check_is_text(path: Path) -> None:
     with open(path, "rb") as f:
         head = f.read(BINARY_SAMPLE_BYTES)
     nul = head.find(b"\0")
-    if nul >= 0:
-        raise ValueError(f"{path}: not a text file (a NUL byte at offset {nul}); the text corpus reads plain-text "
-                         "files only")
+    control = len(head) - len(head.translate(None, _CONTROL))
+    if nul >= 0 or control > MAX_CONTROL_SHARE * len(head):
+        why = f"a NUL byte at offset {nul}" if nul >= 0 else f"{control} control bytes in its first {len(head):,}"
+        raise ValueError(f"{path}: not a text file ({why}); the text corpus reads plain-text files only")
 
 
 def _is_wrapped_file(path: Path) -> bool:
