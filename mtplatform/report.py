@@ -436,9 +436,10 @@ def _figure_grid(plt, results: dict, name: str, path: Path, baseline) -> None:
         constant = baseline(task)
         if constant is not None:
             ax.axhline(constant, color="black", ls="--", lw=1, label="constant prediction")
-        if name in LOWER_IS_BETTER:
-            values = [f["mean"] for f in figures if f]
-            ax.set_ylim(min(values) * 0.97, max(values) * 1.02)
+        if name in LOWER_IS_BETTER:  # bars from a floor near the values, every interval whole inside the panel
+            bounds = [b for f in figures if f for b in (f["ci95"] or (f["mean"], f["mean"]))]
+            span = (max(bounds) - min(bounds)) or abs(max(bounds)) or 1.0
+            ax.set_ylim(min(bounds) - 0.05 * span, max(bounds) + 0.05 * span)
         ax.set_title(task, fontsize=9)
         ax.set_xticks([])
     fig.suptitle(FIGURE_NAMES[name] + " (last checkpoint, 95% bootstrap interval)", fontsize=10)
