@@ -185,8 +185,11 @@ def _scalar(value) -> float:
 
 
 def write_metrics(metrics: Mapping[str, Mapping[str, float]], path: Path) -> None:
+    """metrics.json, whole or not at all (a temporary file renamed over it): a kill never leaves it cut."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
 
 
 REPLICATES_FILE = "bootstrap.npz"

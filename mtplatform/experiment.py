@@ -106,7 +106,7 @@ def run_stage(root: Path, stage: strategies.Stage, seed: int, done: dict[str, di
     record = {"name": stage.name, "seed": seed, "config": config, "fingerprint": _fingerprint(config),
               "model_dir": str(stage_dir), "start_step": start, "end_step": start + stage.steps, "finished": False}
     stage_dir.mkdir(parents=True, exist_ok=True)
-    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    _write_record(record_path, record)
     print(f"experiment: stage {stage.name} (seed {seed}): {stage.train_on}, steps {start} -> {record['end_step']}"
           + (f", from {stage.init}" if stage.init else ""), file=sys.stderr)
     began = time.monotonic()
@@ -121,7 +121,7 @@ def run_stage(root: Path, stage: strategies.Stage, seed: int, done: dict[str, di
     # Wall time of the run that finished the stage (a stage resumed after a kill counts its last run only).
     record["seconds"] = {"train": round(trained - began, 1), "eval": round(time.monotonic() - trained, 1)}
     record["finished"] = True
-    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    _write_record(record_path, record)
     return record
 
 
@@ -188,6 +188,13 @@ def experiment(
                     done[stage.name] = run_stage(root, stage, seed, done, eval_num_examples, evals_per_stage)
     report.build(root)
     return root
+
+
+def _write_record(path: Path, record: dict) -> None:
+    """stage.json, whole or not at all (a temporary file renamed over it): a kill never leaves it cut."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def write_baselines(root: Path, tasks: Sequence[str], num_examples: int | None) -> None:

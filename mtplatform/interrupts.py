@@ -63,8 +63,8 @@ def exit_at_once() -> Iterator[None]:
         return
 
     def handle(signum: int, frame: FrameType | None) -> None:
-        print(f"\nmtp: {signal.Signals(signum).name} received outside a training step: exiting now; run the same "
-              "command again to go on from the last checkpoint", file=sys.stderr, flush=True)
+        print(f"\nmtp: {signal.Signals(signum).name} received outside a training step: exiting now (nothing is left "
+              "half-written; a training run resumes from its last checkpoint)", file=sys.stderr, flush=True)
         os._exit(128 + signum)
 
     previous = {sig: signal.signal(sig, handle) for sig in SIGNALS}

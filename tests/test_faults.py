@@ -292,8 +292,8 @@ def test_a_signal_during_set_up_exits_at_once_with_one_line(tmp_path, vocab_file
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=60)  # at once, not after set-up
     assert process.returncode == 128 + signal.SIGTERM, err[-2000:]
-    assert err.strip().splitlines()[-1] == ("mtp: SIGTERM received outside a training step: exiting now; run the "
-                                            "same command again to go on from the last checkpoint")
+    assert err.strip().splitlines()[-1] == ("mtp: SIGTERM received outside a training step: exiting now (nothing "
+                                            "is left half-written; a training run resumes from its last checkpoint)")
     assert checkpoints.all_steps(tmp_path / "run") == []
 
 
