@@ -106,7 +106,7 @@ def run_stage(root: Path, stage: strategies.Stage, seed: int, done: dict[str, di
     record = {"name": stage.name, "seed": seed, "config": config, "fingerprint": _fingerprint(config),
               "model_dir": str(stage_dir), "start_step": start, "end_step": start + stage.steps, "finished": False}
     stage_dir.mkdir(parents=True, exist_ok=True)
-    _write_record(record_path, record)
+    _write_json(record_path, record)
     print(f"experiment: stage {stage.name} (seed {seed}): {stage.train_on}, steps {start} -> {record['end_step']}"
           + (f", from {stage.init}" if stage.init else ""), file=sys.stderr)
     began = time.monotonic()
@@ -121,7 +121,7 @@ def run_stage(root: Path, stage: strategies.Stage, seed: int, done: dict[str, di
     # Wall time of the run that finished the stage (a stage resumed after a kill counts its last run only).
     record["seconds"] = {"train": round(trained - began, 1), "eval": round(time.monotonic() - trained, 1)}
     record["finished"] = True
-    _write_record(record_path, record)
+    _write_json(record_path, record)
     return record
 
 
@@ -175,9 +175,9 @@ def experiment(
     for stage in (stage for arm in arms for stage in arm.stages):  # before anything trains
         eval_steps(0, stage.steps, evals_per_stage)
     root.mkdir(parents=True, exist_ok=True)
-    (root / "experiment.json").write_text(json.dumps(
-        {"title": title, "seeds": list(seeds), "eval_num_examples": eval_num_examples,
-         "arms": [asdict(arm) for arm in arms]}, indent=2) + "\n")
+    _write_json(root / "experiment.json", {"title": title, "seeds": list(seeds),
+                                           "eval_num_examples": eval_num_examples,
+                                           "arms": [asdict(arm) for arm in arms]})
     tasks = sorted({task for arm in arms for stage in arm.stages for task in stage.evaluate})
     write_baselines(root, tasks, eval_num_examples)
     for seed in seeds:
@@ -190,8 +190,9 @@ def experiment(
     return root
 
 
-def _write_record(path: Path, record: dict) -> None:
-    """stage.json, whole or not at all (a temporary file renamed over it): a kill never leaves it cut."""
+def _write_json(path: Path, record: dict) -> None:
+    """An experiment's JSON file, whole or not at all (a temporary file renamed over it): a kill never leaves it
+    cut."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     tmp.replace(path)
@@ -208,7 +209,7 @@ def write_baselines(root: Path, tasks: Sequence[str], num_examples: int | None) 
                 task in scoring.LABELS and "label_accuracy" not in known["metrics"]):  # from before label figures
             prediction, metrics = evaluate.constant_baseline(task, num_examples=num_examples)
             baselines[task] = {"prediction": prediction, "metrics": metrics, "num_examples": num_examples}
-    path.write_text(json.dumps(baselines, indent=2) + "\n")
+    _write_json(path, baselines)
 
 
 def _check_arms(arms: Sequence[strategies.Arm]) -> None:
