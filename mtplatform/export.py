@@ -33,6 +33,9 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, vocab: str | P
     if ids > model.cfg.vocab_size:
         raise ValueError(f"--vocab={vocab}: {ids} ids with its {EXTRA_IDS} sentinels, but the model at {weights} "
                          f"has {model.cfg.vocab_size}: not the vocabulary it was trained with")
+    for source, what in ((weights, "the checkpoint"), (vocab, "the vocabulary")):
+        if output.resolve() in source.resolve().parents:  # --overwrite would delete what it exports
+            raise ValueError(f"--output={output} holds {what} being exported ({source}); write the export elsewhere")
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
     try:
