@@ -67,8 +67,9 @@ def no_space_named(path: Path, what: str, needed_bytes: int | None = None) -> It
                        "same command again") from None
 
 
-def _replace_text(path: Path, text: str) -> None:
-    """Write `path` whole or not at all (a temporary file renamed over it): a full disk never leaves it cut."""
+def replace_text(path: Path, text: str) -> None:
+    """Write `path` whole or not at all (a temporary file renamed over it): a kill or a full disk never leaves it
+    cut, and ENOSPC names the file. Every file of a run or experiment directory is written through it."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with no_space_named(path, path.name):
@@ -80,8 +81,8 @@ def _replace_text(path: Path, text: str) -> None:
 
 def write_run_files(model_dir: Path, config_text: str, mixture: dict) -> None:
     """The run's resolved gin config and its mixture as resolved (`mixture.json`), at the top of MODEL_DIR."""
-    _replace_text(Path(model_dir) / CONFIG, config_text)
-    _replace_text(mixture_file(model_dir), json.dumps(mixture, indent=2) + "\n")
+    replace_text(Path(model_dir) / CONFIG, config_text)
+    replace_text(mixture_file(model_dir), json.dumps(mixture, indent=2) + "\n")
 
 
 def mixture_file(model_dir: Path) -> Path:

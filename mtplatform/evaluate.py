@@ -19,7 +19,7 @@ import seqio
 import tensorflow as tf
 import torch
 
-from mtplatform import cache, scoring, stats, validation
+from mtplatform import cache, checkpoints, scoring, stats, validation
 from mtplatform import precision as precision_lib
 from mtplatform.model import T5
 
@@ -187,9 +187,7 @@ def _scalar(value) -> float:
 def write_metrics(metrics: Mapping[str, Mapping[str, float]], path: Path) -> None:
     """metrics.json, whole or not at all (a temporary file renamed over it): a kill never leaves it cut."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    checkpoints.replace_text(path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
 
 
 REPLICATES_FILE = "bootstrap.npz"
@@ -216,7 +214,6 @@ def read_replicates(path: Path, task: str) -> dict[str, np.ndarray]:
 
 
 def _model_from(checkpoint_path: str | Path, device) -> tuple[T5, int, Path]:
-    from mtplatform import checkpoints
     from mtplatform import model as model_lib
 
     weights, step = checkpoints.verified_weights(checkpoint_path, "CHECKPOINT_PATH")

@@ -191,11 +191,8 @@ def experiment(
 
 
 def _write_json(path: Path, record: dict) -> None:
-    """An experiment's JSON file, whole or not at all (a temporary file renamed over it): a kill never leaves it
-    cut."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(path)
+    """An experiment's JSON file, whole or not at all (`checkpoints.replace_text`)."""
+    checkpoints.replace_text(path, json.dumps(record, indent=2) + "\n")
 
 
 def write_baselines(root: Path, tasks: Sequence[str], num_examples: int | None) -> None:

@@ -149,9 +149,7 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
                 kept.append(line + "\n")
         except (ValueError, KeyError, TypeError):
             continue  # a line cut by a crash mid-write
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(kept))
-    tmp.rename(path)
+    checkpoints.replace_text(path, "".join(kept))
 
 
 class TaskMeter:
