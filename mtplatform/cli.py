@@ -12,6 +12,7 @@
     mtp export   --checkpoint=/tmp/run --output=/tmp/run_hf
     mtp cache    --mixture_or_task=span_corruption --output_cache_dir=/data/cache [-- BEAM PIPELINE OPTIONS]
     mtp mixture show span_corruption_and_glue [--gin.mixing.strategy="'temperature'" --gin.mixing.temperature=2.0]
+    mtp mixture search span_corruption_and_glue --gin.EXPERIMENT_DIR="'runs/search'" [--gin.mixture_search.num_runs=48]
 
 `--debug` anywhere on the line prints an error's traceback as well as its one-line message; `--verbose` shows
 TensorFlow's and absl's logs, hidden by default.
@@ -111,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     mshow.add_argument("--targets_length", type=_at_least(1), help="default: TASK_FEATURE_LENGTHS from gin, else 114")
     mshow.add_argument("--no_pack", action="store_true", help="measure without packing")
     mshow.add_argument("--plot", help="also write a PNG bar chart of configured against measured shares here")
+    search = mixture_cmd.add_parser("search", help="propose rates from small proxy runs (RegMix); --gin. too")
+    _add_module_flag(search)
+    search.add_argument("name", help="mixture whose rates to search (its configured rates are the prior)")
+    search.add_argument("--gin_file", action="append", default=[],
+                        help="default: gin/experiments/mixture_search.gin (model, proxies, target)")
+    search.add_argument("--gin_search_path", action="append", default=[])
 
     for name, help_text in (("train", "pretrain or train on a task or mixture (resumes from MODEL_DIR)"),
                             ("finetune", "fine-tune INITIAL_CHECKPOINT_PATH with a fresh optimizer"),
@@ -237,6 +244,11 @@ def _dispatch(argv: list[str]) -> int:
         parse_gin(args.gin_file, extra, args.gin_search_path)
         _check_required_macros()
         return _run(args.command)
+    if args.command == "mixture" and args.mixture_command == "search":
+        parse_gin(args.gin_file or [str(GIN_DIR / "experiments" / "mixture_search.gin")], extra,
+                  args.gin_search_path)
+        _check_required_macros()
+        return _mixture_search(args.name)
     if args.command == "mixture":
         parse_gin(args.gin_file, extra, args.gin_search_path)
         return _mixture_show(args)
@@ -319,6 +331,15 @@ def _mixture_show(args: argparse.Namespace) -> int:
     print(mixture_view.table(resolved, measured, steps, batch))
     if args.plot:
         print(f"wrote {mixture_view.plot(resolved, measured, args.plot)}")
+    return 0
+
+
+def _mixture_search(name: str) -> int:
+    from mtplatform import mixture_search
+
+    root = mixture_search.mixture_search(mixture=name)
+    print((root / "results.md").read_text())
+    print(f"wrote {root}/proposal.gin, results.md, results.json and plots")
     return 0
 
 

@@ -72,10 +72,12 @@ def evaluate_tasks(model: T5, mixture_or_task_name: str, *, split: str = "valida
                    task_feature_lengths: Mapping[str, int] | None = None, num_examples: int | None = None,
                    batch_size: int = 32, max_decode_length: int = 64, num_beams: int = 1, precision: str = "fp32",
                    device: torch.device | str = "cpu", step: int | None = None,
-                   generate: Generate | None = None, replicates: bool = True) -> dict[str, TaskEvaluation]:
+                   generate: Generate | None = None, replicates: bool = True,
+                   decode: bool = True) -> dict[str, TaskEvaluation]:
     """Every task of a mixture that has metrics and `split`: the official metrics of decoded predictions, the
     teacher-forced figures (`mtplatform.scoring`) and, with `replicates`, their bootstrap replicates (`generate`:
-    see `make_predict_fn`)."""
+    see `make_predict_fn`). `decode=False` gives the teacher-forced figures alone, without decoding (what a
+    mixture search's proxy runs are ranked on, at a fraction of the cost)."""
     tasks = seqio.get_subtasks(seqio.get_mixture_or_task(mixture_or_task_name))
     scored = [t for t in tasks if t.metric_fns and split in t.splits]
     predict_fn = make_predict_fn(model, batch_size, max_decode_length, num_beams, precision, device, generate)
@@ -94,22 +96,26 @@ def evaluate_tasks(model: T5, mixture_or_task_name: str, *, split: str = "valida
             num_examples=num_examples,
             async_compute_metrics=False,
         )
-        future, outputs = evaluator.evaluate(compute_metrics=True, step=step, predict_fn=predict_fn)
         examples = list(evaluator.cached_task_datasets[task.name].as_numpy_iterator())
         texts = [ex["targets_pretokenized"].decode("utf-8") for ex in examples]
-        targets = [_postprocessed(task, text, ex, True) for text, ex in zip(texts, examples, strict=True)]
         vocab = task.output_features["targets"].vocabulary
-        predictions = [_postprocessed(task, vocab.decode(list(tokens)), ex, False)
-                       for tokens, ex in zip(outputs[task.name][_PREDICTION], examples, strict=True)]
+        decoded: dict[str, float] = {}
+        targets = predictions = None
+        if decode:
+            future, outputs = evaluator.evaluate(compute_metrics=True, step=step, predict_fn=predict_fn)
+            decoded = {k: _scalar(v) for k, v in future.result()[task.name].items()}
+            targets = [_postprocessed(task, text, ex, True) for text, ex in zip(texts, examples, strict=True)]
+            predictions = [_postprocessed(task, vocab.decode(list(tokens)), ex, False)
+                           for tokens, ex in zip(outputs[task.name][_PREDICTION], examples, strict=True)]
         labels = _label_set(task, texts)
         scores = scoring.score(
             model, evaluator.cached_model_datasets[task.name], batch_size,
             label_ids=[vocab.encode(label) + [1] for label in labels] if labels else None,
             gold=[labels.index(text) for text in texts] if labels else None,
             precision=precision, device=device)
-        metrics = {k: _scalar(v) for k, v in future.result()[task.name].items()} | scores.metrics()
         results[task.name] = TaskEvaluation(
-            metrics, _replicates(task, targets, predictions, scores) if replicates else {}, len(examples))
+            decoded | scores.metrics(), _replicates(task, targets, predictions, scores) if replicates else {},
+            len(examples))
     return results
 
 
@@ -134,12 +140,15 @@ def _label_set(task: seqio.Task, targets: list[str]) -> tuple[str, ...] | None:
     return labels
 
 
-def _replicates(task: seqio.Task, targets: list, predictions: list, scores: scoring.Scores) -> dict[str, np.ndarray]:
-    """Bootstrap replicates of every metric, on the resampled indices every arm of an experiment shares."""
-    if not targets:
+def _replicates(task: seqio.Task, targets: list | None, predictions: list | None,
+                scores: scoring.Scores) -> dict[str, np.ndarray]:
+    """Bootstrap replicates of every metric, on the resampled indices every arm of an experiment shares (the
+    decoded metrics' only when `targets` and `predictions` are given)."""
+    n = len(scores.tokens)
+    if not n:
         return {}
-    indices = stats.resample_indices(task.name, len(targets))
-    out = stats.replicates(task.metric_fns, targets, predictions, indices)
+    indices = stats.resample_indices(task.name, n)
+    out = stats.replicates(task.metric_fns, targets, predictions, indices) if targets is not None else {}
     out["target_nll"] = stats.ratio_replicates(scores.nll_sum, scores.tokens, indices)
     if scores.label_logprobs is not None:
         out["label_accuracy"] = stats.mean_replicates(100.0 * scores.label_correct(), indices)
@@ -232,9 +241,11 @@ def evaluate_checkpoint(
     max_decode_length: int = 64,
     num_beams: int = 1,
     precision: str = "auto",
+    decode: bool = True,
 ) -> tuple[dict, Path]:
     """Evaluate a checkpoint; write `metrics.json`, the metrics' bootstrap replicates (`bootstrap.npz`) and
-    TensorBoard scalars to `output_dir` (default: `<model dir>/eval_<split>`). Returns (metrics, metrics file)."""
+    TensorBoard scalars to `output_dir` (default: `<model dir>/eval_<split>`). Returns (metrics, metrics file).
+    `decode=False`: the teacher-forced figures only (`evaluate_tasks`)."""
     check_settings("evaluate_checkpoint", mixture_or_task_name, split, num_examples, batch_size, max_decode_length,
                    num_beams, task_feature_lengths)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -242,7 +253,8 @@ def evaluate_checkpoint(
     precision = precision_lib.resolve(precision, device)
     results = evaluate_tasks(model, mixture_or_task_name, split=split, task_feature_lengths=task_feature_lengths,
                              num_examples=num_examples, batch_size=batch_size, max_decode_length=max_decode_length,
-                             num_beams=num_beams, precision=precision, device=device, step=step)
+                             num_beams=num_beams, precision=precision, device=device, step=step,
+                             decode=decode)
     metrics = {task: result.metrics for task, result in results.items()}
     out = Path(output_dir) if output_dir else ckpt.parent / f"eval_{split}"
     write_metrics({"step": step, "checkpoint": str(ckpt), "metrics": metrics,

@@ -21,24 +21,31 @@ from pathlib import Path
 
 import gin
 
-from mtplatform import checkpoints, evaluate, report, scoring, strategies, validation
+from mtplatform import checkpoints, evaluate, mixing, report, scoring, strategies, validation
 from mtplatform import train as train_lib
+
+NOT_STAGE_SETTINGS = ("experiment", "mixture_search", *strategies.STRATEGIES)
+"""Configurables that say how stages are made (arms, a search's proxies), not how one trains: no part of a stage's
+configuration, so that adding an arm or proxy runs leaves finished stages valid."""
 
 
 class StageChanged(ValueError):
     """A finished stage would now be configured differently; the message names the stage and the change."""
 
 
-def _gin_lines(scope: str) -> list[str]:
+def _gin_lines(scope: str, train_on: str) -> list[str]:
     """The parsed gin bindings that apply under `scope` (unscoped ones and the scope's own) and the macros they use,
-    without the experiment's own settings (how arms are made, not how a stage trains): adding an arm or a task
-    to an experiment leaves its finished stages valid."""
+    without the experiment's own settings (how arms are made, not how a stage trains), and without the mixtures
+    declared in gin unless the stage trains on one: adding an arm, a task or a declared mixture (a search's
+    proposal.gin) to an experiment leaves its finished stages valid."""
     bindings = _bindings(gin.config_str())
     kept = {}
     for selector, text in bindings.items():
         scope_of, _, name = selector.rpartition("/")
         configurable = name.rpartition(".")[0].rpartition(".")[2]
-        if "." in name and scope_of in ("", scope) and configurable not in ("experiment", *strategies.STRATEGIES):
+        if configurable == "mixtures" and train_on not in mixing.declared_mixtures():
+            continue
+        if "." in name and scope_of in ("", scope) and configurable not in NOT_STAGE_SETTINGS:
             kept[selector] = text
     used = set()
     while True:  # the macros the kept bindings use, and the macros those use
@@ -67,7 +74,8 @@ def _bindings(config: str) -> dict[str, str]:
 
 def stage_config(stage: strategies.Stage, seed: int, init_config: dict | None) -> dict:
     """What a stage's result depends on: its definition, seed, the gin lines it trains under, its initial stage's."""
-    config = {"stage": asdict(stage), "seed": seed, "gin": _gin_lines(stage.scope), "init": init_config}
+    config = {"stage": asdict(stage), "seed": seed, "gin": _gin_lines(stage.scope, stage.train_on),
+              "init": init_config}
     return json.loads(json.dumps(config))  # as stage.json will hold it (tuples become lists), to compare
 
 
@@ -92,8 +100,9 @@ def _check_unchanged(name: str, path: Path, config: dict) -> dict | None:
 
 
 def run_stage(root: Path, stage: strategies.Stage, seed: int, done: dict[str, dict], eval_num_examples: int | None,
-              evals_per_stage: int) -> dict:
-    """Train and evaluate one stage (or skip it when finished); return its stage.json record."""
+              evals_per_stage: int, decode: bool = True) -> dict:
+    """Train and evaluate one stage (or skip it when finished); return its stage.json record. `decode=False`
+    evaluates the teacher-forced figures alone (`evaluate.evaluate_tasks`)."""
     stage_dir = root / stage.name / f"seed_{seed}"
     init = done[stage.init] if stage.init else None
     config = stage_config(stage, seed, init["config"] if init else None)
@@ -106,7 +115,7 @@ def run_stage(root: Path, stage: strategies.Stage, seed: int, done: dict[str, di
     record = {"name": stage.name, "seed": seed, "config": config, "fingerprint": _fingerprint(config),
               "model_dir": str(stage_dir), "start_step": start, "end_step": start + stage.steps, "finished": False}
     stage_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(record_path, record)
+    write_json(record_path, record)
     print(f"experiment: stage {stage.name} (seed {seed}): {stage.train_on}, steps {start} -> {record['end_step']}"
           + (f", from {stage.init}" if stage.init else ""), file=sys.stderr)
     began = time.monotonic()
@@ -117,11 +126,11 @@ def run_stage(root: Path, stage: strategies.Stage, seed: int, done: dict[str, di
                         finetune=init is not None, seed=seed, keep_checkpoints=None,
                         checkpoint_every=record["end_step"], checkpoint_steps=steps)
     trained = time.monotonic()
-    record["evaluations"] = evaluate_stage(stage, stage_dir, steps, eval_num_examples)
+    record["evaluations"] = evaluate_stage(stage, stage_dir, steps, eval_num_examples, decode)
     # Wall time of the run that finished the stage (a stage resumed after a kill counts its last run only).
     record["seconds"] = {"train": round(trained - began, 1), "eval": round(time.monotonic() - trained, 1)}
     record["finished"] = True
-    _write_json(record_path, record)
+    write_json(record_path, record)
     return record
 
 
@@ -136,7 +145,7 @@ def eval_steps(start: int, steps: int, evals: int) -> list[int]:
 
 
 def evaluate_stage(stage: strategies.Stage, stage_dir: Path, steps: list[int],
-                   eval_num_examples: int | None) -> dict[str, dict[str, dict]]:
+                   eval_num_examples: int | None, decode: bool = True) -> dict[str, dict[str, dict]]:
     """{step: {task: metrics}} at each of `steps` (checkpoints written for them; one written when a run was
     stopped in between is not evaluated), by `mtp eval`'s own function and settings. Each result is written as it
     comes (`eval/<step>_<task>/metrics.json` and its bootstrap replicates), so an interrupted evaluation resumes."""
@@ -147,7 +156,7 @@ def evaluate_stage(stage: strategies.Stage, stage_dir: Path, steps: list[int],
             if not (out / "metrics.json").is_file():
                 evaluate.evaluate_checkpoint(checkpoint_path=str(checkpoints.checkpoint_dir(stage_dir, step)),
                                              mixture_or_task_name=task, output_dir=str(out),
-                                             num_examples=eval_num_examples)
+                                             num_examples=eval_num_examples, decode=decode)
             metrics = json.loads((out / "metrics.json").read_text())["metrics"]
             results.setdefault(str(step), {})[task] = metrics.get(task, {})
     return results
@@ -175,7 +184,7 @@ def experiment(
     for stage in (stage for arm in arms for stage in arm.stages):  # before anything trains
         eval_steps(0, stage.steps, evals_per_stage)
     root.mkdir(parents=True, exist_ok=True)
-    _write_json(root / "experiment.json", {"title": title, "seeds": list(seeds),
+    write_json(root / "experiment.json", {"title": title, "seeds": list(seeds),
                                            "eval_num_examples": eval_num_examples,
                                            "arms": [asdict(arm) for arm in arms]})
     tasks = sorted({task for arm in arms for stage in arm.stages for task in stage.evaluate})
@@ -190,7 +199,7 @@ def experiment(
     return root
 
 
-def _write_json(path: Path, record: dict) -> None:
+def write_json(path: Path, record: dict) -> None:
     """An experiment's JSON file, whole or not at all (`checkpoints.replace_text`)."""
     checkpoints.replace_text(path, json.dumps(record, indent=2) + "\n")
 
@@ -206,7 +215,7 @@ def write_baselines(root: Path, tasks: Sequence[str], num_examples: int | None) 
                 task in scoring.LABELS and "label_accuracy" not in known["metrics"]):  # from before label figures
             prediction, metrics = evaluate.constant_baseline(task, num_examples=num_examples)
             baselines[task] = {"prediction": prediction, "metrics": metrics, "num_examples": num_examples}
-    _write_json(path, baselines)
+    write_json(path, baselines)
 
 
 def _check_arms(arms: Sequence[strategies.Arm]) -> None:
