@@ -150,6 +150,11 @@ def _truncate(name: str) -> Callable[[Path], None]:
     return edit
 
 
+def _search(mixture: str, *overrides: str) -> Callable[[Path], list[str]]:
+    return lambda tmp: ["mixture", "search", mixture, "--gin_file=gin/experiments/mixture_search.gin",
+                        "--gin_file=gin/models/tiny.gin", f"--gin.EXPERIMENT_DIR='{tmp / 'search'}'", *overrides]
+
+
 CASES = [
     # Step counts, batch sizes, intervals, rates
     Case("train_steps_zero", _train("--gin.TRAIN_STEPS=0"), ("TRAIN_STEPS", "= 0", ">= 1")),
@@ -285,6 +290,17 @@ CASES = [
     Case("experiment_eval_num_examples_zero", _experiment("--gin.BUDGET=0.00001",
                                                           "--gin.experiment.eval_num_examples=0"),
          ("experiment.eval_num_examples = 0",)),
+    Case("search_mixture_of_one_task", _search("glue_rte"), ("mixture glue_rte has one task",
+                                                              "needs at least two")),
+    Case("search_target_outside_the_mixture", _search("span_corruption_and_glue",
+                                                      "--gin.mixture_search.target={'squad_v1_devsplit': 1.0}"),
+         ("mixture_search.target names task squad_v1_devsplit", "not in mixture span_corruption_and_glue")),
+    Case("search_too_few_runs", _search("span_corruption_and_glue", "--gin.mixture_search.num_runs=5"),
+         ("mixture_search.num_runs = 5", "too few proxy runs", "at least 10")),
+    Case("search_concentration_zero", _search("span_corruption_and_glue", "--gin.mixture_search.concentration=0"),
+         ("mixture_search.concentration = 0",)),
+    Case("search_unknown_model", _search("span_corruption_and_glue", "--gin.mixture_search.models=['cubic']"),
+         ("mixture_search.models", "'cubic'", "linear, lightgbm, mixing_law")),
     Case("infer_empty_input", _infer("empty.txt"), ("empty.txt", "no lines"),
          _both(_checkpoint(), _text_file("empty.txt", b"\n\n"))),
     # ... and what stalled before step 1, ignoring SIGTERM

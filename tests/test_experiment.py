@@ -158,7 +158,8 @@ def test_training_and_mixing_strategies_make_the_papers_arms():
         gin.clear_config()
 
 
-@pytest.mark.parametrize("name,arms", [("training_strategies", 6), ("mixing_strategies", 9)])
+@pytest.mark.parametrize("name,arms", [("training_strategies", 6), ("mixing_strategies", 9),
+                                       ("mixture_search_validation", 6)])
 def test_shipped_experiment_files_make_their_arms_on_our_data(name, arms, data_dir):
     from mtplatform import cli, mixing
 
@@ -166,7 +167,7 @@ def test_shipped_experiment_files_make_their_arms_on_our_data(name, arms, data_d
     try:
         cli.parse_gin([f"gin/experiments/{name}.gin", "gin/models/tiny.gin"],
                       ["--gin.EXPERIMENT_DIR='/nowhere'", "--gin.BUDGET=0.0005"], [])
-        made = getattr(strategies, name)()
+        made = getattr(strategies, "mixing_strategies" if name.startswith("mixture") else name)()
         assert len(made) == arms
         stages = [stage for arm in made for stage in arm.stages]
         assert {t for s in stages for t in s.evaluate} == {"glue_cola", "glue_sst2", "glue_mrpc", "glue_stsb",
@@ -201,16 +202,22 @@ def test_objectives_experiment_and_what_a_stage_depends_on(data_dir):
                                                     "bert_mlm_ft_glue_mrpc"]
         assert arms[1].stages[0].train_on == "bert_mlm" and arms[1].stages[1].init == "pretrain_bert_mlm"
         assert arms[-1].stages[0].steps == 262 + 131
-        before = {scope: experiment._gin_lines(scope) for scope in ("pretrain", "finetune")}
+        before = {scope: experiment._gin_lines(scope, "bert_mlm") for scope in ("pretrain", "finetune")}
         assert "pretrain/train.task_feature_lengths = {'inputs': 128, 'targets': 128}" in before["pretrain"]
         assert "TASK_FEATURE_LENGTHS = {'inputs': 128, 'targets': 32}" in before["finetune"]  # a macro it uses
         _objectives_config("--gin.OBJECTIVES=['bert_mlm', 'nsp']", "--gin.TASKS=['glue_rte']")
-        assert {scope: experiment._gin_lines(scope) for scope in ("pretrain", "finetune")} == before
+        assert {scope: experiment._gin_lines(scope, "bert_mlm") for scope in ("pretrain", "finetune")} == before
         _objectives_config("--gin.pretrain/objectives.span_corruption.noise_density=0.5")
-        after = {scope: experiment._gin_lines(scope) for scope in ("pretrain", "finetune")}
+        after = {scope: experiment._gin_lines(scope, "bert_mlm") for scope in ("pretrain", "finetune")}
         assert after["finetune"] == before["finetune"]
         assert set(after["pretrain"]) - set(before["pretrain"]) == {
             "pretrain/span_corruption.noise_density = 0.5"}
+        # A mixture declared in gin (a search's proposal.gin) and a search's settings are part only of the stages
+        # that train on that mixture.
+        declared = "mixtures.declared = {'rte_and_mrpc': {'tasks': ['glue_rte', 'glue_mrpc']}}"
+        _objectives_config(f"--gin.{declared.replace(' = ', '=', 1)}", "--gin.mixture_search.num_runs=9")
+        assert experiment._gin_lines("pretrain", "bert_mlm") == before["pretrain"]
+        assert set(experiment._gin_lines("pretrain", "rte_and_mrpc")) - set(before["pretrain"]) == {declared}
     finally:
         gin.clear_config()
 
