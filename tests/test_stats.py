@@ -127,3 +127,10 @@ def test_target_nll_is_the_per_token_loss_of_the_targets(data_dir, vocab_file):
             loss, weight = model.loss({k: torch.tensor(v) for k, v in batch.items()})
             total, tokens = total + float(loss), tokens + float(weight)
     assert result.metrics["target_nll"] == pytest.approx(total / tokens, rel=1e-4)
+    # Without decoding (a mixture search's proxies): the same teacher-forced figures and their replicates, and no
+    # decoded metric.
+    undecoded = evaluate.evaluate_tasks(model, "glue_mrpc", num_examples=16, decode=False)["glue_mrpc"]
+    assert undecoded.metrics == {k: v for k, v in result.metrics.items()
+                                 if k in ("target_nll", "label_accuracy", "gold_label_logprob")}
+    assert set(undecoded.replicates) == {"target_nll", "label_accuracy", "gold_label_logprob"}
+    assert np.array_equal(undecoded.replicates["target_nll"], result.replicates["target_nll"])
