@@ -334,16 +334,18 @@ class TextSource(FileSource):
             files = files[shard_info.index::shard_info.num_shards]
         documents = self._documents(split, files, shuffle, seed)
         if split == "train":
-            self._check_has_documents(files, documents)
+            self._check_has_documents(files)
         return documents.map(lambda text: {"text": text})
 
-    def _check_has_documents(self, files: list[Path], documents: tf.data.Dataset) -> None:
+    def _check_has_documents(self, files: list[Path]) -> None:
         """A training corpus without one document (blank lines only) is an error naming its files, not an input
-        pipeline that runs dry before the first step. Reading up to the first document is instant for any corpus
-        that has one; the answer is kept per file list."""
+        pipeline that runs dry before the first step. Read in Python up to the first non-blank line (instant for
+        any corpus that has one; the answer is kept per file list): reading the dataset itself here once shifted
+        the random seeds of the first dataset a process built, so that a stage's data depended on what ran before
+        it in the process."""
         key = tuple(map(str, files))
         if key not in self._has_documents:
-            self._has_documents[key] = bool(list(documents.take(1).as_numpy_iterator()))
+            self._has_documents[key] = any(_has_text(path) for path in files)
         if not self._has_documents[key]:
             shown = ", ".join(key[:3]) + (f" and {len(key) - 3} more" if len(key) > 3 else "")
             raise ValueError(f"task {self._task_name}: its text files ({shown}) hold no document (only blank lines)")
@@ -358,6 +360,12 @@ class TextSource(FileSource):
             ds = ds.shuffle(len(files), seed=seed)
         held_out = split == "validation"
         return ds.flat_map(lambda path, wrapped: _file_documents(path, wrapped, held_out))
+
+
+def _has_text(path: Path) -> bool:
+    """Whether a text file has a line that is not blank."""
+    with open(path, "rb") as f:
+        return any(line.strip() for line in f)
 
 
 LINES_PER_BATCH = 1024  # lines handled together: per-line tf.data ops would make reading the bottleneck
