@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import gin
@@ -188,7 +189,9 @@ def _run_proxies(root: Path, mixture: str, tasks: Sequence[str], evaluated: Sequ
 
 
 def _strategy_shares(resolved: mixing.Resolved, settings: Mapping, name: str) -> np.ndarray:
-    rates = mixing.rates_from_sizes(resolved.sizes, mixing.settings_for(settings), name)
+    """A compared strategy's shares over the mixture's tasks: its own settings over the defaults, not gin's
+    `mixing.*` bindings (those set the prior)."""
+    rates = mixing.rates_from_sizes(resolved.sizes, replace(mixing.DEFAULTS, **settings), name)
     total = sum(rates.values())
     return np.array([rates[t] / total for t in resolved.rates])
 

@@ -53,6 +53,7 @@ def test_search_proposes_rates_that_train_and_validate(tmp_path, vocab_file, cap
     proposed = results["proposal"]["rates"]
     assert sum(proposed.values()) == pytest.approx(1.0)
     assert set(results["strategies"]) >= {"equal", "temperature T=2", "prior (the mixture's configured rates)"}
+    assert results["strategies"]["equal"]["rates"] == pytest.approx(dict.fromkeys(proposed, 1 / 3))
     assert "## Fit (cross-validated" in (root / "results.md").read_text()
     for plot in ("predicted_vs_measured.png", "rates.png"):
         assert (root / plot).stat().st_size > 5000
