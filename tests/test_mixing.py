@@ -272,10 +272,13 @@ mixtures.declared = {
     # The shipped file: a declared mixture may name another declared mixture, which stands for its tasks.
     gin.clear_config()
     gin.parse_config_file(str(REPO / "gin/mixtures/shared_data.gin"))
-    assert mixing.register_declared() == ["shared_supervised", "shared_supervised_and_span_corruption"]
-    both = mixing.resolve(seqio.get_mixture_or_task("shared_supervised_and_span_corruption"))
+    assert mixing.register_declared() == ["shared_supervised", "shared_supervised_with_wnli_and_span_corruption"]
+    both = mixing.resolve(seqio.get_mixture_or_task("shared_supervised_with_wnli_and_span_corruption"))
     assert set(both.rates) == {*mixtures.SHARED_GLUE, "squad_v1_devsplit", "conll2003_ner", "span_corruption"}
     assert not both.dropped  # every task has its data here
+    # The built-in one (the mixing experiments' tasks): the same without WNLI.
+    built_in = mixing.resolve(seqio.get_mixture_or_task("shared_supervised_and_span_corruption"))
+    assert set(built_in.rates) == set(both.rates) - {"glue_wnli"} and not built_in.dropped
     gin.clear_config()
     gin.parse_config('mixtures.declared = {"span_corruption_and_glue": {"tasks": ["glue_rte"]}}')
     with pytest.raises(mixing.MixingError, match="span_corruption_and_glue .*already registered in Python"):
