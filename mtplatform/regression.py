@@ -104,16 +104,20 @@ def dirichlet(prior: np.ndarray, concentration: float, count: int, seed: int, st
     """`count` shares drawn from Dirichlet(concentration x K x prior) (concentration 1 around an equal prior is the
     flat Dirichlet; larger stays nearer the prior). Draw i depends on (seed, i) alone, so a search that asks for
     more runs keeps its first ones."""
-    alpha = concentration * len(prior) * np.asarray(prior, dtype=float)
+    alpha = _alpha(prior, concentration)
     return np.stack([np.random.default_rng([seed, i]).dirichlet(alpha) for i in range(start, start + count)])
+
+
+def _alpha(prior: np.ndarray, concentration: float) -> np.ndarray:
+    """The Dirichlet's parameters: concentration x K x prior shares (proxies and candidates are drawn alike)."""
+    return concentration * len(prior) * np.asarray(prior, dtype=float)
 
 
 def propose(predictor: Predictor, weights: np.ndarray, prior: np.ndarray, concentration: float,
             candidates: int, top_k: int, seed: int) -> np.ndarray:
     """RegMix's proposal: the mean shares of the `top_k` of `candidates` mixtures, drawn as the proxies were,
     with the lowest predicted target."""
-    alpha = concentration * len(prior) * np.asarray(prior, dtype=float)
-    draws = np.random.default_rng([seed, 2**31]).dirichlet(alpha, size=candidates)
+    draws = np.random.default_rng([seed, 2**31]).dirichlet(_alpha(prior, concentration), size=candidates)
     scores = np.concatenate([target(predictor(chunk), weights) for chunk in np.array_split(draws, max(
         1, candidates // 10_000))])
     best = np.argsort(scores, kind="stable")[:top_k]
