@@ -147,6 +147,17 @@ def read_train_state(checkpoint: Path) -> tuple:
                                                           weights_only=False)
 
 
+def read_vocabulary(path: str | Path) -> dict | None:
+    """The vocabulary fingerprint saved with a checkpoint (or a model directory's latest); None for a checkpoint
+    from before fingerprints, or a directory that is not ours (a Hugging Face one)."""
+    import torch
+
+    state_file = resolve(path) / TRAIN_STATE
+    if not state_file.is_file():
+        return None
+    return torch.load(state_file, map_location="cpu", weights_only=False).get("vocabulary")
+
+
 def discard(directory: Path) -> None:
     """Remove a temporary checkpoint directory that a failed save left (a full disk stays full otherwise)."""
     shutil.rmtree(directory, ignore_errors=True)

@@ -91,19 +91,24 @@ def mixed_examples(
     """
     if resolved is None:
         resolved = mixing.resolve(seqio.get_mixture_or_task(mixture_or_task_name), budget_examples)
-    datasets = []
-    for task_id, name in enumerate(resolved.rates, start=1):
-        task = seqio.get_mixture_or_task(name)
-        if split not in task.splits:
-            raise ValueError(f"task {name} (in {mixture_or_task_name}) has no {split!r} split; it has {task.splits}")
-        ds = task.get_dataset(dict(task_feature_lengths), split=split, use_cached=cache.use_cached(task),
-                              shuffle=True, seed=seed, shard_info=shard_info, num_epochs=None)
-        datasets.append(_with_task_id(ds, task_id))
+    datasets = [task_examples(name, task_id, mixture_or_task_name, task_feature_lengths, split, seed, shard_info)
+                for task_id, name in enumerate(resolved.rates, start=1)]
     if len(datasets) == 1:
         return datasets[0], resolved
     weights = list(resolved.rates.values())
     mixed = tf.data.Dataset.sample_from_datasets(datasets, weights=weights, seed=seed, stop_on_empty_dataset=True)
     return mixed, resolved
+
+
+def task_examples(name: str, task_id: int, mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
+                  split: str, seed: int | None, shard_info: seqio.ShardInfo | None) -> tf.data.Dataset:
+    """Task `name`'s endless shuffled stream of examples (from its cache where fresh), tagged with `task_id`."""
+    task = seqio.get_mixture_or_task(name)
+    if split not in task.splits:
+        raise ValueError(f"task {name} (in {mixture_or_task_name}) has no {split!r} split; it has {task.splits}")
+    ds = task.get_dataset(dict(task_feature_lengths), split=split, use_cached=cache.use_cached(task),
+                          shuffle=True, seed=seed, shard_info=shard_info, num_epochs=None)
+    return _with_task_id(ds, task_id)
 
 
 @gin.configurable(denylist=["shard_index", "num_shards", "budget_rows", "packing", "resolved"])  # train.packing

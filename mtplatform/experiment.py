@@ -72,10 +72,14 @@ def _bindings(config: str) -> dict[str, str]:
     return out
 
 
-def stage_config(stage: strategies.Stage, seed: int, init_config: dict | None) -> dict:
-    """What a stage's result depends on: its definition, seed, the gin lines it trains under, its initial stage's."""
-    config = {"stage": asdict(stage), "seed": seed, "gin": _gin_lines(stage.scope, stage.train_on),
-              "init": init_config}
+def stage_config(stage: strategies.Stage, seed: int, init_config: dict | None,
+                 reference_config: dict | None = None) -> dict:
+    """What a stage's result depends on: its definition, seed, the gin lines it trains under, its initial stage's
+    (and its reference stage's, for online DoReMi)."""
+    definition = {k: v for k, v in asdict(stage).items() if k != "reference" or v}  # as before references existed
+    config = {"stage": definition, "seed": seed, "gin": _gin_lines(stage.scope, stage.train_on), "init": init_config}
+    if reference_config is not None:
+        config["reference"] = reference_config
     return json.loads(json.dumps(config))  # as stage.json will hold it (tuples become lists), to compare
 
 
@@ -105,7 +109,8 @@ def run_stage(root: Path, stage: strategies.Stage, seed: int, done: dict[str, di
     evaluates the teacher-forced figures alone (`evaluate.evaluate_tasks`)."""
     stage_dir = root / stage.name / f"seed_{seed}"
     init = done[stage.init] if stage.init else None
-    config = stage_config(stage, seed, init["config"] if init else None)
+    reference = done[stage.reference] if stage.reference else None
+    config = stage_config(stage, seed, init["config"] if init else None, reference["config"] if reference else None)
     record_path = stage_dir / "stage.json"
     saved = _check_unchanged(stage.name, record_path, config)
     if saved and saved.get("finished"):
@@ -120,6 +125,8 @@ def run_stage(root: Path, stage: strategies.Stage, seed: int, done: dict[str, di
           + (f", from {stage.init}" if stage.init else ""), file=sys.stderr)
     began = time.monotonic()
     steps = eval_steps(start, stage.steps, evals_per_stage)
+    if reference:
+        strategies.with_reference(stage, reference["model_dir"])
     with gin.config_scope(stage.scope):
         train_lib.train(model_dir=str(stage_dir), mixture_or_task_name=stage.train_on,
                         train_steps=record["end_step"], initial_checkpoint_path=init["model_dir"] if init else None,
@@ -228,4 +235,7 @@ def _check_arms(arms: Sequence[strategies.Arm]) -> None:
             if stage.init and stage.init not in seen:
                 raise ValueError(f"arm {arm.name!r}: stage {stage.name} starts from {stage.init}, which no earlier "
                                  "stage of the experiment defines")
+            if stage.reference and stage.reference not in seen:
+                raise ValueError(f"arm {arm.name!r}: stage {stage.name}'s reference model is stage {stage.reference}, "
+                                 "which no earlier stage of the experiment defines")
             seen[stage.name] = stage

@@ -33,9 +33,11 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import gin
 import seqio
 
+from mtplatform import online_mixing
 from mtplatform import settings as app_settings
 
-STRATEGIES = ("proportional", "temperature", "equal", "explicit", "unimax")
+FIXED_STRATEGIES = ("proportional", "temperature", "equal", "explicit", "unimax")
+STRATEGIES = (*FIXED_STRATEGIES, "online")
 DROP_SWITCH = "mixing.drop_tasks_without_data"
 
 # Tasks whose size is arbitrary (text corpora): they take `unsupervised_size` instead of their line count.
@@ -58,6 +60,7 @@ class Settings:
     budget_examples: float | None = None  # UniMax's budget; None: the examples the run trains on (data.py)
     unsupervised_size: float = 1e6  # t5.data.rate_unsupervised's default value
     drop_tasks_without_data: bool = False
+    online: Mapping | None = None  # strategy 'online': its settings (online_mixing.OnlineSettings), gin's added
 
     def check(self, mixture: str) -> None:
         """A one-line error naming the mixture and the setting at fault."""
@@ -73,8 +76,27 @@ class Settings:
             if isinstance(value, bool) or not isinstance(value, int | float) or not (0 < value < math.inf):
                 none = ", or None for no cap" if setting == "cap" else ""
                 raise MixingError(f"{where}: {label} = {value!r} must be a finite number > 0{none}")
-        if self.strategy == "explicit" and not self.weights:
+        initial = self.strategy
+        if self.strategy == "online":
+            online = online_mixing.settings_for(self.online, mixture)
+            online.check(mixture, FIXED_STRATEGIES)
+            initial = online.initial
+        if initial == "explicit" and not self.weights:
             raise MixingError(f"{where}: mixing.strategy='explicit' needs mixing.weights = {{task: rate, ...}}")
+
+    def complete(self, mixture: str = "?") -> Settings:
+        """These settings with an online strategy's settings resolved (gin's `mixing.online.*` bindings and the
+        defaults added), as a run records them."""
+        if self.strategy != "online":
+            return self
+        return replace(self, online=asdict(online_mixing.settings_for(self.online, mixture)))
+
+    @property
+    def initial(self) -> Settings:
+        """The fixed strategy whose rates a run starts from: itself, or an online strategy's `initial`."""
+        if self.strategy != "online":
+            return self
+        return replace(self, strategy=online_mixing.settings_for(self.online).initial)
 
 
 DEFAULTS = Settings()
@@ -84,12 +106,13 @@ _UNSET = object()
 @gin.configurable("mixing")
 def bound_settings(
     strategy=_UNSET, cap=_UNSET, temperature=_UNSET, weights=_UNSET, max_epochs=_UNSET, budget_examples=_UNSET,
-    unsupervised_size=_UNSET, drop_tasks_without_data=_UNSET,
+    unsupervised_size=_UNSET, drop_tasks_without_data=_UNSET, online=_UNSET,
 ) -> dict:
-    """The `mixing.*` parameters that gin binds in the current scope (and only those), to override declarations."""
+    """The `mixing.*` parameters that gin binds in the current scope (and only those), to override declarations.
+    (`mixing.online.*` bindings are `online_mixing`'s; `mixing.online = {...}` sets a whole online declaration.)"""
     values = dict(strategy=strategy, cap=cap, temperature=temperature, weights=weights, max_epochs=max_epochs,
                   budget_examples=budget_examples, unsupervised_size=unsupervised_size,
-                  drop_tasks_without_data=drop_tasks_without_data)
+                  drop_tasks_without_data=drop_tasks_without_data, online=online)
     return {k: v for k, v in values.items() if v is not _UNSET}
 
 
@@ -109,6 +132,7 @@ def rates_from_sizes(sizes: Mapping[str, float], settings: Settings, mixture: st
     call for an uncached task. `tests/test_mixing.py` checks that the two agree on the built-in tasks.
     """
     settings.check(mixture)
+    settings = settings.initial  # an online strategy starts from a fixed one's rates
     capped = {t: min(n, settings.cap) if settings.cap is not None else n for t, n in sizes.items()}
     if settings.strategy == "proportional":
         rates = capped
@@ -213,7 +237,8 @@ class Resolved:
 
     def record(self) -> dict:
         """JSON-ready: the strategy and its settings, each task's size, rate and share, and dropped tasks."""
-        return {"mixture": self.mixture, "settings": asdict(self.settings),
+        settings = {k: v for k, v in asdict(self.settings).items() if k != "online" or v is not None}
+        return {"mixture": self.mixture, "settings": settings,
                 "tasks": {t: {"size": self.sizes[t], "rate": self.rates[t], "share": share}
                           for t, share in self.shares.items()},
                 "dropped": self.dropped}
@@ -255,9 +280,10 @@ class Mixture(seqio.Mixture):
     def resolve(self, budget_examples: float | None = None) -> Resolved:
         """Rates under the strategy configured now; a missing training file is an error unless dropped."""
         settings = settings_for(self.declared)
+        settings.check(self.name)  # a misspelt strategy is the error, before any missing file
+        settings = settings.complete(self.name)
         if settings.budget_examples is None and budget_examples is not None:
             settings = replace(settings, budget_examples=float(budget_examples))
-        settings.check(self.name)  # a misspelt strategy is the error, before any missing file
         kept, dropped = [], {}
         for task in self.all_tasks:
             reason = missing_training_data(task)
@@ -291,7 +317,7 @@ def needs_budget(provider: seqio.Task | seqio.Mixture) -> bool:
     if not isinstance(provider, Mixture):
         return False
     settings = settings_for(provider.declared)
-    return settings.strategy == "unimax" and settings.budget_examples is None
+    return settings.initial.strategy == "unimax" and settings.budget_examples is None
 
 
 def resolve(provider: seqio.Task | seqio.Mixture, budget_examples: float | None = None) -> Resolved:

@@ -243,7 +243,11 @@ def _shares(root: Path, arm: dict, seed: int) -> dict | None:
     configured = mixture["tasks"]
     seen = {t: rows[-1].get(f"task/{t}/examples", 0.0) for t in configured} if rows else {}
     total = sum(seen.values()) or 1.0
-    return {t: {"configured": v["share"], "measured": seen.get(t, 0.0) / total} for t, v in configured.items()}
+    shares = {t: {"configured": v["share"], "measured": seen.get(t, 0.0) / total} for t, v in configured.items()}
+    for t, figures in shares.items():  # an online run: its last rates too (its configured shares are the initial)
+        if rows and f"rate/{t}" in rows[-1]:
+            figures["final_rate"] = rows[-1][f"rate/{t}"]
+    return shares
 
 
 def _cell(figure: dict | None, digits: int = 2) -> str:
@@ -370,10 +374,16 @@ def markdown(results: dict) -> str:
     if base:
         lines += ["", "Constant predictions: " + "; ".join(f"`{t}`: {base[t]['prediction']!r}" for t in base)]
     for arm in results["arms"]:
-        if arm.get("shares"):
+        shares = arm.get("shares")
+        if shares and any("final_rate" in v for v in shares.values()):
+            lines += ["", f"Mixture of **{arm['name']}** (`{arm['mixture']}`, online; `rates.png`): initial share "
+                          "of examples -> share trained on -> last rate: " + ", ".join(
+                              f"{t} {v['configured']:.1%} -> {v['measured']:.1%} -> {v['final_rate']:.1%}"
+                              for t, v in shares.items())]
+        elif shares:
             lines += ["", f"Mixture of **{arm['name']}** (`{arm['mixture']}`): configured share of examples -> "
                           "share trained on: " + ", ".join(f"{t} {v['configured']:.1%} -> {v['measured']:.1%}"
-                                                          for t, v in arm["shares"].items())]
+                                                          for t, v in shares.items())]
     if results.get("seconds"):
         t = results["seconds"]
         lines += ["", f"Wall time in {t['stages']} of {t['of_stages']} stages: training {t['train']:,.0f} s, "
@@ -541,6 +551,33 @@ def plots(root: Path, results: dict) -> None:
         ax.set_title(arm["name"], fontsize=8)
     axes[0].legend(fontsize=7)
     _save(fig, root / "shares.png")
+    _rate_trajectories(plt, spec, root / "rates.png")
+
+
+def _rate_trajectories(plt, spec: dict, path: Path) -> None:
+    """rates.png: each online arm's share per task over its steps, one line per seed (only where an arm has one)."""
+    panels = []
+    for arm in spec["arms"]:
+        stage = next((s for s in arm["stages"] if s["train_on"] == arm.get("mixture")), None)
+        runs = [_metrics(path.parent / stage["name"] / f"seed_{seed}") for seed in spec["seeds"]] if stage else []
+        if any(any(k.startswith("rate/") for k in rows[-1]) for rows in runs if rows):
+            panels.append((arm["name"], runs))
+    if not panels:
+        return
+    fig, axes = _panels(plt, len(panels), columns=2)
+    for ax, (name, runs) in zip(axes, panels, strict=False):
+        tasks = sorted({k[len("rate/"):] for rows in runs for r in rows for k in r if k.startswith("rate/")})
+        for i, task in enumerate(tasks):
+            for seed_index, rows in enumerate(runs):
+                points = [(r["step"], r[f"rate/{task}"]) for r in rows if f"rate/{task}" in r]
+                if points:
+                    ax.plot(*zip(*points, strict=True), color=f"C{i % 10}", lw=1, alpha=1.0 if seed_index == 0 else 0.4,
+                            label=task if seed_index == 0 else None)
+        ax.set_title(f"{name}: share per task (each seed)", fontsize=8)
+        ax.set_xlabel("step")
+        ax.set_ylabel("rate")
+    axes[0].legend(fontsize=6, ncol=2)
+    _save(fig, path)
 
 
 def _metrics(model_dir: Path) -> list[dict]:

@@ -37,6 +37,7 @@ class Stage:
     scope: str = "pretrain"
     init: str | None = None
     evaluate: tuple[str, ...] = ()
+    reference: str | None = None  # a stage whose last checkpoint is this one's reference model (online DoReMi)
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,11 @@ def mixing_strategies(
 ) -> list[Arm]:
     """T5's Table 11: multi-task training on `tasks` and the unsupervised task with equal, examples-proportional
     (each cap K), temperature-scaled (each T, at `temperature_cap`) and UniMax rates; `extra` adds arms as
-    {name: mixing settings}. Each arm trains for the paper's pre-training + fine-tuning steps, then evaluates."""
+    {name: mixing settings}. Each arm trains for the paper's pre-training + fine-tuning steps, then evaluates.
+
+    An online arm with algorithm 'doremi' may name another arm as its reference (`'online': {'algorithm':
+    'doremi', 'reference': 'proportional K=2^14'}`): that arm's model, trained with the same seed, is the
+    reference (the experiment puts its checkpoint's path in, seed by seed)."""
     pre, ft = steps_for(budget)
     sweep: dict[str, dict] = {"equal": {"strategy": "equal"}}
     sweep.update({f"proportional K=2^{k.bit_length() - 1}": {"strategy": "proportional", "cap": k} for k in caps})
@@ -139,11 +144,29 @@ def mixing_strategies(
     sweep[f"UniMax N={unimax_epochs:g}"] = {"strategy": "unimax", "max_epochs": unimax_epochs}
     sweep.update({name: dict(settings) for name, settings in (extra or {}).items()})
     arms = []
+    stage_of = {name: f"mix_{i}" for i, name in enumerate(sweep)}
     for i, (name, settings) in enumerate(sweep.items()):
+        reference = (settings.get("online") or {}).get("reference")
+        if reference in stage_of:
+            settings = {**settings, "online": {**settings["online"], "reference": reference_placeholder(
+                stage_of[reference])}}
         mixture = _derived_mixture(f"exp_mix_{i}", [*tasks, unsupervised_task], **settings)
-        arms.append(Arm(name, (Stage(f"mix_{i}", mixture, pre + ft, evaluate=tuple(tasks)),), mixture=mixture,
-                        notes={"mixing": settings}))
+        arms.append(Arm(name, (Stage(f"mix_{i}", mixture, pre + ft, evaluate=tuple(tasks),
+                                     reference=stage_of.get(reference)),), mixture=mixture, notes={"mixing": settings}))
     return arms
+
+
+def reference_placeholder(stage: str) -> str:
+    """What an online mixture's `reference` holds until the experiment knows the path of `stage`'s model."""
+    return f"<the model of stage {stage}>"
+
+
+def with_reference(stage: Stage, model_dir: str) -> None:
+    """Re-register `stage`'s online mixture with its reference stage's model directory (this seed's)."""
+    mixture = seqio.get_mixture_or_task(stage.train_on)
+    declared = dict(mixture.declared)
+    declared["online"] = {**declared["online"], "reference": model_dir}
+    mixing.register(stage.train_on, [t.name for t in mixture.all_tasks], replace_existing=True, **declared)
 
 
 @gin.configurable

@@ -43,6 +43,7 @@ from mtplatform import (
     huggingface,
     interrupts,
     mixing,
+    online_mixing,
     optim,
     run_lock,
     validation,
@@ -50,6 +51,7 @@ from mtplatform import (
 from mtplatform import model as model_lib
 from mtplatform import precision as precision_lib
 from mtplatform.distributed import Distributed, full_state, gradient_sync, load_optimizer, setup_distributed, wrap_model
+from mtplatform.online_stream import OnlineStream
 from mtplatform.tf_setup import configure_tensorflow
 
 
@@ -93,16 +95,18 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_initial_weights(path: str | Path, vocab_size: int) -> tuple[model_lib.T5, int]:
-    """(model, step) from one of our checkpoints (or a model directory's latest) or a Hugging Face T5 directory."""
+def load_initial_weights(path: str | Path, vocab_size: int,
+                         setting: str = "INITIAL_CHECKPOINT_PATH") -> tuple[model_lib.T5, int]:
+    """(model, step) from one of our checkpoints (or a model directory's latest) or a Hugging Face T5 directory;
+    `setting` names where the path came from in an error."""
     path = Path(path)
     if huggingface.is_hf_directory(path):
         model, step = huggingface.load_hf(path), 0
     else:  # fine-tuning starts a fresh optimizer: the weights are all it reads
-        weights, step = checkpoints.verified_weights(path, "INITIAL_CHECKPOINT_PATH")
+        weights, step = checkpoints.verified_weights(path, setting)
         model = model_lib.load(weights)
     if model.cfg.vocab_size < vocab_size:
-        raise ValueError(f"INITIAL_CHECKPOINT_PATH={path}: its vocabulary has {model.cfg.vocab_size} ids, "
+        raise ValueError(f"{setting}={path}: its vocabulary has {model.cfg.vocab_size} ids, "
                          f"the tasks' needs {vocab_size}")
     return model, step
 
@@ -300,7 +304,7 @@ def run_rates(model_dir: Path, resuming: bool, mixture_or_task_name: str, task_f
                          "with the mixture it began with, or use another MODEL_DIR")
     provider = seqio.get_mixture_or_task(mixture_or_task_name)
     if isinstance(provider, mixing.Mixture):
-        now = mixing.settings_for(provider.declared)
+        now = mixing.settings_for(provider.declared).complete(mixture_or_task_name)
         if now.budget_examples is None:  # measured when the run began: not a setting that changed
             now = replace(now, budget_examples=resolved.settings.budget_examples)
         changed = [f"mixing.{k} = {v!r} now, {getattr(resolved.settings, k)!r} when it began"
@@ -398,7 +402,7 @@ class Run:
     model: model_lib.T5
     wrapped: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    stream: data.BatchIterator
+    stream: data.BatchIterator | OnlineStream
     resolved: mixing.Resolved
     meter: TaskMeter
     task_weights: torch.Tensor | None
@@ -413,6 +417,8 @@ class Run:
     data_wait_s: float = 0.0  # seconds spent waiting for batches from the input pipeline
     compiling: bool = False  # torch.compile'd, first step not yet taken (its time is reported)
     healthy: bool = True  # no spike, skipped update or zero gradient since the last checkpoint
+    mixer: online_mixing.OnlineMixer | None = None  # strategy 'online': the shares, moved by per-task losses
+    reference: model_lib.T5 | None = None  # DoReMi's reference model (its per-token losses give the excess loss)
 
     @property
     def model_dir(self) -> Path:
@@ -446,13 +452,13 @@ def setup(config: RunConfig, per_rank: int, ctx: Distributed, device: torch.devi
 
     resolved = run_rates(model_dir, start.checkpoint is not None, c.mixture_or_task_name, c.task_feature_lengths,
                          (c.train_steps - first_step) * c.batch_size, c.pack, c.packing, c.seed)
-    dataset, _ = data.train_dataset(
-        mixture_or_task_name=c.mixture_or_task_name, task_feature_lengths=c.task_feature_lengths,
-        batch_size=per_rank, pack=c.pack, packing=c.packing, seed=c.seed, shard_index=ctx.rank, num_shards=ctx.world,
-        resolved=resolved)
     if ctx.main:
         validation.check_lengths_fit(list(resolved.rates), c.task_feature_lengths, c.max_truncated_share)
-    stream = data.BatchIterator(dataset, packing=c.packing if c.pack else data.UNPACKED)
+    stream = _stream(c, resolved, per_rank, ctx)
+    mixer = reference = None
+    if resolved.settings.strategy == "online":
+        mixer, reference = _online_mixer(resolved, state.get("online_mixer"), model, vocabulary, device)
+        stream.set_shares(mixer.shares)
     if start.checkpoint is not None:
         stream.restore(checkpoints.data_state_dir(start.checkpoint, ctx.rank))
         rng = state["rng"]
@@ -467,7 +473,7 @@ def setup(config: RunConfig, per_rank: int, ctx: Distributed, device: torch.devi
               step=start.step, first_step=first_step, losses_since_log=list(state.get("losses_since_log", [])),
               config_text=_config_text(resolved), attempt=_attempt(ctx),
               spikes=health.SpikeDetector(c.loss_spike_factor, history=state.get("recent_losses")),
-              vocabulary=vocabulary)
+              vocabulary=vocabulary, mixer=mixer, reference=reference)
     if ctx.main:
         checkpoints.write_run_files(model_dir, run.config_text, resolved.record())
         for task, why in resolved.dropped.items():
@@ -479,6 +485,50 @@ def setup(config: RunConfig, per_rank: int, ctx: Distributed, device: torch.devi
               f"{c.batch_size} ({per_rank} x {c.batch_size // per_rank // ctx.world} accumulation per process); "
               f"{start.source}", file=sys.stderr)
     return run
+
+
+def _stream(c: RunConfig, resolved: mixing.Resolved, per_rank: int,
+            ctx: Distributed) -> data.BatchIterator | OnlineStream:
+    """This process's batches: tf.data's pipeline at fixed rates, or the online stream whose shares can change."""
+    if resolved.settings.strategy == "online":
+        return OnlineStream(list(resolved.rates), c.mixture_or_task_name, c.task_feature_lengths, per_rank, c.pack,
+                            c.seed, ctx.rank, ctx.world)
+    dataset, _ = data.train_dataset(
+        mixture_or_task_name=c.mixture_or_task_name, task_feature_lengths=c.task_feature_lengths,
+        batch_size=per_rank, pack=c.pack, packing=c.packing, seed=c.seed, shard_index=ctx.rank, num_shards=ctx.world,
+        resolved=resolved)
+    return data.BatchIterator(dataset, packing=c.packing if c.pack else data.UNPACKED)
+
+
+def _online_mixer(resolved: mixing.Resolved, state: dict | None, model: model_lib.T5, vocabulary: dict,
+                  device: torch.device) -> tuple[online_mixing.OnlineMixer, model_lib.T5 | None]:
+    """An online run's mixer (its saved state when resuming) and, for DoReMi, its reference model."""
+    settings = online_mixing.OnlineSettings(**resolved.settings.online)
+    settings.check(resolved.mixture, mixing.FIXED_STRATEGIES, len(resolved.rates))
+    mixer = online_mixing.OnlineMixer(settings, list(resolved.rates), resolved.shares, state)
+    if not mixer.needs_reference:
+        return mixer, None
+    return mixer, reference_model(settings.reference, model, vocabulary).to(device).eval()
+
+
+def reference_model(path: str, model: model_lib.T5, vocabulary: dict) -> model_lib.T5:
+    """DoReMi's reference: a checkpoint of a model of this run's shapes and vocabulary (a one-line error else)."""
+    setting = "mixing.online.reference"
+    if not Path(path).exists():
+        raise ValueError(f"{setting}={path}: no such checkpoint or model directory")
+    reference, _ = load_initial_weights(path, model.cfg.vocab_size, setting)
+    differ = [f"{f} {getattr(reference.cfg, f)!r} (this run's {getattr(model.cfg, f)!r})" for f in SHAPE_FIELDS
+              if getattr(reference.cfg, f) != getattr(model.cfg, f)]
+    if differ:
+        raise ValueError(f"{setting}={path}: the reference is another model: {'; '.join(differ)}")
+    saved = None if huggingface.is_hf_directory(Path(path)) else checkpoints.read_vocabulary(path)
+    if saved is not None and saved != vocabulary:
+        raise ValueError(f"{setting}={path}: the reference was trained with another vocabulary ({saved['size']:,} "
+                         f"ids, sha256 {str(saved['sha256'])[:12]}; this run's: {vocabulary['size']:,} ids, sha256 "
+                         f"{str(vocabulary['sha256'])[:12]})")
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    return reference
 
 
 def _attempt(ctx: Distributed) -> str:
@@ -501,7 +551,7 @@ def train_step(run: Run, lr: float) -> tuple[float, float, int]:
     weights = [loss_weights(b, run.task_weights) for b in micro]
     total_weight = ctx.sum(sum(w.sum().item() for w in weights))
     loss_sum, tokens = 0.0, 0
-    counts = torch.zeros(3, len(run.meter.names) + 1, dtype=torch.float64)
+    counts = torch.zeros(4, len(run.meter.names) + 1, dtype=torch.float64)  # TaskMeter's 3, and excess loss
     for i, cpu_batch in enumerate(micro):
         batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
         sync = gradient_sync(run.wrapped, c.fsdp, enabled=i == len(micro) - 1)
@@ -512,10 +562,16 @@ def train_step(run: Run, lr: float) -> tuple[float, float, int]:
             # (sum of token losses) / (total weight) over the global batch.
             (loss * ctx.world / max(total_weight, 1.0)).backward()
         loss_sum += loss.item()
-        counts += run.meter.step_counts(cpu_batch, token_loss)
+        counts[:3] += run.meter.step_counts(cpu_batch, token_loss)
+        if run.reference is not None:
+            counts[3] += _excess_loss(run, batch, token_loss)
         tokens += int(sum((cpu_batch[k] != 0).sum().item() for k in ("encoder_input_tokens",
                                                                       "decoder_target_tokens")))
-    run.meter.add(ctx.sum_tensor(counts))
+    counts = ctx.sum_tensor(counts)
+    run.meter.add(counts)
+    if run.mixer is not None and run.mixer.observe(run.step + 1, counts[2, 1:].numpy(), counts[1, 1:].numpy(),
+                                                   counts[3, 1:].numpy() if run.reference is not None else None):
+        run.stream.set_shares(run.mixer.shares)  # the next step's batch is drawn by them
     norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), c.clip_grad_norm or math.inf)
     grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # DTensor under FSDP
     loss = ctx.sum(loss_sum) / max(total_weight, 1.0)
@@ -528,6 +584,17 @@ def train_step(run: Run, lr: float) -> tuple[float, float, int]:
         run.healthy = False
     run.optimizer.zero_grad(set_to_none=True)
     return loss, grad_norm, tokens
+
+
+def _excess_loss(run: Run, batch: dict[str, torch.Tensor], token_loss: torch.Tensor) -> torch.Tensor:
+    """DoReMi's excess loss of one micro-batch, summed per task id: max(loss - reference loss, 0) over each target
+    token (the same z-loss on both sides)."""
+    with torch.no_grad(), precision_lib.autocast(run.precision, run.device):
+        reference_loss, _ = run.reference.token_losses(batch, z_loss=run.config.z_loss)
+    ids = batch[data.TASK_IDS].flatten().long().cpu()
+    excess = (token_loss.detach().float() - reference_loss.float()).clamp_min(0.0).flatten().double().cpu()
+    out = torch.zeros(len(run.meter.names) + 1, dtype=torch.float64)
+    return out.index_add_(0, ids, excess * (ids > 0).double())
 
 
 def save(run: Run) -> None:
@@ -567,7 +634,8 @@ def _write_checkpoint(run: Run, tmp: Path, model_state: dict, optimizer_state: d
         checkpoints.write_train_state(tmp, run.model, model_state, {
             "step": at_step, "optimizer": optimizer_state, "rng": rng, "tasks": run.meter.state(),
             "losses_since_log": run.losses_since_log, "first_step": run.first_step,
-            "recent_losses": list(run.spikes.recent), "vocabulary": run.vocabulary}, run.config_text)
+            "recent_losses": list(run.spikes.recent), "vocabulary": run.vocabulary,
+            **({"online_mixer": run.mixer.state()} if run.mixer is not None else {})}, run.config_text)
         recent = list(run.spikes.recent)[-10:]
         checkpoints.finish(tmp, run.model_dir, at_step, ctx.world, sum(recent) / len(recent) if recent else None,
                            run.healthy, run.config.keep_checkpoints, run.attempt)
@@ -684,7 +752,8 @@ class _Window:
         values = {"loss": sum(run.losses_since_log) / steps} if steps else {}  # none: every update was skipped
         values.update({"learning_rate": lr, "grad_norm": grad_norm, "tokens_per_second": self.tokens_per_second,
                        "flops_per_second": flops_per_step * steps / elapsed,
-                       "data_wait_fraction": self.data_wait_fraction, **run.meter.log_values(new_window=ends)})
+                       "data_wait_fraction": self.data_wait_fraction, **run.meter.log_values(new_window=ends),
+                       **(run.mixer.log_values() if run.mixer is not None else {})})
         if ends:
             self.tokens, self.start, run.losses_since_log = 0, time.perf_counter(), []
             self.wait_at_start = run.data_wait_s

@@ -158,7 +158,7 @@ def test_training_and_mixing_strategies_make_the_papers_arms():
         gin.clear_config()
 
 
-@pytest.mark.parametrize("name,arms", [("training_strategies", 6), ("mixing_strategies", 9),
+@pytest.mark.parametrize("name,arms", [("training_strategies", 6), ("mixing_strategies", 11),
                                        ("mixture_search_validation", 6)])
 def test_shipped_experiment_files_make_their_arms_on_our_data(name, arms, data_dir):
     from mtplatform import cli, mixing
@@ -177,6 +177,12 @@ def test_shipped_experiment_files_make_their_arms_on_our_data(name, arms, data_d
         for stage in stages:  # every mixture trains on data that is here, nothing dropped
             assert not mixing.resolve(seqio.get_mixture_or_task(stage.train_on), budget_examples=1e5).dropped
         assert max(s.steps for s in stages) == 262 + 131  # BUDGET 0.0005 of 2**19 + 2**18
+        by_name = {arm.name: arm.stages[0] for arm in made}
+        if name == "mixing_strategies":  # online DoReMi's reference: the K = 2^14 arm's model, seed by seed
+            doremi = by_name["online DoReMi (from K=2^14)"]
+            assert doremi.reference == by_name["proportional K=2^14"].name
+            online = seqio.get_mixture_or_task(doremi.train_on).declared["online"]
+            assert online["reference"] == strategies.reference_placeholder(doremi.reference)
     finally:
         gin.clear_config()
 

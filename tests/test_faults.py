@@ -311,15 +311,16 @@ def test_an_error_line_starts_on_its_own_line_after_the_progress_bar(tmp_path, v
     assert "train:" in lines[-2]  # the bar, closed on a line of its own
 
 
-def _kill_and_resume(tmp_path: Path, kills: int, steps: int, seed: int) -> None:
+def _kill_and_resume(tmp_path: Path, kills: int, steps: int, seed: int, extra: tuple[str, ...] = ()) -> None:
     """SIGKILL a real run `kills` times, at moments drawn from start-up to mid-checkpoint, rerunning it after each;
-    then the finished run must equal one that was never killed: weights, and every logged step once.
+    then the finished run must equal one that was never killed: weights, and every logged step once (its loss, and
+    an online run's rates). `extra`: more command-line settings for both runs.
 
     The uninterrupted run goes first, and every wait is a multiple of its wall time (start-up included): a loaded
     machine slows both alike, so only a hang or a defect runs out of time."""
     reference = tmp_path / "reference"
     began = time.monotonic()
-    process = _start(reference, steps)
+    process = _start(reference, steps, *extra)
     _, err = process.communicate(timeout=3600)
     assert process.returncode == 0, err[-3000:]
     uninterrupted = time.monotonic() - began
@@ -327,7 +328,7 @@ def _kill_and_resume(tmp_path: Path, kills: int, steps: int, seed: int) -> None:
     model_dir = tmp_path / "killed"
     for i in range(kills):
         before = checkpoints.all_steps(model_dir)
-        process = _start(model_dir, steps)
+        process = _start(model_dir, steps, *extra)
         if i % 3 == 1:
             time.sleep(rng.uniform(0.0, 12.0))  # anywhere, start-up included
         else:  # just after a new checkpoint: inside the next step, or writing or pruning the next checkpoint
@@ -339,7 +340,7 @@ def _kill_and_resume(tmp_path: Path, kills: int, steps: int, seed: int) -> None:
             time.sleep(rng.uniform(0.0, 0.3))
         process.kill()
         process.wait()
-    process = _start(model_dir, steps)
+    process = _start(model_dir, steps, *extra)
     _, err = process.communicate(timeout=10 * uninterrupted)
     assert process.returncode == 0, err[-3000:]
 
@@ -348,11 +349,25 @@ def _kill_and_resume(tmp_path: Path, kills: int, steps: int, seed: int) -> None:
     rows = _rows(model_dir)
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     assert [r["loss"] for r in rows] == [r["loss"] for r in _rows(reference)]
+    rates = [{k: v for k, v in r.items() if k.startswith("rate/")} for r in rows]
+    assert rates == [{k: v for k, v in r.items() if k.startswith("rate/")} for r in _rows(reference)]
     assert not list(model_dir.glob(".tmp-*")) and not list(model_dir.glob(".deleting-*"))
 
 
 def test_sigkill_at_random_moments_resumes_exactly(tmp_path, vocab_file):
     _kill_and_resume(tmp_path, kills=2, steps=24, seed=0)
+
+
+ONLINE = ("--gin.MIXTURE_OR_TASK_NAME='test_faults_online'",
+          "--gin.mixtures.declared={'test_faults_online': {'tasks': ['glue_rte', 'glue_cola', 'glue_sst2'], "
+          "'strategy': 'online', 'online': {'algorithm': 'odm'}}}")
+
+
+def test_sigkill_resumes_an_online_run_exactly(tmp_path, vocab_file):
+    """Online mixing (shares moved every step by the losses): the same rates, losses and weights after kills."""
+    _kill_and_resume(tmp_path, kills=2, steps=24, seed=2, extra=ONLINE)
+    rows = _rows(tmp_path / "killed")
+    assert rows[0]["rate/glue_rte"] != rows[-1]["rate/glue_rte"]  # the shares did move
 
 
 @pytest.mark.slow

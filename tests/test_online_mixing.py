@@ -1,0 +1,223 @@
+"""Online mixing (`mixing.strategy = 'online'`): the stream's features equal the fixed pipeline's, draws follow the
+shares, the algorithms move the shares as their papers say, runs resume bit for bit, bad settings are one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gin
+import numpy as np
+import pytest
+import tensorflow as tf
+import torch
+from conftest import REPO
+from safetensors.torch import load_file
+
+import tasks  # noqa: F401
+from mtplatform import checkpoints, data, mixing, online_mixing, online_stream
+from mtplatform import train as train_lib
+
+LENGTHS = {"inputs": 64, "targets": 16}
+TASKS = ["glue_cola", "glue_rte", "span_corruption"]
+MIXTURE = "test_online_cola_rte_span"
+TIMINGS = ("tokens_per_second", "flops_per_second", "data_wait_fraction")
+
+
+def _register(**online) -> str:
+    mixing.register(MIXTURE, TASKS, replace_existing=True, strategy="online", online=online or None)
+    return MIXTURE
+
+
+def _train(model_dir: Path, steps: int, bindings: tuple[str, ...] = (), **overrides) -> dict:
+    gin.clear_config()
+    gin.parse_config_files_and_bindings(
+        [str(REPO / "gin/models/tiny.gin")],
+        ["T5Config.dropout_rate = 0.1", "make_optimizer.name = 'adafactor'", "learning_rate.warmup_steps = 10",
+         *bindings])
+    try:
+        kwargs = dict(model_dir=str(model_dir), mixture_or_task_name=MIXTURE, task_feature_lengths=LENGTHS,
+                      train_steps=steps, batch_size=4, checkpoint_every=4, log_every=3, progress=False,
+                      precision="fp32")  # exactness is checked in fp32 on every machine
+        return train_lib.train(**{**kwargs, **overrides})
+    finally:
+        gin.clear_config()
+
+
+def _rows(model_dir: Path) -> dict[int, dict]:
+    rows = {}
+    for row in map(json.loads, checkpoints.metrics_file(model_dir).read_text().splitlines()):
+        rows[row["step"]] = {k: v for k, v in row.items() if k not in TIMINGS}
+    return rows
+
+
+def _examples(task: str, task_id: int, n: int) -> list[dict]:
+    ds = data.task_examples(task, task_id, task, LENGTHS, "train", 0, None)
+    return [{"inputs": ex["inputs"][:LENGTHS["inputs"]], "targets": ex["targets"][:LENGTHS["targets"]],
+             "targets_task": ex["targets_task"][:LENGTHS["targets"]]} for ex in ds.take(n).as_numpy_iterator()]
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_the_online_stream_makes_the_features_the_fixed_pipeline_makes(vocab_file, pack):
+    # Real examples of two tasks, interleaved; packed by the fixed pipeline's converter (first fit over one buffer)
+    # and by the online stream's numpy packer: the same rows, features, dtypes and task ids.
+    examples = [ex for pair in zip(_examples("glue_cola", 1, 12), _examples("glue_sst2", 2, 12), strict=True)
+                for ex in pair]
+    ds = tf.data.Dataset.from_generator(lambda: iter(examples), output_signature={
+        k: tf.TensorSpec([None], tf.int32) for k in ("inputs", "targets", "targets_task")})
+    want = list(data.TaskIdFeatureConverter(pack=pack)(ds, LENGTHS).as_numpy_iterator())
+    rows, room = [], []
+    for ex in examples:
+        online_stream.place(rows, room, (int(ex["targets_task"][0]), ex["inputs"], ex["targets"]), LENGTHS, pack)
+    got = online_stream.features(rows, LENGTHS, pack)
+    assert len(want) == len(rows) < (len(examples) if pack else len(examples) + 1)
+    assert set(got) == set(want[0])
+    for key, value in got.items():
+        expected = np.stack([row[key] for row in want])
+        assert value.dtype == expected.dtype and np.array_equal(value, expected), key
+
+
+def _stream(shares, batch_size=8) -> online_stream.OnlineStream:
+    stream = online_stream.OnlineStream(TASKS, MIXTURE, LENGTHS, batch_size, pack=True, seed=0)
+    stream.set_shares(shares)
+    return stream
+
+
+def _examples_by_task(batches) -> np.ndarray:
+    counts = np.zeros(len(TASKS) + 1)
+    for batch in batches:
+        counts += data.count_by_task(batch[data.TASK_IDS].numpy(), batch["decoder_positions"].numpy(), len(TASKS))[0]
+    return counts[1:]
+
+
+def test_the_stream_draws_by_the_shares_in_force_and_resumes_exactly(tmp_path, vocab_file):
+    _register()
+    stream = _stream([0.2, 0.2, 0.6])
+    first = _examples_by_task(next(stream) for _ in range(30))
+    stream.set_shares([0.7, 0.2, 0.1])
+    stream.save(tmp_path / "position")
+    after = [next(stream) for _ in range(60)]
+    second = _examples_by_task(after)
+    for counts, shares in ((first, [0.2, 0.2, 0.6]), (second, [0.7, 0.2, 0.1])):
+        # Two binomial standard errors around each share (the pool delays at most two batches' worth of examples).
+        n = counts.sum()
+        assert np.all(np.abs(counts / n - shares) < 2.5 * np.sqrt(np.multiply(shares, 1 - np.array(shares)) / n)
+                      + 2 * 16 / n), (counts / n, shares)
+    resumed = _stream([0.2, 0.2, 0.6])  # the position carries its own shares, open rows and draws
+    resumed.restore(tmp_path / "position")
+    for want in after:
+        got = next(resumed)
+        assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_odm_raises_the_share_of_the_task_with_the_highest_loss_and_explores():
+    mixer = online_mixing.OnlineMixer(online_mixing.OnlineSettings(algorithm="odm"), ["a", "b", "c"],
+                                      {"a": 1.0, "b": 1.0, "c": 1.0})
+    for step in range(1, 201):
+        mixer.observe(step, np.array([1.0, 2.0, 4.0]) * 100, np.array([100.0, 100.0, 100.0]), None)
+    assert mixer.shares[2] > mixer.shares[1] > mixer.shares[0]
+    k, t = 3, mixer.updates
+    assert mixer.updates == 200 and mixer.shares.min() >= np.sqrt(np.log(k) / (k * t)) - 1e-12  # e_t explores
+    assert mixer.shares.sum() == pytest.approx(1.0)
+
+
+def test_doremi_follows_the_excess_loss_and_smooths_towards_uniform():
+    settings = online_mixing.OnlineSettings(algorithm="doremi", reference="ref", step_size=1.0, smoothing=1e-3)
+    mixer = online_mixing.OnlineMixer(settings, ["a", "b"], {"a": 0.5, "b": 0.5})
+    mixer.observe(1, np.array([300.0, 300.0]), np.array([100.0, 100.0]), np.array([0.0, 100.0]))
+    # One step of exponentiated gradient: shares ~ 0.5 exp(0) : 0.5 exp(1), then 0.1% of uniform mixed in.
+    want = np.array([1.0, np.e]) / (1.0 + np.e) * (1 - 1e-3) + 1e-3 / 2
+    assert np.allclose(mixer.shares, want)
+    floored = online_mixing.OnlineMixer(online_mixing.OnlineSettings(algorithm="doremi", reference="ref",
+                                                                     step_size=50.0, floor=0.1),
+                                        ["a", "b"], {"a": 0.5, "b": 0.5})
+    floored.observe(1, np.array([300.0, 300.0]), np.array([100.0, 100.0]), np.array([0.0, 100.0]))
+    # The update would starve a (e^-50, plus its 1e-3 / 2 of uniform); the floor keeps 0.1 + (1 - 2 x 0.1) of that.
+    assert floored.shares[0] == pytest.approx(0.1 + 0.8 * 5e-4, abs=1e-9)
+
+
+def test_warm_up_and_update_interval_hold_the_shares():
+    settings = online_mixing.OnlineSettings(update_every=5, warmup_steps=10)
+    mixer = online_mixing.OnlineMixer(settings, ["a", "b"], {"a": 0.25, "b": 0.75})
+    changed = [mixer.observe(s, np.array([100.0, 50.0]), np.array([10.0, 10.0]), None) for s in range(1, 21)]
+    assert changed == [s in (15, 20) for s in range(1, 21)]
+    assert mixer.updates == 2
+
+
+def test_an_online_run_resumes_exactly_and_logs_its_rates(tmp_path, vocab_file):
+    _register(algorithm="odm")
+    _train(tmp_path / "once", 8)
+    _train(tmp_path / "twice", 4)
+    _train(tmp_path / "twice", 8)
+    once, twice = _rows(tmp_path / "once"), _rows(tmp_path / "twice")
+    assert once == {s: twice[s] for s in once}  # losses, per-task figures and rates, bit for bit
+    once_weights, twice_weights = (load_file(str(tmp_path / run / "checkpoint_8" / "model.safetensors"))
+                                   for run in ("once", "twice"))
+    assert all(torch.equal(once_weights[k], twice_weights[k]) for k in once_weights)
+    rates = [{t: row[f"rate/{t}"] for t in TASKS} for row in once.values()]
+    assert all(sum(r.values()) == pytest.approx(1.0) for r in rates) and rates[0] != rates[-1]
+    recorded = checkpoints.read_mixture(tmp_path / "once")
+    assert recorded["settings"]["strategy"] == "online" and recorded["settings"]["online"]["algorithm"] == "odm"
+    # Settings that would change a resumed run's shares are refused, naming the setting.
+    with pytest.raises(ValueError, match=r"rates would change on resume \(mixing.online = .*'step_size': 2.0"):
+        _train(tmp_path / "twice", 12, bindings=("mixing.online.step_size = 2.0",))
+
+
+def test_doremi_runs_on_a_reference_and_resumes_exactly(tmp_path, vocab_file):
+    mixing.register("test_online_reference", TASKS, replace_existing=True)
+    _train(tmp_path / "reference", 4, mixture_or_task_name="test_online_reference")
+    _register(algorithm="doremi", reference=str(tmp_path / "reference"), step_size=5.0)
+    _train(tmp_path / "once", 8)
+    _train(tmp_path / "twice", 4)
+    _train(tmp_path / "twice", 8)
+    once, twice = _rows(tmp_path / "once"), _rows(tmp_path / "twice")
+    assert once == {s: twice[s] for s in once}
+    assert once[3]["rate/glue_cola"] != pytest.approx(1 / 3)  # the excess loss moved the shares
+
+
+def test_measured_shares_follow_the_rates_over_a_run(tmp_path, vocab_file):
+    _register(algorithm="odm", initial="equal")
+    _train(tmp_path / "run", 40, log_every=1, checkpoint_every=40)
+    rows = [r for _, r in sorted(_rows(tmp_path / "run").items())]
+    examples = np.array([[r[f"task/{t}/examples"] for t in TASKS] for r in rows])
+    rates = np.array([[r[f"rate/{t}"] for t in TASKS] for r in rows])
+    drawn = examples[-1] / examples[-1].sum()
+    expected = (np.diff(examples.sum(axis=1), prepend=0)[:, None] * np.vstack([[1 / 3] * 3, rates[:-1]])).sum(0)
+    expected /= expected.sum()
+    assert np.abs(drawn - expected).max() < 0.08, (drawn, expected)
+
+
+@pytest.mark.parametrize("online, message", [
+    ({"step_size": -1.0}, r"mixing.online.step_size = -1.0 must be a number > 0"),
+    ({"algorithm": "exp4"}, r"mixing.online.algorithm = 'exp4' is none of odm, doremi"),
+    ({"algorithm": "doremi"}, r"mixing.online.algorithm = 'doremi' needs mixing.online.reference"),
+    ({"initial": "online"}, r"mixing.online.initial = 'online' must be a fixed strategy"),
+    ({"floor": 0.5}, r"mixing.online.floor = 0.5 must be a number >= 0 and < 0.3333 \(1/K, K = 3 tasks\)$"),
+    ({"update_every": 0}, r"mixing.online.update_every = 0 must be an integer >= 1"),
+    ({"explore": 0.1}, r"unknown online setting\(s\) explore"),
+])
+def test_bad_online_settings_are_one_line(tmp_path, vocab_file, online, message):
+    with pytest.raises(ValueError, match=rf"mixture {MIXTURE}: {message}"):
+        _register(**online)
+        _train(tmp_path / "run", 1)
+
+
+def test_a_reference_of_another_model_or_vocabulary_is_refused(tmp_path, vocab_file):
+    mixing.register("test_online_reference", TASKS, replace_existing=True)
+    _train(tmp_path / "small", 1, mixture_or_task_name="test_online_reference", bindings=("T5Config.d_ff = 32",))
+    _register(algorithm="doremi", reference=str(tmp_path / "small"))
+    with pytest.raises(ValueError, match=r"mixing.online.reference=.*small: the reference is another model: d_ff 32 "
+                                         r"\(this run's 128\)"):
+        _train(tmp_path / "run", 1)
+    _train(tmp_path / "other_vocab", 1, mixture_or_task_name="test_online_reference")
+    state_file = tmp_path / "other_vocab" / "checkpoint_1" / "train_state.pt"
+    state = torch.load(state_file, weights_only=False)
+    state["vocabulary"] = {**state["vocabulary"], "sha256": "0" * 64}  # as a run with another vocabulary saves it
+    torch.save(state, state_file)
+    _register(algorithm="doremi", reference=str(tmp_path / "other_vocab"))
+    with pytest.raises(ValueError, match=r"mixing.online.reference=.*other_vocab: the reference was trained with "
+                                         r"another vocabulary \(.* sha256 000000000000"):
+        _train(tmp_path / "run", 1)
+    _register(algorithm="doremi", reference=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match=r"mixing.online.reference=.*missing: no such checkpoint"):
+        _train(tmp_path / "run", 1)
