@@ -306,7 +306,7 @@ class Mixture(seqio.Mixture):
             where = str(app_settings.data_dir())
         except app_settings.SettingError:
             where = ""
-        key = f"{settings_for(self.declared)!r} in {where}"
+        key = f"{settings_for(self.declared).complete(self.name)!r} in {where}"  # mixing.online.* bindings too
         if self._resolved_for[0] != key:
             self._resolved_for = (key, self.resolve())
         return self._resolved_for[1].rates.get(task.name, 0.0)

@@ -115,10 +115,71 @@ def collect(root: Path) -> dict:
             _compare(name, [arm["tasks"][task]["figures"].get(name) for arm in arms])
     for name in ("score", "target_nll"):
         _compare(name, [(arm["glue_average"] or {}).get(name) for arm in arms])
-    return {"title": spec["title"], "seeds": spec["seeds"], "eval_num_examples": spec.get("eval_num_examples"),
-            "bootstrap_samples": stats.SAMPLES, "tasks": tasks, "arms": arms, "baselines": baselines,
-            "kendall_tau": _kendall(arms, tasks), "against_reference": _against_reference(arms, tasks),
-            "seconds": _seconds(records)}
+    results = {"title": spec["title"], "seeds": spec["seeds"], "eval_num_examples": spec.get("eval_num_examples"),
+               "bootstrap_samples": stats.SAMPLES, "tasks": tasks, "arms": arms, "baselines": baselines,
+               "kendall_tau": _kendall(arms, tasks), "against_reference": _against_reference(arms, tasks),
+               "seconds": _seconds(records)}
+    online = _online_speed(root, spec)
+    if online:  # only experiments with online arms have the key (the others' results.json stay as they were)
+        results["online_steps_to_reach"] = online
+    return results
+
+
+def _online_speed(root: Path, spec: dict) -> list[dict]:
+    """For each online arm and the fixed arm it starts from (its settings with strategy = its `initial`): per seed,
+    the first logged step at which the mean of the evaluated tasks' training losses (`task/<t>/loss`) is at or
+    below the fixed arm's last value, for both arms (ODM's "fewer iterations to the same loss")."""
+    fixed = {json.dumps(arm.get("notes", {}).get("mixing"), sort_keys=True): arm for arm in spec["arms"]}
+    out = []
+    for arm in spec["arms"]:
+        settings = dict(arm.get("notes", {}).get("mixing") or {})
+        if settings.get("strategy") != "online":
+            continue
+        online = settings.pop("online", None) or {}
+        start = fixed.get(json.dumps({**settings, "strategy": online.get("initial", "proportional")}, sort_keys=True))
+        if start is None:
+            continue
+        tasks = [t for stage in arm["stages"] for t in stage["evaluate"]]
+        seeds = []
+        for seed in spec["seeds"]:
+            curves = [_mean_task_loss(root / a["stages"][0]["name"] / f"seed_{seed}", tasks) for a in (arm, start)]
+            if not all(curves):
+                continue
+            target = curves[1][-1][1]
+            reach = [next((step for step, value in curve if value <= target), None) for curve in curves]
+            seeds.append({"seed": seed, "steps": reach[0], "start_steps": reach[1], "last": curves[0][-1][1],
+                          "start_last": target})
+        if seeds:
+            out.append({"arm": arm["name"], "start": start["name"], "tasks": tasks, "seeds": seeds})
+    return out
+
+
+def _mean_task_loss(model_dir: Path, tasks: list[str]) -> list[tuple[int, float]]:
+    """(step, mean over `tasks` of the window's per-task training loss) at each logged step that has them all."""
+    rows = _metrics(model_dir) if checkpoints.metrics_file(model_dir).is_file() else []
+    return [(r["step"], statistics.fmean(r[f"task/{t}/loss"] for t in tasks)) for r in rows
+            if all(f"task/{t}/loss" in r for t in tasks)]
+
+
+def _listed(seeds: list[dict], key: str, fmt: str = "{}") -> str:
+    return ", ".join("not reached" if s[key] is None else fmt.format(s[key]) for s in seeds)
+
+
+def _online_lines(results: dict) -> list[str]:
+    lines = []
+    for entry in results.get("online_steps_to_reach", []):
+        seeds = entry["seeds"]
+        lines.append(f"- *{entry['arm']}* (seeds {_listed(seeds, 'seed')}): reaches *{entry['start']}*'s last value "
+                     f"({_listed(seeds, 'start_last', '{:.3f}')}) at step {_listed(seeds, 'steps')}; *"
+                     f"{entry['start']}* reaches it at step {_listed(seeds, 'start_steps')}. The online arm's own "
+                     f"last value: {_listed(seeds, 'last', '{:.3f}')}.")
+    if not lines:
+        return []
+    return ["", "## Online mixing: steps to the fixed start's training loss", "",
+            "The mean over the evaluated tasks of each task's training loss (`task/<t>/loss`, logged per window, on "
+            "the examples each arm drew: within their first epoch here, but not held out; the held-out figure is "
+            "target NLL above), and the first logged step at which it is at or below the last value of the fixed "
+            "arm the online arm starts from:", "", *lines]
 
 
 def _glue_average(by_task: dict[str, dict], glue: list[str]) -> dict | None:
@@ -366,6 +427,7 @@ def markdown(results: dict) -> str:
         lines += ["", f"## Against *{reference}*", "", "Each arm's difference from the reference arm (the "
                   "arm's figure minus the reference's; for target NLL lower is better), with its paired 95% "
                   "bootstrap interval:", "", *verdicts]
+    lines += _online_lines(results)
     findings = _findings(results)
     lines += ["", "## What the intervals say", "", *(findings or [
         "No figure has bootstrap replicates (evaluations from before they were kept): nothing is tested."]),

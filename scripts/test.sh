@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The test command of the README and of CI: set up the environment, lint, run the default test suite, then (without
 # arguments) the slow tests as their own step (21 SIGKILLs of a real run, torch.compile, two torchrun processes against
-# one, the CLI from training to export, `mtp cache` over the whole corpus, a tiny mixture search with its validation;
-# about 22 minutes on 2 cores). Each step lists its ten slowest tests, to keep the default one under 15 minutes.
+# one, the CLI from training to export, `mtp cache` over the whole corpus, a tiny mixture search with its validation,
+# the mixing experiment's online arms; about 24 minutes on 2 cores). Each step lists its ten slowest tests, to keep
+# the default one under 15 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
@@ -22,5 +23,6 @@ run_pytest() {
 
 run_pytest "$@" || exit $?
 if [[ $# -eq 0 ]]; then
-  run_pytest -m slow tests/test_faults.py tests/test_train.py tests/test_cache.py tests/test_mixture_search.py || exit $?
+  run_pytest -m slow tests/test_faults.py tests/test_train.py tests/test_cache.py tests/test_mixture_search.py \
+    tests/test_online_mixing.py || exit $?
 fi

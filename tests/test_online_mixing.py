@@ -221,3 +221,36 @@ def test_a_reference_of_another_model_or_vocabulary_is_refused(tmp_path, vocab_f
     _register(algorithm="doremi", reference=str(tmp_path / "missing"))
     with pytest.raises(ValueError, match=r"mixing.online.reference=.*missing: no such checkpoint"):
         _train(tmp_path / "run", 1)
+
+
+@pytest.mark.slow
+def test_online_arms_of_the_mixing_experiment_train_report_and_plot(tmp_path, vocab_file, capfd):
+    """mixing_strategies.gin's online arms, tiny: DoReMi's reference is the K = 2^14 arm's model of the same seed;
+    the report lists each online arm's shares, its steps to the fixed start's loss, and plots the trajectories."""
+    from test_experiment import _in_process
+
+    exp = tmp_path / "exp"
+    code, err = _in_process(
+        capfd, "experiment", "--gin_file=gin/experiments/mixing_strategies.gin", "--gin_file=gin/models/tiny.gin",
+        f"--gin.EXPERIMENT_DIR='{exp}'", "--gin.BUDGET=0.00003", "--gin.mixing_strategies.tasks=['glue_rte', "
+        "'glue_stsb']", "--gin.mixing_strategies.caps=[16384]", "--gin.mixing_strategies.temperatures=[]",
+        "--gin.experiment.eval_num_examples=8", "--gin.experiment.evals_per_stage=1", "--gin.BATCH_SIZE=4",
+        "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}", "--gin.train.log_every=4",
+        "--gin.evaluate_checkpoint.max_decode_length=8")
+    assert code == 0, err[-3000:]
+    spec = json.loads((exp / "experiment.json").read_text())
+    names = [arm["name"] for arm in spec["arms"]]
+    assert names[-2:] == ["online ODM (from K=2^14)", "online DoReMi (from K=2^14)"]
+    k14 = spec["arms"][names.index("proportional K=2^14")]["stages"][0]["name"]
+    doremi = spec["arms"][-1]["stages"][0]
+    assert doremi["reference"] == k14
+    recorded = checkpoints.read_mixture(exp / doremi["name"] / "seed_0")["settings"]["online"]
+    assert recorded["algorithm"] == "doremi" and recorded["reference"] == str(exp / k14 / "seed_0")
+    results = json.loads((exp / "results.json").read_text())
+    online = {entry["arm"]: entry for entry in results["online_steps_to_reach"]}
+    assert set(online) == set(names[-2:]) and all(e["start"] == "proportional K=2^14" for e in online.values())
+    assert all(e["seeds"][0]["start_steps"] is not None for e in online.values())  # the fixed arm reaches its own
+    report = (exp / "results.md").read_text()
+    assert "## Online mixing: steps to the fixed start's training loss" in report
+    assert "Mixture of **online ODM (from K=2^14)** (`exp_mix_3`, online; `rates.png`): initial share" in report
+    assert (exp / "rates.png").stat().st_size > 10_000
