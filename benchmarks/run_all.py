@@ -57,8 +57,10 @@ BENCHMARKS: dict[str, tuple[list[str], list[Figure]]] = {
         Figure("ratio_eval", "evaluating SST-2's whole validation set (872): seqio pipeline, decoding, metrics; "
                "mini model, random weights, 8 positions", "the same seqio Evaluator decoding with HF generate", ""),
     ]),
-    "input_pipeline": (["--quick"], [
+    "input_pipeline": (["--quick", "--online"], [
         Figure("data_wait_fraction", "share of training time waiting for batches, span corruption + GLUE packed",
+               "none (absolute)", "< 0.02"),
+        Figure("data_wait_fraction_online", "the same with online mixing (ODM, shares moved every step)",
                "none (absolute)", "< 0.02"),
     ]),
     "resume_time": ([], [

@@ -11,6 +11,10 @@ it had not stopped.
 
 The loss is normalised per target token over the whole global batch: micro-batches (gradient accumulation) and
 processes are summed first, then divided by the total loss weight.
+
+An online-mixing run (`mixing.strategy = 'online'`) reads `online_stream.OnlineStream` instead of the tf.data
+pipeline, and after each step hands the per-task losses to `online_mixing.OnlineMixer`, whose shares the next
+step's batch is drawn by; the mixer's state is saved with each checkpoint.
 """
 
 from __future__ import annotations
@@ -569,9 +573,7 @@ def train_step(run: Run, lr: float) -> tuple[float, float, int]:
                                                                       "decoder_target_tokens")))
     counts = ctx.sum_tensor(counts)
     run.meter.add(counts)
-    if run.mixer is not None and run.mixer.observe(run.step + 1, counts[2, 1:].numpy(), counts[1, 1:].numpy(),
-                                                   counts[3, 1:].numpy() if run.reference is not None else None):
-        run.stream.set_shares(run.mixer.shares)  # the next step's batch is drawn by them
+    _move_shares(run, counts)
     norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), c.clip_grad_norm or math.inf)
     grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # DTensor under FSDP
     loss = ctx.sum(loss_sum) / max(total_weight, 1.0)
@@ -584,6 +586,16 @@ def train_step(run: Run, lr: float) -> tuple[float, float, int]:
         run.healthy = False
     run.optimizer.zero_grad(set_to_none=True)
     return loss, grad_norm, tokens
+
+
+def _move_shares(run: Run, counts: torch.Tensor) -> None:
+    """An online run: the step's per-task sums over processes (loss, target tokens, excess loss) move the shares,
+    and the next step's batch is drawn by them (every process computes the same shares from the same sums)."""
+    if run.mixer is None:
+        return
+    excess = counts[3, 1:].numpy() if run.reference is not None else None
+    if run.mixer.observe(run.step + 1, counts[2, 1:].numpy(), counts[1, 1:].numpy(), excess):
+        run.stream.set_shares(run.mixer.shares)
 
 
 def _excess_loss(run: Run, batch: dict[str, torch.Tensor], token_loss: torch.Tensor) -> torch.Tensor:
