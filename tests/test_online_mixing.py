@@ -240,15 +240,17 @@ def test_online_arms_of_the_mixing_experiment_train_report_and_plot(tmp_path, vo
     assert code == 0, err[-3000:]
     spec = json.loads((exp / "experiment.json").read_text())
     names = [arm["name"] for arm in spec["arms"]]
-    assert names[-2:] == ["online ODM (from K=2^14)", "online DoReMi (from K=2^14)"]
+    assert names[-3:] == ["online ODM (from K=2^14)", "online DoReMi (from K=2^14)",
+                         "online DoReMi eta=0.01 (from K=2^14)"]
     k14 = spec["arms"][names.index("proportional K=2^14")]["stages"][0]["name"]
-    doremi = spec["arms"][-1]["stages"][0]
+    doremi = spec["arms"][-1]["stages"][0]  # eta = 0.01
     assert doremi["reference"] == k14
     recorded = checkpoints.read_mixture(exp / doremi["name"] / "seed_0")["settings"]["online"]
     assert recorded["algorithm"] == "doremi" and recorded["reference"] == str(exp / k14 / "seed_0")
+    assert recorded["step_size"] == 0.01
     results = json.loads((exp / "results.json").read_text())
     online = {entry["arm"]: entry for entry in results["online_steps_to_reach"]}
-    assert set(online) == set(names[-2:]) and all(e["start"] == "proportional K=2^14" for e in online.values())
+    assert set(online) == set(names[-3:]) and all(e["start"] == "proportional K=2^14" for e in online.values())
     assert all(e["seeds"][0]["start_steps"] is not None for e in online.values())  # the fixed arm reaches its own
     report = (exp / "results.md").read_text()
     assert "## Online mixing: steps to the fixed start's training loss" in report
