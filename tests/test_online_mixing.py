@@ -256,3 +256,28 @@ def test_online_arms_of_the_mixing_experiment_train_report_and_plot(tmp_path, vo
     assert "## Online mixing: steps to the fixed start's training loss" in report
     assert "Mixture of **online ODM (from K=2^14)** (`exp_mix_3`, online; `rates.png`): initial share" in report
     assert (exp / "rates.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow  # three torchrun starts of two processes
+def test_two_processes_agree_on_the_shares_and_resume_exactly(tmp_path, vocab_file):
+    """Each process draws its own shard by the same shares (computed from the per-task losses summed over both),
+    and a 2-process online run stopped at step 8 and resumed gives what an uninterrupted one gives."""
+    from test_train import _torchrun
+
+    common = ["--gin_file=gin/models/tiny.gin", "--gin_file=gin/runs/pretrain.gin",
+              f"--gin.MIXTURE_OR_TASK_NAME='{MIXTURE}_ddp'", "--gin.BATCH_SIZE=8",
+              f"--gin.mixtures.declared={{'{MIXTURE}_ddp': {{'tasks': {TASKS}, 'strategy': 'online'}}}}",
+              "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}", "--gin.train.log_every=4",
+              "--gin.train.checkpoint_every=8", "--gin.train.precision='fp32'"]
+    once, twice = tmp_path / "once", tmp_path / "twice"
+    for model_dir, steps, port in ((once, 16, 29541), (twice, 8, 29542), (twice, 16, 29543)):
+        out = _torchrun(*common, f"--gin.TRAIN_STEPS={steps}", f"--gin.MODEL_DIR='{model_dir}'", port=port)
+        assert out.returncode == 0, out.stderr[-3000:]
+    assert _rows(once) == {step: row for step, row in _rows(twice).items() if step in _rows(once)}
+    checkpoint = once / "checkpoint_16"
+    shares = torch.load(checkpoint / "train_state.pt", weights_only=False)["online_mixer"]["shares"]
+    for rank in (0, 1):
+        saved = json.loads((checkpoint / f"data_rank{rank}" / online_stream.STATE_FILE).read_text())
+        assert np.allclose(np.diff(saved["cumulative"], prepend=0.0), shares, rtol=0, atol=1e-12)
+    initial = [task["share"] for task in checkpoints.read_mixture(once)["tasks"].values()]
+    assert shares != pytest.approx(initial, abs=1e-3)  # they moved
