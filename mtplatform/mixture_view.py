@@ -67,7 +67,10 @@ def table(resolved: mixing.Resolved, measured: Measured, steps: int | None, batc
     expected_tokens = expected_tokens / np.nansum(expected_tokens)
     s = resolved.settings
     lines = [f"mixture {resolved.mixture}: strategy {s.strategy}, K {s.cap}, T {s.temperature}"
-             + (f", max_epochs {s.max_epochs}, budget {s.budget_examples}" if s.strategy == "unimax" else "")]
+             + (f", max_epochs {s.max_epochs}, budget {s.budget_examples}" if s.initial.strategy == "unimax" else "")]
+    if s.strategy == "online":
+        lines.append(f"online ({s.online['algorithm']}): the rates below are where a run starts "
+                     f"({s.online['initial']}); they move while it trains (rate/<task> in its metrics.jsonl)")
     lines += [f"dropped (no training data): {task}" for task in resolved.dropped]
     run = steps and batch_size
     epochs_head = f" epochs in {steps} x {batch_size} |" if run else ""

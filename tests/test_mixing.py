@@ -381,6 +381,10 @@ def test_cli_mixture_show_and_temperature_override(tmp_path, data_dir, vocab_fil
     assert a["glue_rte"][4] != "-" and a["span_corruption"][4] == "-"  # epochs: none for a corpus
     assert "measured on" in plain and "chi-square" in plain
     assert (tmp_path / "shares.png").stat().st_size > 10_000
+    code, online, _ = _show(capsys, *common, "--gin.mixing.strategy='online'", "--gin.mixing.online.initial="
+                            "'temperature'", "--gin.mixing.temperature=4.0")
+    assert code == 0 and "online (odm): the rates below are where a run starts (temperature)" in online
+    assert _rows(online)["glue_rte"][1] == b["glue_rte"][1]  # it starts from T = 4's rates
     code, _, err = _show(capsys, "supervised", "--examples=10")
     assert code == 2 and err.count("\n") == 1
     assert "mixture supervised: task glue_mnli" in err and "--gin.mixing.drop_tasks_without_data=True" in err
