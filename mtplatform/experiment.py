@@ -104,9 +104,10 @@ def _check_unchanged(name: str, path: Path, config: dict) -> dict | None:
 
 
 def run_stage(root: Path, stage: strategies.Stage, seed: int, done: dict[str, dict], eval_num_examples: int | None,
-              evals_per_stage: int, decode: bool = True) -> dict:
+              evals_per_stage: int, decode: bool = True, decode_intermediate: bool = True) -> dict:
     """Train and evaluate one stage (or skip it when finished); return its stage.json record. `decode=False`
-    evaluates the teacher-forced figures alone (`evaluate.evaluate_tasks`)."""
+    evaluates the teacher-forced figures alone (`evaluate.evaluate_tasks`); `decode_intermediate=False` does so at
+    every evaluation but the last."""
     stage_dir = root / stage.name / f"seed_{seed}"
     init = done[stage.init] if stage.init else None
     reference = done[stage.reference] if stage.reference else None
@@ -133,7 +134,7 @@ def run_stage(root: Path, stage: strategies.Stage, seed: int, done: dict[str, di
                         finetune=init is not None, seed=seed, keep_checkpoints=None,
                         checkpoint_every=record["end_step"], checkpoint_steps=steps)
     trained = time.monotonic()
-    record["evaluations"] = evaluate_stage(stage, stage_dir, steps, eval_num_examples, decode)
+    record["evaluations"] = evaluate_stage(stage, stage_dir, steps, eval_num_examples, decode, decode_intermediate)
     # Wall time of the run that finished the stage (a stage resumed after a kill counts its last run only).
     record["seconds"] = {"train": round(trained - began, 1), "eval": round(time.monotonic() - trained, 1)}
     record["finished"] = True
@@ -152,7 +153,8 @@ def eval_steps(start: int, steps: int, evals: int) -> list[int]:
 
 
 def evaluate_stage(stage: strategies.Stage, stage_dir: Path, steps: list[int],
-                   eval_num_examples: int | None, decode: bool = True) -> dict[str, dict[str, dict]]:
+                   eval_num_examples: int | None, decode: bool = True,
+                   decode_intermediate: bool = True) -> dict[str, dict[str, dict]]:
     """{step: {task: metrics}} at each of `steps` (checkpoints written for them; one written when a run was
     stopped in between is not evaluated), by `mtp eval`'s own function and settings. Each result is written as it
     comes (`eval/<step>_<task>/metrics.json` and its bootstrap replicates), so an interrupted evaluation resumes."""
@@ -163,7 +165,8 @@ def evaluate_stage(stage: strategies.Stage, stage_dir: Path, steps: list[int],
             if not (out / "metrics.json").is_file():
                 evaluate.evaluate_checkpoint(checkpoint_path=str(checkpoints.checkpoint_dir(stage_dir, step)),
                                              mixture_or_task_name=task, output_dir=str(out),
-                                             num_examples=eval_num_examples, decode=decode)
+                                             num_examples=eval_num_examples,
+                                             decode=decode and (decode_intermediate or step == steps[-1]))
             metrics = json.loads((out / "metrics.json").read_text())["metrics"]
             results.setdefault(str(step), {})[task] = metrics.get(task, {})
     return results
@@ -176,10 +179,12 @@ def experiment(
     seeds: Sequence[int] = (0,),
     eval_num_examples: int | None = None,
     evals_per_stage: int = 2,
+    decode_intermediate: bool = True,
     title: str = "Experiment",
 ) -> Path:
     """Run every stage of every arm for every seed (each shared stage once), write the report; return the
-    experiment directory."""
+    experiment directory. `decode_intermediate=False`: the evaluations before a stage's last are teacher-forced
+    only (target NLL and label figures, no decoding: a learning curve at a fraction of the cost)."""
     validation.path_setting("EXPERIMENT_DIR (experiment.experiment_dir)", experiment_dir)
     validation.positive_int("experiment.eval_num_examples", eval_num_examples, allow_none=True)
     validation.positive_int("experiment.evals_per_stage", evals_per_stage)
@@ -201,7 +206,8 @@ def experiment(
         for arm in arms:
             for stage in arm.stages:
                 if stage.name not in done:
-                    done[stage.name] = run_stage(root, stage, seed, done, eval_num_examples, evals_per_stage)
+                    done[stage.name] = run_stage(root, stage, seed, done, eval_num_examples, evals_per_stage,
+                                                 decode_intermediate=decode_intermediate)
     report.build(root)
     return root
 

@@ -74,8 +74,8 @@ def _task_results(record: dict, task: str) -> dict | None:
     return {"stage": record["name"], "seed": record["config"]["seed"],
             "last": {"step": step, "checkpoint": str(checkpoints.checkpoint_dir(stage_dir, step)), "metrics": metrics,
                      "figures": figures, "ci95": {k: stats.ci95(v) for k, v in replicates.items() if v is not None}},
-            "curve": [{"step": s, "score": score(m), **{k: m[k] for k in TEACHER_FORCED if k in m}}
-                      for s, m in by_step],
+            "curve": [{"step": s, **({"score": score(m)} if any(map(_in_score, m)) else {}),  # none: not decoded
+                       **{k: m[k] for k in TEACHER_FORCED if k in m}} for s, m in by_step],
             "_replicates": replicates}
 
 
@@ -119,17 +119,20 @@ def collect(root: Path) -> dict:
                "bootstrap_samples": stats.SAMPLES, "tasks": tasks, "arms": arms, "baselines": baselines,
                "kendall_tau": _kendall(arms, tasks), "against_reference": _against_reference(arms, tasks),
                "seconds": _seconds(records)}
-    online = _online_speed(root, spec)
+    online = _online_speed(root, spec, arms)
     if online:  # only experiments with online arms have the key (the others' results.json stay as they were)
         results["online_steps_to_reach"] = online
     return results
 
 
-def _online_speed(root: Path, spec: dict) -> list[dict]:
-    """For each online arm and the fixed arm it starts from (its settings with strategy = its `initial`): per seed,
-    the first logged step at which the mean of the evaluated tasks' training losses (`task/<t>/loss`) is at or
-    below the fixed arm's last value, for both arms (ODM's "fewer iterations to the same loss")."""
+def _online_speed(root: Path, spec: dict, arms: list[dict]) -> list[dict]:
+    """For each online arm and the fixed arm it starts from (its settings with strategy = its `initial`), per seed:
+    the first step at which the online arm's mean over the evaluated tasks is at or below the fixed arm's last
+    value, and the fixed arm's own first such step (ODM's "fewer iterations to the same loss"). Measured on the
+    training loss per task (`task/<t>/loss`, every logged window) and, where stages were evaluated more than once,
+    on the held-out target NLL."""
     fixed = {json.dumps(arm.get("notes", {}).get("mixing"), sort_keys=True): arm for arm in spec["arms"]}
+    rows = {row["name"]: row for row in arms}
     out = []
     for arm in spec["arms"]:
         settings = dict(arm.get("notes", {}).get("mixing") or {})
@@ -140,18 +143,30 @@ def _online_speed(root: Path, spec: dict) -> list[dict]:
         if start is None:
             continue
         tasks = [t for stage in arm["stages"] for t in stage["evaluate"]]
-        seeds = []
-        for seed in spec["seeds"]:
-            curves = [_mean_task_loss(root / a["stages"][0]["name"] / f"seed_{seed}", tasks) for a in (arm, start)]
-            if not all(curves):
-                continue
-            target = curves[1][-1][1]
-            reach = [next((step for step, value in curve if value <= target), None) for curve in curves]
-            seeds.append({"seed": seed, "steps": reach[0], "start_steps": reach[1], "last": curves[0][-1][1],
-                          "start_last": target})
-        if seeds:
-            out.append({"arm": arm["name"], "start": start["name"], "tasks": tasks, "seeds": seeds})
+        curves = {
+            "training loss": {a["name"]: {seed: _mean_task_loss(root / a["stages"][0]["name"] / f"seed_{seed}", tasks)
+                                          for seed in spec["seeds"]} for a in (arm, start)},
+            "held-out target NLL": {a["name"]: _mean_target_nll(rows[a["name"]], tasks) for a in (arm, start)},
+        }
+        measures = {name: _reach(by_arm[arm["name"]], by_arm[start["name"]]) for name, by_arm in curves.items()}
+        measures = {name: seeds for name, seeds in measures.items() if seeds}
+        if measures:
+            out.append({"arm": arm["name"], "start": start["name"], "tasks": tasks, "measures": measures})
     return out
+
+
+def _reach(online: dict[int, list], start: dict[int, list]) -> list[dict]:
+    """Per seed with both curves (two points at least): the steps at which each reaches the start's last value."""
+    seeds = []
+    for seed in sorted(set(online) & set(start)):
+        if len(online[seed]) < 2 or len(start[seed]) < 2:
+            continue
+        target = start[seed][-1][1]
+        reach = [next((step for step, value in curve if value <= target), None) for curve in (online[seed],
+                                                                                             start[seed])]
+        seeds.append({"seed": seed, "steps": reach[0], "start_steps": reach[1], "last": online[seed][-1][1],
+                      "start_last": target})
+    return seeds
 
 
 def _mean_task_loss(model_dir: Path, tasks: list[str]) -> list[tuple[int, float]]:
@@ -161,6 +176,18 @@ def _mean_task_loss(model_dir: Path, tasks: list[str]) -> list[tuple[int, float]
             if all(f"task/{t}/loss" in r for t in tasks)]
 
 
+def _mean_target_nll(row: dict, tasks: list[str]) -> dict[int, list[tuple[int, float]]]:
+    """Per seed: (step, mean over `tasks` of the held-out target NLL) at each evaluated step that has them all."""
+    by_seed: dict[int, dict[int, dict[str, float]]] = {}
+    for task in tasks:
+        for result in row["tasks"][task]["seeds"]:
+            for point in result["curve"]:
+                if "target_nll" in point:
+                    by_seed.setdefault(result["seed"], {}).setdefault(point["step"], {})[task] = point["target_nll"]
+    return {seed: [(step, statistics.fmean(values.values())) for step, values in sorted(steps.items())
+                   if len(values) == len(tasks)] for seed, steps in by_seed.items()}
+
+
 def _listed(seeds: list[dict], key: str, fmt: str = "{}") -> str:
     return ", ".join("not reached" if s[key] is None else fmt.format(s[key]) for s in seeds)
 
@@ -168,18 +195,19 @@ def _listed(seeds: list[dict], key: str, fmt: str = "{}") -> str:
 def _online_lines(results: dict) -> list[str]:
     lines = []
     for entry in results.get("online_steps_to_reach", []):
-        seeds = entry["seeds"]
-        lines.append(f"- *{entry['arm']}* (seeds {_listed(seeds, 'seed')}): reaches *{entry['start']}*'s last value "
-                     f"({_listed(seeds, 'start_last', '{:.3f}')}) at step {_listed(seeds, 'steps')}; *"
-                     f"{entry['start']}* reaches it at step {_listed(seeds, 'start_steps')}. The online arm's own "
-                     f"last value: {_listed(seeds, 'last', '{:.3f}')}.")
+        for measure, seeds in entry["measures"].items():
+            start = entry["start"]
+            lines.append(f"- *{entry['arm']}*, {measure} (seeds {_listed(seeds, 'seed')}): reaches *{start}*'s last "
+                         f"value ({_listed(seeds, 'start_last', '{:.3f}')}) at step {_listed(seeds, 'steps')}; "
+                         f"*{start}* reaches it at step {_listed(seeds, 'start_steps')}. The online arm's own last "
+                         f"value: {_listed(seeds, 'last', '{:.3f}')}.")
     if not lines:
         return []
-    return ["", "## Online mixing: steps to the fixed start's training loss", "",
-            "The mean over the evaluated tasks of each task's training loss (`task/<t>/loss`, logged per window, on "
-            "the examples each arm drew: within their first epoch here, but not held out; the held-out figure is "
-            "target NLL above), and the first logged step at which it is at or below the last value of the fixed "
-            "arm the online arm starts from:", "", *lines]
+    return ["", "## Online mixing: steps to the fixed start's loss", "",
+            "The mean over the evaluated tasks of each task's training loss (`task/<t>/loss`, every logged window, on "
+            "the examples each arm drew: within their first epoch here, but not held out) and, where stages were "
+            "evaluated more than once, of each task's held-out target NLL; and the first step at which it is at or "
+            "below the last value of the fixed arm the online arm starts from:", "", *lines]
 
 
 def _glue_average(by_task: dict[str, dict], glue: list[str]) -> dict | None:

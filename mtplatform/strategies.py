@@ -22,7 +22,7 @@ from mtplatform import mixing, validation
 PAPER_PRETRAIN_STEPS = 2**19
 PAPER_FINETUNE_STEPS = 2**18
 STRATEGIES = ("training_strategies", "mixing_strategies", "pretrain_then_finetune", "pretraining_objectives",
-              "low_resource")
+              "low_resource", "online_mixing")
 """The strategy functions below: their settings say how arms are made, so they are no part of a stage's config."""
 
 
@@ -153,6 +153,38 @@ def mixing_strategies(
         mixture = _derived_mixture(f"exp_mix_{i}", [*tasks, unsupervised_task], **settings)
         arms.append(Arm(name, (Stage(f"mix_{i}", mixture, pre + ft, evaluate=tuple(tasks),
                                      reference=stage_of.get(reference)),), mixture=mixture, notes={"mixing": settings}))
+    return arms
+
+
+@gin.configurable
+def online_mixing(
+    tasks: Sequence[str] = gin.REQUIRED,
+    unsupervised_task: str = "span_corruption",
+    budget: float = gin.REQUIRED,
+    start: Mapping = gin.REQUIRED,
+    start_name: str = gin.REQUIRED,
+    online: Mapping[str, Mapping] = gin.REQUIRED,
+) -> list[Arm]:
+    """Online mixing against the fixed rates it starts from: one arm at `start` (mixing settings, named
+    `start_name`), one per entry of `online` ({arm name: `mixing.online` settings}) starting from `start`'s shares.
+    A DoReMi entry with `'reference': 'start'` takes the fixed arm's model of the same seed as its reference. Each
+    trains the paper's pre-training + fine-tuning steps; evaluated often (`experiment.evals_per_stage`, with
+    `experiment.decode_intermediate = False`), the target NLL curves say which reaches the fixed arm's last value
+    in fewer steps."""
+    pre, ft = steps_for(budget)
+    everything = [*tasks, unsupervised_task]
+    fixed = _derived_mixture("exp_online_start", everything, **start)
+    arms = [Arm(start_name, (Stage("start", fixed, pre + ft, evaluate=tuple(tasks)),), mixture=fixed,
+                notes={"mixing": dict(start)})]
+    for i, (name, settings) in enumerate(online.items()):
+        settings = {"initial": start["strategy"], **settings}
+        reference = "start" if settings.get("reference") == "start" else None
+        if reference:
+            settings["reference"] = reference_placeholder(reference)
+        declared = {**{k: v for k, v in start.items() if k != "strategy"}, "strategy": "online", "online": settings}
+        mixture = _derived_mixture(f"exp_online_{i}", everything, **declared)
+        arms.append(Arm(name, (Stage(f"online_{i}", mixture, pre + ft, evaluate=tuple(tasks), reference=reference),),
+                        mixture=mixture, notes={"mixing": declared}))
     return arms
 
 

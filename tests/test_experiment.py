@@ -159,7 +159,7 @@ def test_training_and_mixing_strategies_make_the_papers_arms():
 
 
 @pytest.mark.parametrize("name,arms", [("training_strategies", 6), ("mixing_strategies", 12),
-                                       ("mixture_search_validation", 6)])
+                                       ("mixture_search_validation", 6), ("online_mixing", 3)])
 def test_shipped_experiment_files_make_their_arms_on_our_data(name, arms, data_dir):
     from mtplatform import cli, mixing
 

@@ -224,37 +224,41 @@ def test_a_reference_of_another_model_or_vocabulary_is_refused(tmp_path, vocab_f
 
 
 @pytest.mark.slow
-def test_online_arms_of_the_mixing_experiment_train_report_and_plot(tmp_path, vocab_file, capfd):
-    """mixing_strategies.gin's online arms, tiny: DoReMi's reference is the K = 2^14 arm's model of the same seed;
-    the report lists each online arm's shares, its steps to the fixed start's loss, and plots the trajectories."""
+def test_the_online_mixing_experiment_trains_reports_and_plots(tmp_path, vocab_file, capfd):
+    """gin/experiments/online_mixing.gin, tiny: DoReMi's reference is the fixed arm's model of the same seed; the
+    evaluations before the last are teacher-forced only; the report gives each online arm's steps to the fixed
+    arm's last training loss and held-out target NLL, its shares, and plots the trajectories."""
     from test_experiment import _in_process
 
     exp = tmp_path / "exp"
     code, err = _in_process(
-        capfd, "experiment", "--gin_file=gin/experiments/mixing_strategies.gin", "--gin_file=gin/models/tiny.gin",
-        f"--gin.EXPERIMENT_DIR='{exp}'", "--gin.BUDGET=0.00003", "--gin.mixing_strategies.tasks=['glue_rte', "
-        "'glue_stsb']", "--gin.mixing_strategies.caps=[16384]", "--gin.mixing_strategies.temperatures=[]",
-        "--gin.experiment.eval_num_examples=8", "--gin.experiment.evals_per_stage=1", "--gin.BATCH_SIZE=4",
-        "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}", "--gin.train.log_every=4",
+        capfd, "experiment", "--gin_file=gin/experiments/online_mixing.gin", "--gin_file=gin/models/tiny.gin",
+        f"--gin.EXPERIMENT_DIR='{exp}'", "--gin.BUDGET=0.00003", "--gin.online_mixing.tasks=['glue_rte', "
+        "'glue_stsb']", "--gin.experiment.eval_num_examples=8", "--gin.experiment.evals_per_stage=2",
+        "--gin.BATCH_SIZE=4", "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}", "--gin.train.log_every=4",
         "--gin.evaluate_checkpoint.max_decode_length=8")
     assert code == 0, err[-3000:]
     spec = json.loads((exp / "experiment.json").read_text())
-    names = [arm["name"] for arm in spec["arms"]]
-    assert names[-3:] == ["online ODM (from K=2^14)", "online DoReMi (from K=2^14)",
-                         "online DoReMi eta=0.01 (from K=2^14)"]
-    k14 = spec["arms"][names.index("proportional K=2^14")]["stages"][0]["name"]
-    doremi = spec["arms"][-1]["stages"][0]  # eta = 0.01
-    assert doremi["reference"] == k14
-    recorded = checkpoints.read_mixture(exp / doremi["name"] / "seed_0")["settings"]["online"]
-    assert recorded["algorithm"] == "doremi" and recorded["reference"] == str(exp / k14 / "seed_0")
-    assert recorded["step_size"] == 0.01
+    assert [arm["name"] for arm in spec["arms"]] == ["proportional K=2^14", "online ODM", "online DoReMi eta=0.01"]
+    doremi = spec["arms"][-1]["stages"][0]
+    assert doremi["reference"] == "start"
+    recorded = checkpoints.read_mixture(exp / doremi["name"] / "seed_0")["settings"]
+    assert recorded["cap"] == 16384 and recorded["online"] == {
+        **online_mixing.DEFAULTS.__dict__, "algorithm": "doremi", "initial": "proportional", "step_size": 0.01,
+        "reference": str(exp / "start" / "seed_0")}
+    # Teacher-forced at step 12, decoded at 24 (the last): a curve of target NLL, a score at the end only.
+    curve = json.loads((exp / "results.json").read_text())["arms"][1]["tasks"]["glue_rte"]["seeds"][0]["curve"]
+    assert [p["step"] for p in curve] == [12, 24] and "score" not in curve[0] and "score" in curve[1]
     results = json.loads((exp / "results.json").read_text())
     online = {entry["arm"]: entry for entry in results["online_steps_to_reach"]}
-    assert set(online) == set(names[-3:]) and all(e["start"] == "proportional K=2^14" for e in online.values())
-    assert all(e["seeds"][0]["start_steps"] is not None for e in online.values())  # the fixed arm reaches its own
+    assert set(online) == {"online ODM", "online DoReMi eta=0.01"}
+    for entry in online.values():
+        assert entry["start"] == "proportional K=2^14" and "held-out target NLL" in entry["measures"]
+        assert entry["measures"]["held-out target NLL"][0]["start_steps"] in (12, 24)  # the fixed arm reaches its own
     report = (exp / "results.md").read_text()
-    assert "## Online mixing: steps to the fixed start's training loss" in report
-    assert "Mixture of **online ODM (from K=2^14)** (`exp_mix_3`, online; `rates.png`): initial share" in report
+    assert "## Online mixing: steps to the fixed start's loss" in report
+    assert "- *online ODM*, held-out target NLL (seeds 0): reaches *proportional K=2^14*'s last value" in report
+    assert "Mixture of **online ODM** (`exp_online_0`, online; `rates.png`): initial share" in report
     assert (exp / "rates.png").stat().st_size > 10_000
 
 
