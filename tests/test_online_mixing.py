@@ -156,6 +156,12 @@ def test_an_online_run_resumes_exactly_and_logs_its_rates(tmp_path, vocab_file):
     assert all(torch.equal(once_weights[k], twice_weights[k]) for k in once_weights)
     rates = [{t: row[f"rate/{t}"] for t in TASKS} for row in once.values()]
     assert all(sum(r.values()) == pytest.approx(1.0) for r in rates) and rates[0] != rates[-1]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(checkpoints.tensorboard_dir(tmp_path / "once"))).Reload()
+    logged = board.Scalars("rate/glue_rte")
+    assert [e.step for e in logged] == list(once)
+    assert [e.value for e in logged] == pytest.approx([row["rate/glue_rte"] for row in once.values()], rel=1e-6)
     recorded = checkpoints.read_mixture(tmp_path / "once")
     assert recorded["settings"]["strategy"] == "online" and recorded["settings"]["online"]["algorithm"] == "odm"
     # Settings that would change a resumed run's shares are refused, naming the setting.
