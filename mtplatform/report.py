@@ -150,8 +150,31 @@ def _online_speed(root: Path, spec: dict, arms: list[dict]) -> list[dict]:
         }
         measures = {name: _reach(by_arm[arm["name"]], by_arm[start["name"]]) for name, by_arm in curves.items()}
         measures = {name: seeds for name, seeds in measures.items() if seeds}
-        if measures:
-            out.append({"arm": arm["name"], "start": start["name"], "tasks": tasks, "measures": measures})
+        out.append({"arm": arm["name"], "start": start["name"], "tasks": tasks, "measures": measures,
+                    "target_nll_against_start": _against_start(rows[arm["name"]], rows[start["name"]], tasks)})
+    return out
+
+
+def _against_start(mine: dict, start: dict, tasks: list[str]) -> list[dict]:
+    """The online arm's held-out target NLL minus its start's, per task, on the GLUE average and on the mean over
+    `tasks` (the mixture search's default target), each with its paired 95% interval and p-value."""
+    figures = [(task, mine["tasks"][task]["figures"].get("target_nll"),
+                start["tasks"][task]["figures"].get("target_nll")) for task in tasks]
+    figures.append(("GLUE average", *((row["glue_average"] or {}).get("target_nll") for row in (mine, start))))
+    complete = [(a, b) for _, a, b in figures[:-1] if a and b]
+    if len(complete) == len(tasks) and all(_paired(a, b) for a, b in complete):
+        figures.append(("mean over the tasks", *({"mean": statistics.fmean(f["mean"] for f in side),
+                                                   "per_seed": side[0]["per_seed"],
+                                                   "_replicates": np.mean([f["_replicates"] for f in side], axis=0)}
+                                                  for side in zip(*complete, strict=True))))
+    out = []
+    for name, a, b in figures:
+        if not a or not b:
+            continue
+        paired = _paired(a, b)
+        out.append({"task": name, "difference": a["mean"] - b["mean"],
+                    "ci95": stats.ci95(a["_replicates"] - b["_replicates"]) if paired else None,
+                    "p_value": stats.paired_p_value(a["_replicates"], b["_replicates"]) if paired else None})
     return out
 
 
@@ -192,9 +215,20 @@ def _listed(seeds: list[dict], key: str, fmt: str = "{}") -> str:
     return ", ".join("not reached" if s[key] is None else fmt.format(s[key]) for s in seeds)
 
 
+def _p(p_value: float) -> str:
+    """A bootstrap p-value as text: resampling cannot resolve one below 1 / SAMPLES."""
+    return f"p = {p_value:.3f}" if p_value >= 1 / stats.SAMPLES else f"p < {1 / stats.SAMPLES:g}"
+
+
 def _online_lines(results: dict) -> list[str]:
     lines = []
     for entry in results.get("online_steps_to_reach", []):
+        differences = [f"{d['task']} {d['difference']:+.3f}" + (f" [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}], "
+                                                               f"{_p(d['p_value'])}" if d["ci95"] else "")
+                       for d in entry["target_nll_against_start"]]
+        if differences:
+            lines.append(f"- *{entry['arm']}* minus *{entry['start']}*, held-out target NLL (negative: the online arm "
+                         f"is lower): {'; '.join(differences)}.")
         for measure, seeds in entry["measures"].items():
             start = entry["start"]
             lines.append(f"- *{entry['arm']}*, {measure} (seeds {_listed(seeds, 'seed')}): reaches *{start}*'s last "
@@ -203,11 +237,12 @@ def _online_lines(results: dict) -> list[str]:
                          f"value: {_listed(seeds, 'last', '{:.3f}')}.")
     if not lines:
         return []
-    return ["", "## Online mixing: steps to the fixed start's loss", "",
-            "The mean over the evaluated tasks of each task's training loss (`task/<t>/loss`, every logged window, on "
-            "the examples each arm drew: within their first epoch here, but not held out) and, where stages were "
-            "evaluated more than once, of each task's held-out target NLL; and the first step at which it is at or "
-            "below the last value of the fixed arm the online arm starts from:", "", *lines]
+    return ["", "## Online mixing against its fixed start", "",
+            "Each online arm's held-out target NLL against the fixed arm it starts from (paired 95% bootstrap "
+            "interval over examples and seeds); and the steps it takes to reach the fixed arm's last value of the "
+            "mean over the evaluated tasks of each task's training loss (`task/<t>/loss`, in windows where every "
+            "task was drawn, on the examples each arm drew: within their first epoch here, but not held out) and, "
+            "where stages were evaluated more than once, of their held-out target NLL:", "", *lines]
 
 
 def _glue_average(by_task: dict[str, dict], glue: list[str]) -> dict | None:

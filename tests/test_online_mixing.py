@@ -262,7 +262,11 @@ def test_the_online_mixing_experiment_trains_reports_and_plots(tmp_path, vocab_f
         assert entry["start"] == "proportional K=2^14" and "held-out target NLL" in entry["measures"]
         assert entry["measures"]["held-out target NLL"][0]["start_steps"] in (12, 24)  # the fixed arm reaches its own
     report = (exp / "results.md").read_text()
-    assert "## Online mixing: steps to the fixed start's loss" in report
+    assert "## Online mixing against its fixed start" in report
+    assert "- *online ODM* minus *proportional K=2^14*, held-out target NLL" in report
+    against = online["online ODM"]["target_nll_against_start"]
+    assert [d["task"] for d in against] == ["glue_rte", "glue_stsb", "GLUE average", "mean over the tasks"]
+    assert against[-1]["difference"] == pytest.approx((against[0]["difference"] + against[1]["difference"]) / 2)
     assert "- *online ODM*, held-out target NLL (seeds 0): reaches *proportional K=2^14*'s last value" in report
     assert "Mixture of **online ODM** (`exp_online_0`, online; `rates.png`): initial share" in report
     assert (exp / "rates.png").stat().st_size > 10_000
