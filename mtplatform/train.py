@@ -458,10 +458,11 @@ def setup(config: RunConfig, per_rank: int, ctx: Distributed, device: torch.devi
                          (c.train_steps - first_step) * c.batch_size, c.pack, c.packing, c.seed)
     if ctx.main:
         validation.check_lengths_fit(list(resolved.rates), c.task_feature_lengths, c.max_truncated_share)
-    stream = _stream(c, resolved, per_rank, ctx)
     mixer = reference = None
-    if resolved.settings.strategy == "online":
+    if resolved.settings.strategy == "online":  # before the stream: a bad reference is refused at once
         mixer, reference = _online_mixer(resolved, state.get("online_mixer"), model, vocabulary, device)
+    stream = _stream(c, resolved, per_rank, ctx)
+    if mixer is not None:
         stream.set_shares(mixer.shares)
     if start.checkpoint is not None:
         stream.restore(checkpoints.data_state_dir(start.checkpoint, ctx.rank))

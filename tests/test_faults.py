@@ -363,6 +363,7 @@ ONLINE = ("--gin.MIXTURE_OR_TASK_NAME='test_faults_online'",
           "'strategy': 'online', 'online': {'algorithm': 'odm'}}}")
 
 
+@pytest.mark.slow  # the default suite resumes online runs in process (tests/test_online_mixing.py)
 def test_sigkill_resumes_an_online_run_exactly(tmp_path, vocab_file):
     """Online mixing (shares moved every step by the losses): the same rates, losses and weights after kills."""
     _kill_and_resume(tmp_path, kills=2, steps=24, seed=2, extra=ONLINE)

@@ -169,6 +169,7 @@ def test_an_online_run_resumes_exactly_and_logs_its_rates(tmp_path, vocab_file):
         _train(tmp_path / "twice", 12, bindings=("mixing.online.step_size = 2.0",))
 
 
+@pytest.mark.slow  # DoReMi's update is checked in the default suite on known losses, its resume here
 def test_doremi_runs_on_a_reference_and_resumes_exactly(tmp_path, vocab_file):
     mixing.register("test_online_reference", TASKS, replace_existing=True)
     _train(tmp_path / "reference", 4, mixture_or_task_name="test_online_reference")
