@@ -677,6 +677,34 @@ def plots(root: Path, results: dict) -> None:
     axes[0].legend(fontsize=7)
     _save(fig, root / "shares.png")
     _rate_trajectories(plt, spec, root / "rates.png")
+    if results.get("online_steps_to_reach"):
+        _target_nll_curves(plt, results, root / "target_nll_curves.png")
+
+
+def _target_nll_curves(plt, results: dict, path: Path) -> None:
+    """target_nll_curves.png: each arm's held-out target NLL, the mean over its evaluated tasks, at every evaluated
+    step (thin: each seed; thick: their mean), where stages were evaluated more than once."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    drawn = False
+    for i, arm in enumerate(results["arms"]):
+        tasks = [t for t in results["tasks"] if arm["tasks"][t]["seeds"]]
+        by_seed = _mean_target_nll(arm, tasks) if tasks else {}
+        curves = [points for points in by_seed.values() if len(points) > 1]
+        if not curves:
+            continue
+        drawn = True
+        for points in curves:
+            ax.plot(*zip(*points, strict=True), color=f"C{i % 10}", lw=0.6, alpha=0.4)
+        steps = sorted(set.intersection(*(set(dict(points)) for points in curves)))
+        ax.plot(steps, [statistics.fmean(dict(points)[step] for points in curves) for step in steps],
+                color=f"C{i % 10}", lw=2, marker="o", ms=3, label=arm["name"])
+    if not drawn:
+        plt.close(fig)
+        return
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out target NLL, mean over tasks")
+    ax.legend(fontsize=7)
+    _save(fig, path)
 
 
 def _rate_trajectories(plt, spec: dict, path: Path) -> None:

@@ -270,7 +270,7 @@ def test_the_online_mixing_experiment_trains_reports_and_plots(tmp_path, vocab_f
     assert against[-1]["difference"] == pytest.approx((against[0]["difference"] + against[1]["difference"]) / 2)
     assert "- *online ODM*, held-out target NLL (seeds 0): reaches *proportional K=2^14*'s last value" in report
     assert "Mixture of **online ODM** (`exp_online_0`, online; `rates.png`): initial share" in report
-    assert (exp / "rates.png").stat().st_size > 10_000
+    assert (exp / "rates.png").stat().st_size > 10_000 and (exp / "target_nll_curves.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow  # three torchrun starts of two processes
