@@ -17,8 +17,8 @@ Both start from `initial`, any fixed strategy's shares (with its usual `mixing.*
 `warmup_steps`, and never put a task under `floor`. The state (shares, rewards, update count, the window's sums)
 is saved with each checkpoint, so that a resumed run updates exactly as an uninterrupted one.
 
-Why rates that change fit the data stream: see `data.OnlineStream` (per-task iterators, a seeded sampler whose
-state is saved, and first-fit packing in numpy, all drawn synchronously at the step that uses the batch).
+Why rates that change fit the data stream: see `online_stream.OnlineStream` (per-task iterators, a seeded sampler
+whose state is saved, and first-fit packing in numpy, each batch drawn at the step that uses it).
 
 This module knows numpy and gin, not torch or TensorFlow.
 """
