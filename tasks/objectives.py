@@ -1,9 +1,11 @@
-"""Pretraining objectives as seqio preprocessors: T5's (Tables 4 to 7), BERT's, SpanBERT's, BART's and NSP.
+"""Pretraining objectives as seqio preprocessors: T5's (Tables 4 to 7), BERT's, SpanBERT's, BART's, NSP, ALBERT's
+sentence order, ELECTRA's replaced tokens, GPT's left-to-right LM and ERNIE's entity and phrase masking.
 
 Each objective is one function `(dataset, sequence_length, output_features)` over text already tokenized into
-"targets" (NSP takes the raw "text"); `OBJECTIVES` maps registry names to them and `tasks.unsupervised` registers
-each over any text source. Their parameters are gin-configurable (`objectives.span_corruption.noise_density = 0.5`)
-and read when a dataset is built, so a run's gin file (or an experiment stage's scope) sets them.
+"targets" (NSP, SOP and ERNIE's take the raw "text"); `OBJECTIVES` maps registry names to them and
+`tasks.unsupervised` registers each over any text source. Their parameters are gin-configurable
+(`objectives.span_corruption.noise_density = 0.5`) and read when a dataset is built, so a run's gin file (or an
+experiment stage's scope) sets them.
 
 Lengths: every objective cuts its text into chunks sized from the run's feature lengths, so that a target never
 needs truncating: objectives whose target is the whole chunk (BERT-style, BART, deshuffling, prefix LM) cut at
@@ -27,6 +29,7 @@ import tensorflow as tf
 from t5.data import preprocessors as t5p
 
 from mtplatform import validation
+from tasks import knowledge_units
 
 MIN_CHUNK = 8  # tokens; shorter chunks teach nothing and mean the lengths are a mistake
 MIN_NOISED = 3  # words (SpanBERT) or tokens (BART): the last piece of a corpus may be shorter, and stays clean
@@ -305,15 +308,19 @@ def bert_mlm_wwm(dataset, sequence_length, output_features, noise_density: float
         words = word_ids(tokens, word_start)
         word_lengths = tf.math.bincount(words)
         order = tf.random.experimental.stateless_shuffle(tf.range(tf.size(word_lengths)), seed=seeds[0])
-        in_order = tf.gather(word_lengths, order)
-        # A word is chosen when the budget is reached by its middle: the token share is `noise_density` on average
-        # (BERT stops one word short of the budget, which biases it down by half a word per sequence).
-        middles = tf.cast(tf.cumsum(in_order), tf.float32) - tf.cast(in_order, tf.float32) / 2
-        budget = tf.cast(tf.size(tokens), tf.float32) * noise_density
-        chosen = tf.scatter_nd(order[:, None], middles <= budget, tf.shape(word_lengths))
+        chosen = units_within_budget(word_lengths, order, tf.cast(tf.size(tokens), tf.float32) * noise_density)
         return tf.gather(chosen, words), tf.random.stateless_uniform(tf.shape(tokens), seed=seeds[1])
 
     return _bert_style("bert_mlm_wwm", dataset, sequence_length, output_features, choose, 2, mask_prob, random_prob)
+
+
+def units_within_budget(unit_lengths: tf.Tensor, order: tf.Tensor, budget: tf.Tensor) -> tf.Tensor:
+    """Per unit (a word, an entity, a phrase), whether it is chosen: units in `order` until `budget` tokens, a unit
+    chosen when the budget is reached by its middle, so that the token share is the budget's on average (BERT stops
+    one word short of the budget, which biases it down by half a word per sequence)."""
+    in_order = tf.gather(unit_lengths, order)
+    middles = tf.cast(tf.cumsum(in_order), tf.float32) - tf.cast(in_order, tf.float32) / 2
+    return tf.scatter_nd(order[:, None], middles <= budget, tf.shape(unit_lengths))
 
 
 def truncated_geometric_lengths(count: tf.Tensor, p: float, max_length: int, seed: tf.Tensor) -> tf.Tensor:
@@ -443,6 +450,7 @@ SENTENCE_BREAK = r"""([.!?]["')]?)\s+(["'(]?[A-Z])"""
 # Full stops that end no sentence: titles and initials ("Mr. Elton", "H. americanus"), hidden while splitting.
 ABBREVIATION = r"\b(Mr|Mrs|Ms|Dr|St|Mt|Jr|Sr|Prof|Gen|Col|Capt|Lt|Rev|Hon|Gov|Sen|Rep|No|vs|[A-Z])\."
 NSP_LABELS = ("next", "not_next")
+SOP_LABELS = ("in_order", "swapped")
 NSP_NEGATIVE_BLOCK = 4096  # sentences; negatives are drawn from a shuffled block this far ahead in the stream
 
 
@@ -452,6 +460,19 @@ def split_sentences(text: tf.Tensor) -> tf.Tensor:
     hidden = tf.strings.regex_replace(text, ABBREVIATION, "\\1\x1f")
     marked = tf.strings.regex_replace(hidden, SENTENCE_BREAK, "\\1\x1e\\2")
     return tf.strings.regex_replace(tf.strings.split(marked, "\x1e"), "\x1f", ".")
+
+
+def _documents(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """Each corpus line's sentences, and a hash that names its document."""
+    return dataset.map(lambda ex: {"sentences": split_sentences(ex["text"]),
+                                   "doc": tf.strings.to_hash_bucket_fast(ex["text"], 2**62)})
+
+
+def _consecutive_sentences(documents: tf.data.Dataset) -> tf.data.Dataset:
+    """Every pair of consecutive sentences of a document, in order, with the document's hash."""
+    return documents.flat_map(lambda d: tf.data.Dataset.from_tensor_slices(
+        {"first": d["sentences"][:-1], "second": d["sentences"][1:],
+         "doc": tf.fill([tf.maximum(tf.size(d["sentences"]) - 1, 0)], d["doc"])}))
 
 
 @gin.configurable(module="objectives", denylist=["dataset", "sequence_length", "output_features"])
@@ -464,11 +485,8 @@ def nsp(dataset, sequence_length=None, output_features=None, negative_block: int
     `negative_block` and read half a block ahead, so it is far from the current document (and never from it)."""
     _check("nsp", negative_block=negative_block)
     del sequence_length, output_features  # targets are one word; inputs longer than the length are cut as GLUE's
-    documents = dataset.map(lambda ex: {"sentences": split_sentences(ex["text"]),
-                                        "doc": tf.strings.to_hash_bucket_fast(ex["text"], 2**62)})
-    pairs = documents.flat_map(lambda d: tf.data.Dataset.from_tensor_slices(
-        {"first": d["sentences"][:-1], "second": d["sentences"][1:],
-         "doc": tf.fill([tf.maximum(tf.size(d["sentences"]) - 1, 0)], d["doc"])}))
+    documents = _documents(dataset)
+    pairs = _consecutive_sentences(documents)
     sentences = documents.flat_map(lambda d: tf.data.Dataset.from_tensor_slices(
         {"sentence": d["sentences"], "doc": tf.fill(tf.shape(d["sentences"]), d["doc"])}))
 
@@ -491,6 +509,161 @@ def nsp(dataset, sequence_length=None, output_features=None, negative_block: int
     return label(both)
 
 
+def albert_sop(dataset, sequence_length=None, output_features=None):
+    """ALBERT's sentence-order prediction as text to text: two consecutive sentences of one document, in their
+    order (target "in_order") or, with probability 1/2, swapped ("swapped"). Inputs: "sop sentence1: ...
+    sentence2: ...". Unlike NSP's negatives, both halves always come from the same document, so topic gives no
+    clue: only coherence does (ALBERT's argument for replacing NSP)."""
+    del sequence_length, output_features  # targets are one word; inputs longer than the length are cut as GLUE's
+
+    @seqio.map_over_dataset(num_seeds=1)
+    def label(pair, seed):
+        swapped = tf.random.stateless_uniform([], seed=seed) < 0.5
+        first, second = tf.where(swapped, pair["second"], pair["first"]), tf.where(swapped, pair["first"],
+                                                                                  pair["second"])
+        inputs = tf.strings.join(["sop sentence1: ", first, " sentence2: ", second])
+        return {"inputs": inputs, "targets": tf.where(swapped, SOP_LABELS[1], SOP_LABELS[0])}
+
+    return label(_consecutive_sentences(_documents(dataset)))
+
+
+# --- ELECTRA, GPT ------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=8)
+def _unigram_cdf(model_file: str, low: int, high: int) -> np.ndarray:
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
+    scores = np.array([sp.get_score(i) if sp.is_unknown(i) + sp.is_control(i) + sp.is_unused(i) == 0
+                       else -np.inf for i in range(low, min(high, sp.get_piece_size()))])
+    probs = np.exp(scores - scores.max())
+    return np.cumsum(probs / probs.sum())
+
+
+def unigram_cdf(vocabulary: seqio.Vocabulary) -> tf.Tensor:
+    """The cumulative unigram distribution of the ordinary pieces (ids from `first_random_id`): SentencePiece's
+    unigram model stores each piece's log-probability, estimated by EM over the text it was trained on."""
+    low, high = first_random_id(vocabulary)
+    return tf.constant(_unigram_cdf(vocabulary.sentencepiece_model_file, low, high), tf.float32)
+
+
+@gin.configurable(module="objectives", denylist=["dataset", "sequence_length", "output_features"])
+def electra_replaced_tokens(dataset, sequence_length, output_features, noise_density: float = 0.15):
+    """ELECTRA's replaced-token detection as text to text: `noise_density` of the tokens are drawn and each is
+    replaced by a piece sampled from the vocabulary's unigram distribution (`unigram_cdf`); the target lists the
+    replaced tokens as they stand in the inputs, in order, so the model must say which tokens are fake. A draw
+    equal to the original is not a replacement (ELECTRA labels it original too).
+
+    Why unigram samples and not ELECTRA's small generator: a generator is a second model trained jointly, which a
+    text-to-text task (data only) cannot hold; unigram replacements are ELECTRA's own ablation baseline, and they
+    keep the objective a data preprocessor like the others. Its replacements are easier to spot than a trained
+    generator's."""
+    _check("electra_replaced_tokens", noise_density=noise_density)
+    n = chunk_length("electra_replaced_tokens", sequence_length,
+                     targets_needed=lambda n: _noise_count(n, noise_density) + 1)
+    ds = chunks(dataset, output_features, n)
+    vocabulary = _vocabulary(output_features)
+    cdf, low = unigram_cdf(vocabulary), first_random_id(vocabulary)[0]
+
+    @seqio.map_over_dataset(num_seeds=2)
+    def replace(features, seeds):
+        tokens = features["targets"]
+        noise = exact_noise_mask(tf.size(tokens), noise_density, seeds[0])
+        draws = tf.random.stateless_uniform(tf.shape(tokens), seed=seeds[1])
+        samples = tf.cast(tf.minimum(tf.searchsorted(cdf, draws, side="right"), tf.size(cdf) - 1) + low,
+                          tokens.dtype)
+        replaced = noise & tf.not_equal(samples, tokens)
+        inputs = tf.where(replaced, samples, tokens)
+        return {"inputs": inputs, "targets": tf.boolean_mask(inputs, replaced)}
+
+    return replace(ds)
+
+
+@gin.configurable(module="objectives", denylist=["dataset", "sequence_length", "output_features"])
+def causal_lm(dataset, sequence_length, output_features, prefix: str = ""):
+    """GPT's left-to-right language modelling: the whole chunk is the target, decoded from nothing but `prefix`
+    (empty by default: the encoder sees only EOS, so the decoder alone models the text). Chunks are sized by the
+    targets length alone."""
+    lengths = {**NO_LENGTHS, **(sequence_length or {})}
+    prompt = _vocabulary(output_features).encode(prefix) if prefix else []
+    if len(prompt) + 1 > lengths["inputs"]:
+        raise ValueError(f"objectives.causal_lm.prefix is {len(prompt)} tokens; TASK_FEATURE_LENGTHS inputs "
+                         f"{lengths['inputs']} holds at most {lengths['inputs'] - 1} (and EOS)")
+    n = chunk_length("causal_lm", {"inputs": lengths["targets"], "targets": lengths["targets"]})
+    ds = chunks(dataset, output_features, n)
+    inputs = tf.constant(prompt, tf.int32)
+    return ds.map(lambda features: {"inputs": tf.cast(inputs, features["targets"].dtype),
+                                    "targets": features["targets"]}, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+# --- ERNIE's knowledge masking -----------------------------------------------------------------------------------
+
+
+def _knowledge_masking(name: str, units_of, dataset, sequence_length, output_features, noise_density: float,
+                       mask_prob: float, random_prob: float):
+    """ERNIE's skeleton over raw text: units (entities or phrases, see `tasks.knowledge_units`; every other word a
+    unit of its own) are chosen, the special ones first, in random order within each kind, until `noise_density`
+    of the chunk's tokens; BERT's 80/10/10 rule applies per unit. The target is the original chunk."""
+    vocabulary = _vocabulary(output_features)
+    n = chunk_length(name, sequence_length)
+
+    def tokenized(features):
+        words = tf.strings.split(features["text"])
+        starts, special = units_of(words)
+        pieces = vocabulary.encode_tf(words)
+        per_word = pieces.row_lengths()
+        first_piece = tf.equal(tf.ragged.range(per_word).flat_values, 0)
+        return {"targets": pieces.flat_values,
+                "unit_start": tf.cast(tf.repeat(starts, per_word) & first_piece, pieces.dtype),
+                "special": tf.cast(tf.repeat(special, per_word), pieces.dtype)}
+
+    keys = ["unit_start", "special"]
+    ds = dataset.map(tokenized, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = t5p.select_random_chunk(ds, output_features=output_features, feature_key="targets", max_length=65536,
+                                 additional_feature_keys=keys)
+    ds = t5p.split_tokens(ds, feature_key="targets", min_tokens_per_segment=None, max_tokens_per_segment=n,
+                          additional_feature_keys=keys)
+    ds = ds.filter(lambda features: tf.size(features["targets"]) > 0)
+
+    @seqio.map_over_dataset(num_seeds=3)
+    def corrupt(features, seeds):
+        tokens = features["targets"]
+        unit = tf.cumsum(tf.concat([[1], features["unit_start"][1:]], axis=0)) - 1  # a chunk starts a unit
+        lengths = tf.math.bincount(unit)
+        special = tf.math.unsorted_segment_max(features["special"], unit, tf.size(lengths)) > 0
+        key = tf.random.stateless_uniform(tf.shape(lengths), seed=seeds[0]) + tf.cast(~special, tf.float32)
+        chosen = units_within_budget(lengths, tf.argsort(key), tf.cast(tf.size(tokens), tf.float32) * noise_density)
+        choice = tf.gather(tf.random.stateless_uniform(tf.shape(lengths), seed=seeds[1]), unit)
+        inputs = bert_corrupt(tokens, tf.gather(chosen, unit), choice, vocabulary, seeds[2], mask_prob, random_prob)
+        return {"inputs": inputs, "targets": tokens}
+
+    return corrupt(ds)
+
+
+@gin.configurable(module="objectives", denylist=["dataset", "sequence_length", "output_features"])
+def ernie_entity_masking(dataset, sequence_length, output_features, noise_density: float = 0.15,
+                         mask_prob: float = 0.8, random_prob: float = 0.1, source: str | None = None):
+    """ERNIE 1.0's entity-level masking: named-entity mentions (a gazetteer of `source`, by default CoNLL-2003's
+    training entities) masked whole, before any other word, within `noise_density` of the tokens."""
+    _check("ernie_entity_masking", noise_density=noise_density, mask_prob=mask_prob, random_prob=random_prob)
+    units = knowledge_units.EntityUnits(knowledge_units.source_path("ernie_entity_masking", source))
+    return _knowledge_masking("ernie_entity_masking", units, dataset, sequence_length, output_features,
+                              noise_density, mask_prob, random_prob)
+
+
+@gin.configurable(module="objectives", denylist=["dataset", "sequence_length", "output_features"])
+def ernie_phrase_masking(dataset, sequence_length, output_features, noise_density: float = 0.15,
+                         mask_prob: float = 0.8, random_prob: float = 0.1, source: str | None = None):
+    """ERNIE 1.0's phrase-level masking: noun phrases of two words or more (a rule-based chunker over a
+    part-of-speech lexicon of `source`, by default CoNLL-2003's training file) masked whole, before any other
+    word, within `noise_density` of the tokens."""
+    _check("ernie_phrase_masking", noise_density=noise_density, mask_prob=mask_prob, random_prob=random_prob)
+    units = knowledge_units.PhraseUnits(knowledge_units.source_path("ernie_phrase_masking", source))
+    return _knowledge_masking("ernie_phrase_masking", units, dataset, sequence_length, output_features,
+                              noise_density, mask_prob, random_prob)
+
+
 # --- the registry -----------------------------------------------------------------------------------------------
 
 OBJECTIVES: dict[str, Callable] = {
@@ -508,6 +681,14 @@ OBJECTIVES: dict[str, Callable] = {
     "bart_sentence_permutation": bart_sentence_permutation,
     "bart_document_rotation": bart_document_rotation,
     "nsp": nsp,
+    "albert_sop": albert_sop,
+    "electra_replaced_tokens": electra_replaced_tokens,
+    "causal_lm": causal_lm,
+    "ernie_entity_masking": ernie_entity_masking,
+    "ernie_phrase_masking": ernie_phrase_masking,
 }
-TEXT_OBJECTIVES = frozenset({"nsp"})  # these take the raw text; the others tokenized text in "targets"
+# These take the raw text and return text for seqio to tokenize, or (SELF_TOKENIZING) tokens; the others take
+# tokenized text.
+TEXT_OBJECTIVES = frozenset({"nsp", "albert_sop", "ernie_entity_masking", "ernie_phrase_masking"})
+SELF_TOKENIZING = frozenset({"ernie_entity_masking", "ernie_phrase_masking"})  # units are found in words
 

@@ -238,18 +238,20 @@ def in_squad_dev_train_split(title: str) -> bool:
 NER_TYPES = ("PER", "ORG", "LOC", "MISC")
 
 
-def read_conll(path: Path) -> list[Row]:
+def read_conll(path: Path, with_pos: bool = False) -> list[Row]:
     """Sentences of a CoNLL-2003 file (`token POS chunk NER` per line, blank lines between sentences,
-    `-DOCSTART-` lines between documents) as `tokens` and their IOB1 `tags`."""
+    `-DOCSTART-` lines between documents) as `tokens` and their IOB1 `tags` (and part-of-speech `pos`, if asked)."""
     rows: list[Row] = []
     tokens: list[str] = []
     tags: list[str] = []
+    pos: list[str] = []
 
     def flush() -> None:
         if tokens:
-            rows.append({"tokens": list(tokens), "tags": list(tags)})
+            rows.append({"tokens": list(tokens), "tags": list(tags), **({"pos": list(pos)} if with_pos else {})})
             tokens.clear()
             tags.clear()
+            pos.clear()
 
     with utf8_named(path), open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
@@ -267,6 +269,7 @@ def read_conll(path: Path) -> list[Row]:
                 raise DataFormatError(f"{path}:{line_no}: unknown NER tag {tag!r}")
             tokens.append(fields[0])
             tags.append(tag)
+            pos.append(fields[1])
     flush()
     return rows
 

@@ -7,7 +7,9 @@ registers the same objectives over any files a user names, as `<prefix>_<objecti
 Registry names: T5's `span_corruption`, `iid_denoising` ("replace corrupted spans"), `drop_corrupted_tokens`,
 `prefix_lm`, `deshuffling`; BERT's `bert_mlm`, `bert_mlm_wwm`, `nsp`; SpanBERT's `spanbert`; BART's
 `bart_infilling`, `bart_token_masking`, `bart_token_deletion`, `bart_sentence_permutation`,
-`bart_document_rotation`. Their parameters are gin settings of `objectives.<name>` (see `tasks.objectives`).
+`bart_document_rotation`; ALBERT's `albert_sop`; ELECTRA's `electra_replaced_tokens`; GPT's `causal_lm`; ERNIE's
+`ernie_entity_masking` and `ernie_phrase_masking` (their units: `tasks.knowledge_units`). Their parameters are gin
+settings of `objectives.<name>` (see `tasks.objectives`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from tasks import objectives
 from tasks.common import OUTPUT_FEATURES
 from tasks.sources import TextSource
 
+LABELS = {"nsp": objectives.NSP_LABELS, "albert_sop": objectives.SOP_LABELS}  # classification objectives
 _TOKENIZED = [
     functools.partial(seqio.preprocessors.rekey, key_map={"inputs": None, "targets": "text"}),
     seqio.preprocessors.tokenize,
@@ -35,6 +38,8 @@ def objective_preprocessors(objective: str) -> list:
     run still draws fresh noise at its own lengths.
     """
     step = objectives.OBJECTIVES[objective]
+    if objective in objectives.SELF_TOKENIZING:  # it finds its units in the words, then tokenizes them
+        return [seqio.CacheDatasetPlaceholder(), step, seqio.preprocessors.append_eos_after_trim]
     if objective in objectives.TEXT_OBJECTIVES:  # it builds its own text inputs and targets, then they are tokenized
         return [seqio.CacheDatasetPlaceholder(), step, seqio.preprocessors.tokenize,
                 seqio.preprocessors.append_eos_after_trim]
@@ -55,8 +60,8 @@ def register_text_tasks(prefix: str, patterns: Sequence[str]) -> list[str]:
             output_features=OUTPUT_FEATURES,
             metric_fns=[],
         )
-        if objective == "nsp":
-            scoring.register_labels(name, objectives.NSP_LABELS)
+        if objective in LABELS:
+            scoring.register_labels(name, LABELS[objective])
         mixing.UNSUPERVISED_TASKS.add(name)  # its size is arbitrary: mixing rates use an artificial one
         names.append(name)
     return names

@@ -366,7 +366,8 @@ def test_debug_prints_the_traceback(tmp_path, vocab_file):
 
 
 NOISED = ["span_corruption", "iid_denoising", "drop_corrupted_tokens", "bert_mlm", "bert_mlm_wwm", "spanbert",
-          "bart_infilling", "bart_token_masking", "bart_token_deletion"]
+          "bart_infilling", "bart_token_masking", "bart_token_deletion", "electra_replaced_tokens",
+          "ernie_entity_masking", "ernie_phrase_masking"]
 
 
 @pytest.mark.parametrize("density", [0.0, -0.1, 1.0, 1.5, "high"])

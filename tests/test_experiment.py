@@ -203,7 +203,7 @@ def test_objectives_experiment_and_what_a_stage_depends_on(data_dir):
     try:
         _objectives_config()
         arms = strategies.pretraining_objectives()
-        assert [a.name for a in arms][:3] == ["prefix_lm", "bert_mlm", "deshuffling"] and len(arms) == 9
+        assert [a.name for a in arms][:3] == ["prefix_lm", "bert_mlm", "deshuffling"] and len(arms) == 14
         assert [s.name for s in arms[1].stages] == ["pretrain_bert_mlm", "bert_mlm_ft_glue_sst2",
                                                     "bert_mlm_ft_glue_mrpc"]
         assert arms[1].stages[0].train_on == "bert_mlm" and arms[1].stages[1].init == "pretrain_bert_mlm"

@@ -355,17 +355,252 @@ def test_sentences_are_split_after_full_stops(data_dir):
                                                   "Mr. Smith and H. G. Wells stayed!", "(Then) quiet."]
 
 
+def test_sop_pairs_are_consecutive_sentences_of_one_document_in_or_out_of_order(data_dir, vocab_file):
+    task = seqio.get_mixture_or_task("albert_sop")
+    ds = task.get_dataset(LENGTHS, split="train", shuffle=False, use_cached=False, seed=4).take(1500)
+    vocab = task.output_features["targets"].vocabulary
+    corpus = re.sub(r"\s+", " ", "\n".join(row["text"] for row in task.source.read_rows("train")))
+    labels = []
+    for ex in ds.as_numpy_iterator():
+        text, label = ex["inputs_pretokenized"].decode(), ex["targets_pretokenized"].decode()
+        assert vocab.decode(ex["targets"][:-1].tolist()) == label and label in objectives.SOP_LABELS
+        first, second = (re.sub(r"\s+", " ", s) for s in text.removeprefix("sop sentence1: ").split(" sentence2: "))
+        labels.append(label)
+        if len(labels) <= 300:
+            in_order = (first, second) if label == "in_order" else (second, first)
+            assert " ".join(in_order) in corpus, (label, first, second)  # two consecutive sentences, as written
+            if label == "swapped" and min(len(first), len(second)) > 30:
+                assert f"{first} {second}" not in corpus  # swapped, save a short chance match
+    share = labels.count("in_order") / len(labels)
+    assert share == pytest.approx(0.5, abs=_tolerance(0.5, len(labels)))  # 1,500 pairs: +-0.052
+
+
+# --- ELECTRA and GPT ------------------------------------------------------------------------------------------
+
+
+def _corpus_tokens(num_tokens: int) -> list[np.ndarray]:
+    """The corpus's first documents, tokenized, until `num_tokens` tokens."""
+    task = seqio.get_mixture_or_task("span_corruption")
+    ds = seqio.preprocessors.rekey(task.source.get_dataset("train", shuffle=False), {"targets": "text"})
+    documents, total = [], 0
+    for ex in seqio.preprocessors.tokenize(ds, task.output_features).as_numpy_iterator():
+        documents.append(ex["targets"])
+        total += len(ex["targets"])
+        if total >= num_tokens:
+            return documents
+    return documents
+
+
+def _run(objective, documents: list[np.ndarray], lengths=LENGTHS, **params) -> list[dict]:
+    features = seqio.get_mixture_or_task("span_corruption").output_features
+    ds = tf.data.Dataset.from_tensor_slices({"targets": tf.ragged.constant(documents)}).map(
+        lambda ex: {"targets": ex["targets"]})
+    with seqio.utils.map_seed_manager(5):
+        return list(objective(ds, lengths, features, **params).as_numpy_iterator())
+
+
+def test_electra_replaces_tokens_by_the_unigram_distribution_and_names_them(data_dir, vocab_file):
+    documents = _corpus_tokens(25_000)
+    original = np.concatenate(documents)
+    examples = _run(objectives.electra_replaced_tokens, documents)
+    inputs = np.concatenate([ex["inputs"] for ex in examples])
+    assert len(inputs) == len(original)  # chunks of the documents, in order; only tokens are replaced
+    replaced = inputs != original
+    start = 0
+    for ex in examples:  # the target lists the fake tokens as they stand in the inputs, in order
+        n = len(ex["inputs"])
+        assert ex["targets"].tolist() == ex["inputs"][replaced[start:start + n]].tolist()
+        assert replaced[start:start + n].sum() <= max(round(0.15 * n), 1)
+        start += n
+    # 15% drawn; a draw equal to the original (about 1% of draws here) is no replacement.
+    assert replaced.mean() == pytest.approx(0.15, abs=0.006)
+    vocab = _vocab()
+    cdf = objectives.unigram_cdf(vocab).numpy()
+    low, high = objectives.first_random_id(vocab)
+    fakes = inputs[replaced]
+    assert ((fakes >= low) & (fakes < high)).all()  # ordinary pieces, never a sentinel, EOS or unk
+    probs = np.diff(np.concatenate([[0.0], cdf]))
+    top = np.argsort(probs)[::-1][:50] + low  # the 50 likeliest pieces carry ~30% of the mass
+    expected = probs[top - low].sum()
+    assert np.isin(fakes, top).mean() == pytest.approx(expected, abs=_tolerance(expected, len(fakes)) + 0.01)
+
+
+def test_causal_lm_targets_are_the_text_and_inputs_empty_or_the_prefix(data_dir, vocab_file):
+    documents = _corpus_tokens(3_000)
+    examples = _run(objectives.causal_lm, documents)
+    assert all(len(ex["inputs"]) == 0 and 0 < len(ex["targets"]) <= 127 for ex in examples)
+    stream = np.concatenate([ex["targets"] for ex in examples])
+    assert stream.tolist() == np.concatenate(documents).tolist()  # every token once, in order
+    with gin.config_scope("lm"):
+        gin.bind_parameter("lm/objectives.causal_lm.prefix", "continue:")
+        prompted = _run(objectives.causal_lm, documents, {"inputs": 16, "targets": 64})
+    gin.clear_config()
+    assert all(ex["inputs"].tolist() == _vocab().encode("continue:") for ex in prompted)
+    assert max(len(ex["targets"]) for ex in prompted) == 63  # the chunk is sized by the targets alone
+    with pytest.raises(ValueError, match=r"objectives.causal_lm.prefix is \d+ tokens; TASK_FEATURE_LENGTHS inputs 2"):
+        _run(objectives.causal_lm, documents[:1], {"inputs": 2, "targets": 64}, prefix="a longer prompt")
+
+
+# --- ERNIE's knowledge masking -------------------------------------------------------------------------------------
+
+
+def test_entity_and_phrase_units_on_a_sentence(data_dir):
+    from tasks import knowledge_units
+
+    source = knowledge_units.source_path("test", None)
+    words = tf.strings.split("Peter Blackburn met the European Commission in Brussels , said the old man on "
+                             "Thursday. The big red dogs ran.")
+    starts, entity = (x.numpy().tolist() for x in knowledge_units.EntityUnits(source)(words))
+    units = [w.decode() for w in words.numpy()]
+    assert [(u, e) for u, s, e in zip(units, starts, entity, strict=True) if s and e] == [
+        ("Peter", 1), ("European", 1), ("Brussels", 1)]
+    assert starts[:6] == [1, 0, 1, 1, 1, 0]  # "Peter Blackburn" and "European Commission" are one unit each
+    starts, phrase = (x.numpy().tolist() for x in knowledge_units.PhraseUnits(source)(words))
+    phrases, current = [], []
+    for word, start, inside in zip(units, starts, phrase, strict=True):
+        if start and current:
+            phrases.append(" ".join(current))
+            current = []
+        if inside:
+            current.append(word)
+    assert phrases + [" ".join(current)] * bool(current) == [
+        "Peter Blackburn", "the European Commission", "the old man", "The big red dogs"]
+
+
+def test_entity_gazetteer_and_phrase_chunker_against_conll_annotations(data_dir):
+    """Measured on CoNLL-2003's development file (testa), which the units are not built from. Its sentences go in
+    as one text, an empty word between two, which no entity or phrase can span."""
+    from tasks import knowledge_units
+    from tasks.conll import tags_to_spans
+
+    source = knowledge_units.source_path("test", None)
+    words: list[str] = []
+    gold: dict[str, set] = {"entity": set(), "phrase": set()}
+    for tokens, chunk_tags, ner_tags in _conll_rows(data_dir / "conll2003" / "eng.testa"):
+        at = len(words)
+        gold["entity"] |= {(at + a, at + b) for _, a, b in tags_to_spans(ner_tags)}
+        gold["phrase"] |= {(at + a, at + b) for kind, a, b in tags_to_spans(chunk_tags) if kind == "NP" and b > a}
+        words += [*tokens, ""]
+    assert len(words) > 50_000
+    found = {}
+    for kind, finder in (("entity", knowledge_units.EntityUnits), ("phrase", knowledge_units.PhraseUnits)):
+        starts, special = (x.numpy() for x in finder(source)(tf.constant(words)))
+        predicted = _units(starts, special)
+        hits = len(predicted & gold[kind])
+        found[kind] = hits / len(predicted), hits / len(gold[kind])  # precision, recall
+    # Measured: entity mentions P 0.90, R 0.68; noun phrases of 2+ words P 0.75, R 0.70.
+    assert found["entity"][0] > 0.85 and found["entity"][1] > 0.6
+    assert found["phrase"][0] > 0.7 and found["phrase"][1] > 0.65
+
+
+def _conll_rows(path):
+    """(tokens, chunk tags, NER tags) of each sentence of a CoNLL-2003 file."""
+    sentence = []
+    for line in [*open(path, encoding="utf-8"), ""]:
+        fields = line.split()
+        if (not fields or fields[0] == "-DOCSTART-") and sentence:
+            yield [f[0] for f in sentence], [f[2] for f in sentence], [f[3] for f in sentence]
+            sentence = []
+        elif fields and fields[0] != "-DOCSTART-":
+            sentence.append(fields)
+
+
+def _units(starts: np.ndarray, special: np.ndarray) -> set[tuple[int, int]]:
+    """(first, last) word of each special unit."""
+    bounds = [*np.flatnonzero(starts), len(starts)]
+    return {(a, b - 1) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if special[a]}
+
+
+@pytest.mark.parametrize("name", ["ernie_entity_masking", "ernie_phrase_masking"])
+def test_ernie_masks_whole_units_first_within_the_token_budget(data_dir, vocab_file, name):
+    """Lines of the corpus short enough to be one chunk each, so that every unit is whole in its chunk."""
+    from tasks import knowledge_units
+
+    task = seqio.get_mixture_or_task(name)
+    vocab = task.output_features["targets"].vocabulary
+    lines = []
+    for row in task.source.read_rows("train"):
+        if 15 <= len(row["text"].split()) <= 60 and len(vocab.encode(row["text"])) <= 120:
+            lines.append(row["text"])
+            if len(lines) == 400:
+                break
+    with seqio.utils.map_seed_manager(9):
+        ds = objectives.OBJECTIVES[name](tf.data.Dataset.from_tensor_slices({"text": lines}), LENGTHS,
+                                         task.output_features, mask_prob=1.0, random_prob=0.0)
+        examples = list(ds.as_numpy_iterator())
+    assert len(examples) == len(lines)
+    # The units of every line at once: an empty word between two lines, which no unit spans.
+    words = [[w.encode() for w in line.split()] for line in lines]
+    finder = (knowledge_units.EntityUnits if "entity" in name else knowledge_units.PhraseUnits)(
+        knowledge_units.source_path(name, None))
+    starts, special = (x.numpy() for x in finder(tf.constant([w for ws in words for w in [*ws, b""]])))
+    ends = np.cumsum([len(ws) + 1 for ws in words])
+    mask = vocab.vocab_size - 1
+    masked_total = tokens_total = special_masked = special_total = 0
+    for line_words, end, ex in zip(words, ends, examples, strict=True):
+        begin = end - 1 - len(line_words)
+        assert ex["targets"].tolist() == vocab.encode(b" ".join(line_words).decode())  # the target is the line
+        per_word = [len(vocab.encode(w.decode())) for w in line_words]
+        unit_of_token = np.repeat(np.cumsum(starts[begin:end - 1]) - 1, per_word)
+        special_token = np.repeat(special[begin:end - 1], per_word)
+        masked = ex["inputs"] == mask
+        for unit in np.unique(unit_of_token[masked]):
+            assert masked[unit_of_token == unit].all(), "a unit was masked in part"
+        # Special units go first: either every special token is masked, or only special tokens are.
+        assert masked[special_token].all() or not masked[~special_token].any()
+        masked_total, tokens_total = masked_total + masked.sum(), tokens_total + len(masked)
+        special_masked += (masked & special_token).sum()
+        special_total += special_token.sum()
+    assert masked_total / tokens_total == pytest.approx(0.15, abs=0.015)  # the budget counts tokens
+    assert special_masked / masked_total > 2 * special_total / tokens_total  # units are preferred to words
+
+
+def test_a_missing_unit_source_is_one_line(data_dir, vocab_file):
+    features = seqio.get_mixture_or_task("span_corruption").output_features
+    ds = tf.data.Dataset.from_tensor_slices({"text": ["One line."]})
+    with pytest.raises(ValueError) as error:  # gin appends "In call to configurable" lines; `mtp` drops them
+        objectives.ernie_phrase_masking(ds, LENGTHS, features, source="nowhere.conll")
+    assert re.fullmatch(r"objective ernie_phrase_masking: \S+/nowhere.conll \(objectives.ernie_phrase_masking.source\) "
+                        r"does not exist; it needs a file in CoNLL-2003's format \(token POS chunk NER per line\)",
+                        str(error.value).split("\n")[0])
+
+
+def test_masking_is_drawn_again_in_every_epoch(tmp_path, vocab_file):
+    """RoBERTa's dynamic masking: seqio repeats a task's data before the objective (post-cache preprocessors),
+    so each epoch draws new noise for the same text; here the corpus twice, token for token, masked differently."""
+    from tasks.unsupervised import register_text_tasks
+
+    (tmp_path / "two_epochs.txt").write_text("\n".join(
+        f"Paragraph {i} of a corpus read twice, with enough words to mask a few of them each time." for i in range(20)))
+    names = register_text_tasks("epochs", [str(tmp_path / "two_epochs.txt")])
+    try:
+        ds = seqio.get_mixture_or_task("epochs_bert_mlm").get_dataset(
+            LENGTHS, split="train", shuffle=False, use_cached=False, seed=2, num_epochs=2)
+        examples = [{k: v[:-1] for k, v in ex.items()} for ex in ds.as_numpy_iterator()]  # EOS dropped
+        inputs = np.concatenate([ex["inputs"] for ex in examples])
+        targets = np.concatenate([ex["targets"] for ex in examples])
+        half = len(targets) // 2
+        assert targets[:half].tolist() == targets[half:].tolist()  # the same text in both epochs
+        first, second = inputs[:half] != targets[:half], inputs[half:] != targets[half:]
+        assert first.mean() > 0.08 and second.mean() > 0.08  # 15% chosen, 90% of them changed
+        assert (first != second).mean() > 0.1  # different tokens noised: fresh masks
+    finally:
+        for name in names:
+            seqio.TaskRegistry.remove(name)
+
+
 # --- lengths ------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", ["bert_mlm", "bert_mlm_wwm", "spanbert", "bart_infilling", "bart_token_deletion",
-                                  "deshuffling", "prefix_lm"])
+                                  "deshuffling", "prefix_lm", "causal_lm", "ernie_entity_masking",
+                                  "ernie_phrase_masking"])
 def test_whole_text_targets_are_never_cut(data_dir, vocab_file, name):
     """Under pretrain.gin's 512/114 lengths the chunk is sized by the targets, so the target is the whole chunk
     (before, `bert_mlm` cut its 511-token target to 114 without a word)."""
     for ex in _examples(name, 20, {"inputs": 512, "targets": 114}):
         assert len(ex["targets"]) <= 113
-        if name in ("bert_mlm", "bert_mlm_wwm", "spanbert"):
+        if name in ("bert_mlm", "bert_mlm_wwm", "spanbert", "ernie_entity_masking", "ernie_phrase_masking"):
             assert len(ex["inputs"]) == len(ex["targets"])
 
 
