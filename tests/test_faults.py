@@ -364,6 +364,35 @@ ONLINE = ("--gin.MIXTURE_OR_TASK_NAME='test_faults_online'",
 
 
 @pytest.mark.slow  # the default suite resumes online runs in process (tests/test_online_mixing.py)
+def test_sigterm_mid_run_resumes_an_online_run_exactly(tmp_path, vocab_file):
+    """SIGTERM saves at the step it lands in, between two regular checkpoints; resumed, the online run equals one
+    never stopped: weights, losses and rates of every step."""
+    steps, every = 24, "--gin.train.checkpoint_every=10"
+    process = _start(tmp_path / "reference", steps, every, *ONLINE)
+    _, err = process.communicate(timeout=3600)
+    assert process.returncode == 0, err[-3000:]
+    model_dir = tmp_path / "stopped"
+    process = _start(model_dir, steps, every, *ONLINE)
+    _wait_for_training(model_dir, process, timeout=600)
+    while len(_rows(model_dir)) < 12 and process.poll() is None:  # past the checkpoint at step 10
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=600)
+    assert process.returncode == 128 + signal.SIGTERM, err[-3000:]
+    stopped_at = checkpoints.all_steps(model_dir)[-1]
+    assert stopped_at not in (10, 20, steps), stopped_at  # saved by the signal, not by checkpoint_every
+    process = _start(model_dir, steps, every, *ONLINE)
+    _, err = process.communicate(timeout=3600)
+    assert process.returncode == 0, err[-3000:]
+    want, got = _weights(tmp_path / "reference" / f"checkpoint_{steps}"), _weights(model_dir / f"checkpoint_{steps}")
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    rows, reference = _rows(model_dir), _rows(tmp_path / "reference")
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    for key in ("loss", *(k for k in reference[0] if k.startswith("rate/"))):
+        assert [r[key] for r in rows] == [r[key] for r in reference], key
+
+
+@pytest.mark.slow  # the default suite resumes online runs in process (tests/test_online_mixing.py)
 def test_sigkill_resumes_an_online_run_exactly(tmp_path, vocab_file):
     """Online mixing (shares moved every step by the losses): the same rates, losses and weights after kills."""
     _kill_and_resume(tmp_path, kills=2, steps=24, seed=2, extra=ONLINE)
