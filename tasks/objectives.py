@@ -519,8 +519,8 @@ def albert_sop(dataset, sequence_length=None, output_features=None):
     @seqio.map_over_dataset(num_seeds=1)
     def label(pair, seed):
         swapped = tf.random.stateless_uniform([], seed=seed) < 0.5
-        first, second = tf.where(swapped, pair["second"], pair["first"]), tf.where(swapped, pair["first"],
-                                                                                  pair["second"])
+        first = tf.where(swapped, pair["second"], pair["first"])
+        second = tf.where(swapped, pair["first"], pair["second"])
         inputs = tf.strings.join(["sop sentence1: ", first, " sentence2: ", second])
         return {"inputs": inputs, "targets": tf.where(swapped, SOP_LABELS[1], SOP_LABELS[0])}
 
@@ -535,8 +535,9 @@ def _unigram_cdf(model_file: str, low: int, high: int) -> np.ndarray:
     import sentencepiece
 
     sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
-    scores = np.array([sp.get_score(i) if sp.is_unknown(i) + sp.is_control(i) + sp.is_unused(i) == 0
-                       else -np.inf for i in range(low, min(high, sp.get_piece_size()))])
+    special = (sp.is_unknown, sp.is_control, sp.is_unused)
+    scores = np.array([-np.inf if any(is_(i) for is_ in special) else sp.get_score(i)
+                       for i in range(low, min(high, sp.get_piece_size()))])
     probs = np.exp(scores - scores.max())
     return np.cumsum(probs / probs.sum())
 
