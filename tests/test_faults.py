@@ -354,6 +354,7 @@ def _kill_and_resume(tmp_path: Path, kills: int, steps: int, seed: int, extra: t
     assert not list(model_dir.glob(".tmp-*")) and not list(model_dir.glob(".deleting-*"))
 
 
+@pytest.mark.slow  # the default suite's budget; test_sigkill_many_times_resumes_exactly (slow) kills 21 times
 def test_sigkill_at_random_moments_resumes_exactly(tmp_path, vocab_file):
     _kill_and_resume(tmp_path, kills=2, steps=24, seed=0)
 
