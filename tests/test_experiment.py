@@ -38,6 +38,7 @@ def _in_process(capfd, *args: str) -> tuple[int, str]:
     return code, capfd.readouterr().err
 
 
+@pytest.mark.slow  # the default suite's 15-minute budget (19.5 min on an AVX2 CPU without it)
 def test_smoke_experiment_end_to_end_resumes_and_refuses_changes(tmp_path, vocab_file, capfd):
     exp = tmp_path / "exp"
     out = mtp("experiment", *SMOKE, f"--gin.EXPERIMENT_DIR='{exp}'")

@@ -390,6 +390,7 @@ def test_cli_mixture_show_and_temperature_override(tmp_path, data_dir, vocab_fil
     assert "mixture supervised: task glue_mnli" in err and "--gin.mixing.drop_tasks_without_data=True" in err
 
 
+@pytest.mark.slow  # the default suite's 15-minute budget (19.5 min on an AVX2 CPU without it)
 def test_twenty_step_run_logs_per_task_figures(tmp_path, data_dir, vocab_file):
     run = tmp_path / "run"
     out = mtp("train", "--gin_file=gin/models/tiny.gin", "--gin_file=gin/runs/pretrain.gin",

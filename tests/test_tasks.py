@@ -192,6 +192,7 @@ def test_text_corpus_quirks_are_read(data_dir):
     assert source.num_input_examples("train") is None  # a stream: seqio must not count it before the first batch
 
 
+@pytest.mark.slow  # the default suite's 15-minute budget (19.5 min on an AVX2 CPU without it)
 def test_every_task_tokenizes(data_dir, vocab_file):
     lengths = {"inputs": 128, "targets": 128}
     for name in sorted(seqio.TaskRegistry.names()):
@@ -240,6 +241,7 @@ def test_missing_vocabulary_is_explained(tmp_path, monkeypatch):
         ConfiguredVocabulary().encode("hello")
 
 
+@pytest.mark.slow  # the default suite's 15-minute budget (19.5 min on an AVX2 CPU without it)
 def test_cli_tasks_list(data_dir):
     out = mtp("tasks", "list")
     assert out.returncode == 0, out.stderr
@@ -257,6 +259,7 @@ def test_cli_tasks_list(data_dir):
         <= {m.strip() for m in mixtures}
 
 
+@pytest.mark.slow  # the default suite's 15-minute budget (19.5 min on an AVX2 CPU without it)
 def test_cli_vocab_train_then_show(tmp_path, data_dir):
     model = tmp_path / "v.model"
     out = mtp("vocab", "train", "--mixture_or_task=glue_rte", "--vocab_size=1200", f"--output={model}")
@@ -279,6 +282,7 @@ def _sst2_rows(data_dir, split: str, n: int) -> list[dict]:
     return [{"sentence": line.split("\t")[0], "label": int(line.split("\t")[1])} for line in lines]
 
 
+@pytest.mark.slow  # the default suite's 15-minute budget (19.5 min on an AVX2 CPU without it)
 def test_readme_file_task_example(tmp_path, data_dir, vocab_file):
     """The README's "Your own tasks" example, run as written, on SST-2 rows written as a user's CSV and JSON lines."""
     import csv
