@@ -91,7 +91,7 @@ def lexicon(path: Path) -> tuple[dict[bytes, str], dict[bytes, str]]:
     """Each word's chunker class by its most frequent tag in a CoNLL file: as written, and lower-cased."""
     exact: dict[bytes, collections.Counter] = collections.defaultdict(collections.Counter)
     lower: dict[bytes, collections.Counter] = collections.defaultdict(collections.Counter)
-    for row in read_conll(path, with_pos=True):
+    for row in read_conll(path, with_syntax=True):
         for word, tag in zip(_normalized(row["tokens"]), row["pos"], strict=True):
             if word:
                 exact[word][_class_of(tag)] += 1

@@ -238,20 +238,22 @@ def in_squad_dev_train_split(title: str) -> bool:
 NER_TYPES = ("PER", "ORG", "LOC", "MISC")
 
 
-def read_conll(path: Path, with_pos: bool = False) -> list[Row]:
+def read_conll(path: Path, with_syntax: bool = False) -> list[Row]:
     """Sentences of a CoNLL-2003 file (`token POS chunk NER` per line, blank lines between sentences,
-    `-DOCSTART-` lines between documents) as `tokens` and their IOB1 `tags` (and part-of-speech `pos`, if asked)."""
+    `-DOCSTART-` lines between documents) as `tokens` and their IOB1 `tags` (and, if asked, part-of-speech `pos` and
+    IOB1 `chunks`)."""
     rows: list[Row] = []
     tokens: list[str] = []
     tags: list[str] = []
     pos: list[str] = []
+    chunks: list[str] = []
 
     def flush() -> None:
         if tokens:
-            rows.append({"tokens": list(tokens), "tags": list(tags), **({"pos": list(pos)} if with_pos else {})})
-            tokens.clear()
-            tags.clear()
-            pos.clear()
+            syntax = {"pos": list(pos), "chunks": list(chunks)} if with_syntax else {}
+            rows.append({"tokens": list(tokens), "tags": list(tags), **syntax})
+            for column in (tokens, tags, pos, chunks):
+                column.clear()
 
     with utf8_named(path), open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
@@ -270,6 +272,7 @@ def read_conll(path: Path, with_pos: bool = False) -> list[Row]:
             tokens.append(fields[0])
             tags.append(tag)
             pos.append(fields[1])
+            chunks.append(fields[2])
     flush()
     return rows
 

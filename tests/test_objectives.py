@@ -472,15 +472,16 @@ def test_entity_gazetteer_and_phrase_chunker_against_conll_annotations(data_dir)
     as one text, an empty word between two, which no entity or phrase can span."""
     from tasks import knowledge_units
     from tasks.conll import tags_to_spans
+    from tasks.sources import read_conll
 
     source = knowledge_units.source_path("test", None)
     words: list[str] = []
     gold: dict[str, set] = {"entity": set(), "phrase": set()}
-    for tokens, chunk_tags, ner_tags in _conll_rows(data_dir / "conll2003" / "eng.testa"):
+    for row in read_conll(data_dir / "conll2003" / "eng.testa", with_syntax=True):
         at = len(words)
-        gold["entity"] |= {(at + a, at + b) for _, a, b in tags_to_spans(ner_tags)}
-        gold["phrase"] |= {(at + a, at + b) for kind, a, b in tags_to_spans(chunk_tags) if kind == "NP" and b > a}
-        words += [*tokens, ""]
+        gold["entity"] |= {(at + a, at + b) for _, a, b in tags_to_spans(row["tags"])}
+        gold["phrase"] |= {(at + a, at + b) for kind, a, b in tags_to_spans(row["chunks"]) if kind == "NP" and b > a}
+        words += [*row["tokens"], ""]
     assert len(words) > 50_000
     found = {}
     for kind, finder in (("entity", knowledge_units.EntityUnits), ("phrase", knowledge_units.PhraseUnits)):
@@ -491,18 +492,6 @@ def test_entity_gazetteer_and_phrase_chunker_against_conll_annotations(data_dir)
     # Measured: entity mentions P 0.90, R 0.68; noun phrases of 2+ words P 0.75, R 0.70.
     assert found["entity"][0] > 0.85 and found["entity"][1] > 0.6
     assert found["phrase"][0] > 0.7 and found["phrase"][1] > 0.65
-
-
-def _conll_rows(path):
-    """(tokens, chunk tags, NER tags) of each sentence of a CoNLL-2003 file."""
-    sentence = []
-    for line in [*open(path, encoding="utf-8"), ""]:
-        fields = line.split()
-        if (not fields or fields[0] == "-DOCSTART-") and sentence:
-            yield [f[0] for f in sentence], [f[2] for f in sentence], [f[3] for f in sentence]
-            sentence = []
-        elif fields and fields[0] != "-DOCSTART-":
-            sentence.append(fields)
 
 
 def _units(starts: np.ndarray, special: np.ndarray) -> set[tuple[int, int]]:
