@@ -63,6 +63,18 @@ BENCHMARKS: dict[str, tuple[list[str], list[Figure]]] = {
         Figure("data_wait_fraction_online", "the same with online mixing (ODM, shares moved every step)",
                "none (absolute)", "< 0.02"),
     ]),
+    "startup": ([], [
+        Figure("help_s", "seconds for `mtp --help` (fastest of 3 processes)", "none (absolute)", "< 3"),
+        Figure("report_start_s", "seconds for `mtp report` to reach its own work (its error on a non-experiment)",
+               "none (absolute)", "< 3"),
+        Figure("report_whole_s", "seconds for `mtp report` to rebuild results/objectives (14 arms, 6 plots)",
+               "none (absolute)", ""),
+        Figure("export_whole_s", "seconds for `mtp export` of a mini checkpoint, start to end", "none (absolute)",
+               "< 3"),
+        Figure("import_torch_s", "seconds for `python -c 'import torch'`: the floor of any command that reads "
+               "weights", "none (absolute)", ""),
+        Figure("tasks_list_s", "seconds for `mtp tasks list`, which reads data (TensorFlow, seqio)", "none", ""),
+    ]),
     "resume_time": ([], [
         Figure("resume_ratio", "seconds to resume (restore, one step, save) after 400 steps over after 10",
                "the run resumed after 10 steps", "< 1.2"),

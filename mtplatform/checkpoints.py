@@ -43,6 +43,8 @@ CONFIG = "config.gin"
 MIXTURE = "mixture.json"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
+EVAL_METRICS = "metrics.json"
+REPLICATES = "bootstrap.npz"  # beside metrics.json: each task's metrics on `stats.SAMPLES` resamples of its examples
 
 
 # --- the run directory's own files ---------------------------------------------------------------------------------
@@ -110,6 +112,35 @@ def read_metrics(model_dir: Path) -> list[dict]:
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------------------
+
+
+def stage_eval_dir(stage_dir: Path, step: int, task: str) -> Path:
+    """Where an experiment keeps one task's evaluation of one of a stage's checkpoints."""
+    return Path(stage_dir) / "eval" / f"{step}_{task}"
+
+
+def write_replicates(replicates: dict[str, dict], path: Path) -> None:
+    """{task: {metric: bootstrap replicates}} as `<task>/<metric>` arrays (float32: a report needs no more),
+    written atomically."""
+    import numpy as np
+
+    arrays = {f"{task}/{metric}": np.asarray(values, dtype=np.float32)
+              for task, metrics in replicates.items() for metric, values in metrics.items()}
+    partial = path.with_suffix(".partial.npz")
+    np.savez_compressed(partial, **arrays)
+    partial.replace(path)
+
+
+def read_replicates(path: Path, task: str) -> dict:
+    """{metric: replicates (float64)} of `task` from a `write_replicates` file; empty where the file is absent
+    (evaluations from before replicates were kept)."""
+    import numpy as np
+
+    if not path.is_file():
+        return {}
+    with np.load(path) as arrays:
+        return {key.split("/", 1)[1]: arrays[key].astype(np.float64) for key in arrays.files
+                if key.split("/", 1)[0] == task}
 
 
 def checkpoint_dir(model_dir: Path, step: int) -> Path:

@@ -29,7 +29,7 @@ import logging
 import sys
 from pathlib import Path
 
-from mtplatform.tf_setup import configure_tensorflow
+from mtplatform.tf_setup import configure_logs, configure_tensorflow
 
 
 def _add_module_flag(p: argparse.ArgumentParser) -> None:
@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 GIN_DIR = Path(__file__).resolve().parents[1] / "gin"
 GIN_COMMANDS = ("train", "finetune", "eval", "infer", "experiment")
 ACCEPTS_GIN = (*GIN_COMMANDS, "mixture")
+WITHOUT_TENSORFLOW = ("report", "export")  # read run files and checkpoints only: no data, so no TensorFlow or seqio
 
 
 class _DropMessages(logging.Filter):
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with interrupts.exit_at_once():  # from the start: a signal while TensorFlow loads ends with a line too
-            configure_tensorflow(verbose=verbose)
+            configure_logs(verbose=verbose)
             return _dispatch(argv)
     except interrupts.Stopped as e:
         print(f"mtp: {_without_gin_context(e)}", file=sys.stderr)
@@ -219,15 +220,15 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if debug:
             raise
-        from mtplatform import health
-
-        known = isinstance(e, FileNotFoundError | ValueError | ModuleNotFoundError | OSError | health.Diverged)
+        health = sys.modules.get("mtplatform.health")  # only a run that loaded it can diverge; loading it loads torch
+        diverged = health is not None and isinstance(e, health.Diverged)
+        known = diverged or isinstance(e, FileNotFoundError | ValueError | ModuleNotFoundError | OSError)
         if known:
             message = _without_gin_context(e)
         else:
             message = f"{type(e).__name__}: {_first_line(e)} (rerun with --debug for the traceback)"
         print(f"mtp: error: {message}", file=sys.stderr)
-        return 3 if isinstance(e, health.Diverged) else 2 if known else 1
+        return 3 if diverged else 2 if known else 1
 
 
 def _dispatch(argv: list[str]) -> int:
@@ -237,6 +238,9 @@ def _dispatch(argv: list[str]) -> int:
         build_parser().error(f"arguments after `--` are Beam options of `mtp cache`: {' '.join(passthrough)}")
     if extra and args.command not in ACCEPTS_GIN:
         build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command in WITHOUT_TENSORFLOW and not args.module:
+        return _report(args) if args.command == "report" else _export(args)
+    configure_tensorflow()
     from mtplatform import catalog
 
     catalog.import_modules(args.module)
@@ -253,17 +257,9 @@ def _dispatch(argv: list[str]) -> int:
         parse_gin(args.gin_file, extra, args.gin_search_path)
         return _mixture_show(args)
     if args.command == "report":
-        from mtplatform import report
-
-        report.build(args.experiment_dir)
-        print((Path(args.experiment_dir) / "results.md").read_text())
-        return 0
+        return _report(args)
     if args.command == "export":
-        from mtplatform import export
-
-        out = export.export_checkpoint(args.checkpoint, args.output, args.vocab, overwrite=args.overwrite)
-        print(f"wrote {out}: T5ForConditionalGeneration.from_pretrained and T5Tokenizer.from_pretrained load it")
-        return 0
+        return _export(args)
     if args.command == "cache":
         return _cache(args, passthrough)
     if args.command == "tasks" and args.tasks_command == "list":
@@ -273,6 +269,22 @@ def _dispatch(argv: list[str]) -> int:
     if args.command == "vocab" and args.vocab_command == "train":
         return _vocab_train(args)
     raise AssertionError(f"unhandled command {args}")
+
+
+def _report(args: argparse.Namespace) -> int:
+    from mtplatform import report
+
+    report.build(args.experiment_dir)
+    print((Path(args.experiment_dir) / "results.md").read_text())
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from mtplatform import export
+
+    out = export.export_checkpoint(args.checkpoint, args.output, args.vocab, overwrite=args.overwrite)
+    print(f"wrote {out}: T5ForConditionalGeneration.from_pretrained and T5Tokenizer.from_pretrained load it")
+    return 0
 
 
 def _first_line(error: BaseException) -> str:

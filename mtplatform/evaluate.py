@@ -199,29 +199,6 @@ def write_metrics(metrics: Mapping[str, Mapping[str, float]], path: Path) -> Non
     checkpoints.replace_text(path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
 
 
-REPLICATES_FILE = "bootstrap.npz"
-"""Beside metrics.json: each task's metrics on `stats.SAMPLES` resamples of its examples, as `<task>/<metric>`."""
-
-
-def write_replicates(results: Mapping[str, TaskEvaluation], path: Path) -> None:
-    """The bootstrap replicates of every task's metrics (float32: a report needs no more), written atomically."""
-    arrays = {f"{task}/{metric}": values.astype(np.float32)
-              for task, result in results.items() for metric, values in result.replicates.items()}
-    partial = path.with_suffix(".partial.npz")
-    np.savez_compressed(partial, **arrays)
-    partial.replace(path)
-
-
-def read_replicates(path: Path, task: str) -> dict[str, np.ndarray]:
-    """{metric: replicates} of `task` from a `write_replicates` file; empty where the file is absent (evaluations
-    from before replicates were kept)."""
-    if not path.is_file():
-        return {}
-    with np.load(path) as arrays:
-        return {key.split("/", 1)[1]: arrays[key].astype(np.float64) for key in arrays.files
-                if key.split("/", 1)[0] == task}
-
-
 def _model_from(checkpoint_path: str | Path, device) -> tuple[T5, int, Path]:
     from mtplatform import model as model_lib
 
@@ -259,15 +236,16 @@ def evaluate_checkpoint(
     out = Path(output_dir) if output_dir else ckpt.parent / f"eval_{split}"
     write_metrics({"step": step, "checkpoint": str(ckpt), "metrics": metrics,
                    "num_examples": {task: result.num_examples for task, result in results.items()}},
-                  out / "metrics.json")
-    write_replicates(results, out / REPLICATES_FILE)
+                  out / checkpoints.EVAL_METRICS)
+    checkpoints.write_replicates({task: result.replicates for task, result in results.items()},
+                                 out / checkpoints.REPLICATES)
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(out / "tensorboard")) as tb:
         for task, values in metrics.items():
             for k, v in values.items():
                 tb.add_scalar(f"eval/{task}/{k}", v, step)
-    return metrics, out / "metrics.json"
+    return metrics, out / checkpoints.EVAL_METRICS
 
 
 @gin.configurable

@@ -161,13 +161,13 @@ def evaluate_stage(stage: strategies.Stage, stage_dir: Path, steps: list[int],
     results: dict[str, dict[str, dict]] = {}
     for step in steps:
         for task in stage.evaluate:
-            out = stage_dir / "eval" / f"{step}_{task}"
-            if not (out / "metrics.json").is_file():
+            out = checkpoints.stage_eval_dir(stage_dir, step, task)
+            if not (out / checkpoints.EVAL_METRICS).is_file():
                 evaluate.evaluate_checkpoint(checkpoint_path=str(checkpoints.checkpoint_dir(stage_dir, step)),
                                              mixture_or_task_name=task, output_dir=str(out),
                                              num_examples=eval_num_examples,
                                              decode=decode and (decode_intermediate or step == steps[-1]))
-            metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+            metrics = json.loads((out / checkpoints.EVAL_METRICS).read_text())["metrics"]
             results.setdefault(str(step), {})[task] = metrics.get(task, {})
     return results
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mtplatform import checkpoints, huggingface, settings
 from mtplatform import model as model_lib
-from mtplatform.vocab import EXTRA_IDS
+from mtplatform.settings import EXTRA_IDS
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, vocab: str | Path | None = None,

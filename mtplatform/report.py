@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mtplatform import checkpoints, evaluate, stats
+from mtplatform import checkpoints, stats
 
 SKIPPED_IN_SCORE = ("ner_precision", "ner_recall")
 TEACHER_FORCED = ("target_nll", "label_accuracy", "gold_label_logprob")
@@ -66,8 +66,8 @@ def _task_results(record: dict, task: str) -> dict | None:
         return None
     step, metrics = by_step[-1]
     stage_dir = Path(record["model_dir"])
-    replicates = evaluate.read_replicates(
-        Path(record.get("_dir", stage_dir)) / "eval" / f"{step}_{task}" / evaluate.REPLICATES_FILE, task)
+    replicates = checkpoints.read_replicates(
+        checkpoints.stage_eval_dir(record.get("_dir", stage_dir), step, task) / checkpoints.REPLICATES, task)
     if replicates:
         replicates["score"] = _score_replicates(replicates)
     figures = {"score": score(metrics), **{k: metrics[k] for k in TEACHER_FORCED if k in metrics}}
@@ -585,6 +585,12 @@ def _figure_grid(plt, results: dict, name: str, path: Path, baseline) -> None:
     plt.close(fig)
 
 
+def _legend(ax, **style) -> None:
+    """A legend where the panel has labelled lines or bars (an experiment without mixtures draws no shares)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**style)
+
+
 def _learning_curves(plt, results: dict, path: Path) -> None:
     """For experiments over training-set sizes (arms noting `train_examples`, as `strategies.low_resource`'s):
     score and target NLL against labelled examples, one line per arm with its 95% interval as a band."""
@@ -614,7 +620,7 @@ def _learning_curves(plt, results: dict, path: Path) -> None:
             ax.xaxis.set_minor_formatter(NullFormatter())  # a narrow range labels its minor ticks on top of each other
             ax.set_xlabel("labelled training examples")
             ax.set_title(f"{task}: {FIGURE_NAMES[name]}", fontsize=9)
-    axes[0].legend(fontsize=7)
+    _legend(axes[0], fontsize=7)
     _save(fig, path)
 
 
@@ -658,10 +664,10 @@ def plots(root: Path, results: dict) -> None:
                     ax2.plot(*zip(*points, strict=True), lw=1, label=f"{arm['name']}: {key.split('/')[1]}")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
-    ax.legend(fontsize=7)
+    _legend(ax, fontsize=7)
     ax2.set_xlabel("step")
     ax2.set_ylabel("per-task training loss")
-    ax2.legend(fontsize=6, ncol=2)
+    _legend(ax2, fontsize=6, ncol=2)
     _save(fig, root / "loss.png")
     _save(fig2, root / "task_losses.png")
 
@@ -674,7 +680,7 @@ def plots(root: Path, results: dict) -> None:
         ax.bar(x + 0.2, [arm["shares"][t]["measured"] for t in names], 0.4, label="trained on")
         ax.set_xticks(x, names, rotation=45, ha="right", fontsize=7)
         ax.set_title(arm["name"], fontsize=8)
-    axes[0].legend(fontsize=7)
+    _legend(axes[0], fontsize=7)
     _save(fig, root / "shares.png")
     _rate_trajectories(plt, spec, root / "rates.png")
     if results.get("online_steps_to_reach"):
@@ -703,7 +709,7 @@ def _target_nll_curves(plt, results: dict, path: Path) -> None:
         return
     ax.set_xlabel("step")
     ax.set_ylabel("held-out target NLL, mean over tasks")
-    ax.legend(fontsize=7)
+    _legend(ax, fontsize=7)
     _save(fig, path)
 
 
@@ -729,7 +735,7 @@ def _rate_trajectories(plt, spec: dict, path: Path) -> None:
         ax.set_title(f"{name}: share per task (each seed)", fontsize=8)
         ax.set_xlabel("step")
         ax.set_ylabel("rate")
-    axes[0].legend(fontsize=6, ncol=2)
+    _legend(axes[0], fontsize=6, ncol=2)
     _save(fig, path)
 
 

@@ -14,6 +14,7 @@ import gin
 DATA_DIR_ENV = "MTP_DATA_DIR"
 VOCAB_ENV = "MTP_VOCAB"
 DEFAULT_VOCAB = Path("~/.cache/mtplatform/vocab/mtp.model")
+EXTRA_IDS = 100  # T5's sentinel ids, appended to the SentencePiece pieces (here, not in `vocab`: no seqio to import)
 
 
 class SettingError(ValueError):

@@ -1,10 +1,13 @@
-"""TensorFlow is only seqio's input pipeline here: keep it on the CPU, quiet, and on few threads.
+"""TensorFlow is only seqio's input pipeline here: keep it on the CPU, quiet, and on few threads, and load it only
+where a command uses it.
 
-Call `configure_tensorflow()` before the first TensorFlow op runs (the CLI does it first thing), so that TF neither
-grabs a GPU that torch needs nor spawns a thread per core that competes with torch's matrix products. By default
-TensorFlow's C++ log (the `failed call to cuInit` line on machines without a GPU, cache warnings) and absl's
-warnings (seqio's advice to cache tasks, its evaluator's logger) are hidden: errors reach the user as exceptions,
-which `mtp` prints as one line. `mtp --verbose ...` shows them all.
+`configure_logs()` runs first thing in `mtp` and imports nothing heavy: it sets TensorFlow's C++ log level (read when
+TensorFlow loads) and absl's. `configure_tensorflow()` imports TensorFlow and must run before its first op, so that TF
+neither grabs a GPU that torch needs nor spawns a thread per core that competes with torch's matrix products; the CLI
+calls it only for commands that read data (`mtp --help`, `mtp report` and `mtp export` never load TensorFlow, and
+start in a second or two instead of 10 to 20). By default TensorFlow's C++ log (the `failed call to cuInit` line on
+machines without a GPU, cache warnings) and absl's warnings (seqio's advice to cache tasks, its evaluator's logger)
+are hidden: errors reach the user as exceptions, which `mtp` prints as one line. `mtp --verbose ...` shows them all.
 """
 
 from __future__ import annotations
@@ -13,23 +16,34 @@ import logging
 import os
 
 _configured = False
+_logs_configured = False
 verbose_logs = False  # `mtp --verbose`: other tools' logs (Apache Beam's workers too) reach the terminal
 
 
-def configure_tensorflow(threads: int = 2, verbose: bool = False) -> None:
-    """Hide GPUs from TensorFlow, cap its thread pools, silence its and absl's logs unless `verbose`; idempotent."""
-    global _configured, verbose_logs
-    if _configured:
+def configure_logs(verbose: bool = False) -> None:
+    """Silence TensorFlow's C++ log (before it loads), absl's and the root logger's, unless `verbose`; idempotent."""
+    global _logs_configured, verbose_logs
+    if _logs_configured:
         return
     verbose_logs = verbose
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "3")
-    import tensorflow as tf
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.INFO if verbose else absl_logging.ERROR)
     logging.getLogger("absl").setLevel(logging.INFO if verbose else logging.ERROR)
     if not verbose:  # Apache Beam (`mtp cache`) warns about optional Google Cloud clients on the root logger
         logging.getLogger().setLevel(logging.ERROR)
+    _logs_configured = True
+
+
+def configure_tensorflow(threads: int = 2, verbose: bool = False) -> None:
+    """Load TensorFlow with its GPUs hidden and its thread pools capped (logs as `configure_logs`); idempotent."""
+    global _configured
+    if _configured:
+        return
+    configure_logs(verbose)
+    import tensorflow as tf
+
     try:
         tf.config.set_visible_devices([], "GPU")
         tf.config.threading.set_inter_op_parallelism_threads(threads)

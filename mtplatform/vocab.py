@@ -15,8 +15,8 @@ from pathlib import Path
 import seqio
 
 from mtplatform import settings
+from mtplatform.settings import EXTRA_IDS
 
-EXTRA_IDS = 100
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 from conftest import REPO
@@ -36,3 +37,33 @@ def test_importing_the_package_registers_every_configurable():
             assert "No configurable matching" not in str(e), name
         finally:
             gin.clear_config()
+
+
+def test_commands_that_read_no_data_load_neither_tensorflow_nor_seqio(tmp_path):
+    """`mtp --help`, `mtp report` and `mtp export` start in a second or two: TensorFlow and seqio (10-20 s) load only
+    for commands that read data, and `--help` and `report` do not load torch either."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copytree(REPO / "results" / "objectives", tmp_path / "report")
+    script = f"""
+import contextlib, io, json, sys
+from mtplatform import cli
+loaded = {{}}
+for name, argv in (("help", ["--help"]), ("report", ["report", {str(tmp_path / "report")!r}]),
+                   ("export", ["export", "--checkpoint={tmp_path / "none"}", "--output={tmp_path / "hf"}"])):
+    code = None  # --help exits from argparse
+    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):
+        code = cli.main(argv)
+    loaded[name] = [code, sorted(m for m in ("tensorflow", "seqio", "torch") if m in sys.modules)]
+print(json.dumps(loaded))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert loaded["help"] == [None, []]
+    assert loaded["report"] == [0, []]
+    rebuilt = (tmp_path / "report" / "results.md").read_text()
+    assert rebuilt == (REPO / "results" / "objectives" / "results.md").read_text()
+    assert loaded["export"] == [2, ["torch"]]  # the missing checkpoint's one-line error, after loading torch alone

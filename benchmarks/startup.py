@@ -1,0 +1,95 @@
+"""Seconds for `mtp` commands that need no TensorFlow to start, and to finish on small inputs.
+
+    python benchmarks/startup.py [--rounds 3]
+
+Each command runs as a fresh process, `--rounds` times; the figure is the fastest (the machine's noise only ever adds
+time). Measured:
+- `mtp --help`;
+- `mtp report` of a directory that is not an experiment: everything a report pays before reading its runs (Python,
+  argument parsing, the report's imports), then its one-line error;
+- `mtp report` of a copy of a committed report (`results/objectives`: 14 arms, 2 seeds, 6 plots) from start to end;
+- `mtp export` of a mini model's checkpoint (random weights) to a Hugging Face directory, from start to end;
+- `mtp tasks list`, a command that does read data, for comparison (TensorFlow and seqio load);
+- the peers: `python -c "import torch"` (what export cannot avoid: it reads and writes torch tensors) and
+  `python -c pass`.
+Needs MTP_DATA_DIR (for `tasks list`) and MTP_VOCAB or --vocab (for export).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import harness
+
+ROOT = Path(__file__).resolve().parents[1]
+MTP = [sys.executable, "-m", "mtplatform.cli"]
+
+
+def fastest(command: list[str], rounds: int, ok: tuple[int, ...] = (0,)) -> float:
+    """Seconds of the fastest of `rounds` runs of `command`; an error if it exits with another status."""
+    times = []
+    for _ in range(rounds):
+        began = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+        times.append(time.perf_counter() - began)
+        if done.returncode not in ok:
+            sys.exit(f"{' '.join(command)} exited {done.returncode}: {done.stderr.strip()[-400:]}")
+    return min(times)
+
+
+def mini_checkpoint(directory: Path, vocab: Path) -> Path:
+    """A checkpoint directory (weights and meta.json, as training writes them) of the mini model for `vocab`."""
+    import gin
+    import sentencepiece
+
+    from mtplatform import checkpoints
+    from mtplatform import model as model_lib
+
+    gin.parse_config_file(str(ROOT / "gin" / "models" / "mini.gin"))
+    pieces = sentencepiece.SentencePieceProcessor(model_file=str(vocab)).get_piece_size()
+    cfg = model_lib.T5Config(vocab_size=pieces + 100)
+    ckpt = checkpoints.checkpoint_dir(directory, 1)
+    ckpt.mkdir(parents=True)
+    model_lib.save(model_lib.T5(cfg), ckpt / checkpoints.MODEL)
+    checkpoints.write_meta(ckpt, 1, 1, None, True)
+    return ckpt
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--vocab", default=os.environ.get("MTP_VOCAB"))
+    args = parser.parse_args()
+    if not args.vocab:
+        sys.exit("startup.py needs a SentencePiece model: --vocab or MTP_VOCAB")
+    print(harness.machine())
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        report_copy = tmp / "objectives"
+        shutil.copytree(ROOT / "results" / "objectives", report_copy)
+        ckpt = mini_checkpoint(tmp / "run", Path(args.vocab))
+        figures = {
+            "python_s": fastest([sys.executable, "-c", "pass"], args.rounds),
+            "import_torch_s": fastest([sys.executable, "-c", "import torch"], args.rounds),
+            "help_s": fastest([*MTP, "--help"], args.rounds),
+            "report_start_s": fastest([*MTP, "report", str(tmp)], args.rounds, ok=(2,)),
+            "report_whole_s": fastest([*MTP, "report", str(report_copy)], args.rounds),
+            "export_whole_s": fastest([*MTP, "export", f"--checkpoint={ckpt}", f"--output={tmp / 'hf'}",
+                                       f"--vocab={args.vocab}", "--overwrite"], args.rounds),
+            "tasks_list_s": fastest([*MTP, "tasks", "list"], args.rounds),
+        }
+    for name, value in figures.items():
+        print(f"{name}={value:.2f}")
+    print(f"startup_s={max(figures['help_s'], figures['report_start_s']):.2f}")
+    print(f"export_over_torch={figures['export_whole_s'] / figures['import_torch_s']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
