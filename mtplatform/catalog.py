@@ -11,6 +11,9 @@ from dataclasses import dataclass
 
 import seqio
 
+user_modules: list[str] = []
+"""The `--module`s imported so far, in order: what an experiment's stage processes import again."""
+
 
 def import_modules(modules: Sequence[str]) -> None:
     """Import the built-in catalogue and each user module that registers tasks (`--module my_tasks`)."""
@@ -18,6 +21,8 @@ def import_modules(modules: Sequence[str]) -> None:
     for module in modules:
         try:
             importlib.import_module(module)
+            if module not in user_modules:
+                user_modules.append(module)
         except ModuleNotFoundError as e:
             raise ModuleNotFoundError(
                 f"--module {module}: cannot import it ({e}); is its directory on PYTHONPATH or the current one?"

@@ -27,6 +27,7 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from mtplatform.tf_setup import configure_logs, configure_tensorflow
@@ -205,12 +206,17 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug, verbose = "--debug" in argv, "--verbose" in argv
     argv = [a for a in argv if a not in ("--debug", "--verbose")]
+    return guarded(lambda: _dispatch(argv), debug=debug, verbose=verbose)
+
+
+def guarded(body: Callable[[], int], debug: bool = False, verbose: bool = False) -> int:
+    """`body()`'s exit code, or `main`'s for its errors and signals (shared with an experiment's stage processes)."""
     from mtplatform import interrupts
 
     try:
         with interrupts.exit_at_once():  # from the start: a signal while TensorFlow loads ends with a line too
             configure_logs(verbose=verbose)
-            return _dispatch(argv)
+            return body()
     except interrupts.Stopped as e:
         print(f"mtp: {_without_gin_context(e)}", file=sys.stderr)
         return e.exit_code

@@ -29,6 +29,13 @@ NOT_STAGE_SETTINGS = ("experiment", "mixture_search", *strategies.STRATEGIES)
 configuration, so that adding an arm or proxy runs leaves finished stages valid."""
 
 
+RECORD = "stage.json"  # in each stage directory: the stage's configuration, and its evaluations once finished
+
+
+def stage_directory(root: Path, stage: str, seed: int) -> Path:
+    return root / stage / f"seed_{seed}"
+
+
 class StageChanged(ValueError):
     """A finished stage would now be configured differently; the message names the stage and the change."""
 
@@ -93,6 +100,8 @@ def _check_unchanged(name: str, path: Path, config: dict) -> dict | None:
     saved = json.loads(path.read_text())
     if saved["fingerprint"] == _fingerprint(config):
         return saved
+    if not saved.get("finished") and not checkpoints.all_steps(path.parent):
+        return None  # it stopped before its first checkpoint (a bad setting, say): nothing to keep, start it again
     old, new = saved["config"], config
     what = next((f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in ("stage", "seed", "init")
                  if old.get(key) != new.get(key)), None)
@@ -108,11 +117,11 @@ def run_stage(root: Path, stage: strategies.Stage, seed: int, done: dict[str, di
     """Train and evaluate one stage (or skip it when finished); return its stage.json record. `decode=False`
     evaluates the teacher-forced figures alone (`evaluate.evaluate_tasks`); `decode_intermediate=False` does so at
     every evaluation but the last."""
-    stage_dir = root / stage.name / f"seed_{seed}"
+    stage_dir = stage_directory(root, stage.name, seed)
     init = done[stage.init] if stage.init else None
     reference = done[stage.reference] if stage.reference else None
     config = stage_config(stage, seed, init["config"] if init else None, reference["config"] if reference else None)
-    record_path = stage_dir / "stage.json"
+    record_path = stage_dir / RECORD
     saved = _check_unchanged(stage.name, record_path, config)
     if saved and saved.get("finished"):
         print(f"experiment: stage {stage.name} (seed {seed}) already finished; skipped", file=sys.stderr)
@@ -172,7 +181,7 @@ def evaluate_stage(stage: strategies.Stage, stage_dir: Path, steps: list[int],
     return results
 
 
-@gin.configurable
+@gin.configurable(denylist=["only"])
 def experiment(
     experiment_dir: str = gin.REQUIRED,
     arms: Sequence[strategies.Arm] = gin.REQUIRED,
@@ -181,13 +190,18 @@ def experiment(
     evals_per_stage: int = 2,
     decode_intermediate: bool = True,
     title: str = "Experiment",
+    parallel: int = 1,
+    only: tuple[str, int] | None = None,
 ) -> Path:
     """Run every stage of every arm for every seed (each shared stage once), write the report; return the
     experiment directory. `decode_intermediate=False`: the evaluations before a stage's last are teacher-forced
-    only (target NLL and label figures, no decoding: a learning curve at a fraction of the cost)."""
+    only (target NLL and label figures, no decoding: a learning curve at a fraction of the cost). `parallel` > 1:
+    that many stages at a time, each in its own process on its share of the cores (`parallel_stages`), with the
+    figures of a sequential run. `only` (not a gin setting): the one (stage, seed) a stage process runs."""
     validation.path_setting("EXPERIMENT_DIR (experiment.experiment_dir)", experiment_dir)
     validation.positive_int("experiment.eval_num_examples", eval_num_examples, allow_none=True)
     validation.positive_int("experiment.evals_per_stage", evals_per_stage)
+    validation.positive_int("experiment.parallel", parallel)
     for seed in seeds:
         validation.whole_number("experiment.seeds[]", seed, 0, 2 ** 31 - 1)
     root = Path(experiment_dir)
@@ -195,21 +209,58 @@ def experiment(
     _check_arms(arms)
     for stage in (stage for arm in arms for stage in arm.stages):  # before anything trains
         eval_steps(0, stage.steps, evals_per_stage)
+    stages = {stage.name: stage for arm in arms for stage in arm.stages}
+
+    def run(name: str, seed: int, done: dict[str, dict]) -> dict:
+        return run_stage(root, stages[name], seed, done, eval_num_examples, evals_per_stage,
+                         decode_intermediate=decode_intermediate)
+
+    if only is not None:
+        name, seed = only
+        run(name, seed, _finished_records(root, stages[name], seed))
+        return root
     root.mkdir(parents=True, exist_ok=True)
     write_json(root / "experiment.json", {"title": title, "seeds": list(seeds),
                                            "eval_num_examples": eval_num_examples,
                                            "arms": [asdict(arm) for arm in arms]})
     tasks = sorted({task for arm in arms for stage in arm.stages for task in stage.evaluate})
     write_baselines(root, tasks, eval_num_examples)
-    for seed in seeds:
-        done: dict[str, dict] = {}
-        for arm in arms:
-            for stage in arm.stages:
-                if stage.name not in done:
-                    done[stage.name] = run_stage(root, stage, seed, done, eval_num_examples, evals_per_stage,
-                                                 decode_intermediate=decode_intermediate)
+    if parallel == 1:
+        for seed in seeds:
+            done: dict[str, dict] = {}
+            for name in stages:
+                done[name] = run(name, seed, done)
+    else:
+        _run_in_parallel(root, stages, seeds, parallel)
     report.build(root)
     return root
+
+
+def _run_in_parallel(root: Path, stages: dict[str, strategies.Stage], seeds: Sequence[int], parallel: int) -> None:
+    """Every stage of every seed through `parallel_stages`; a finished stage is checked (unchanged) and skipped."""
+    from mtplatform import catalog, parallel_stages, tf_setup
+
+    def finished(job: parallel_stages.Job) -> bool:
+        stage = stages[job.stage]
+        done = _finished_records(root, stage, job.seed)
+        config = stage_config(stage, job.seed, done[stage.init]["config"] if stage.init else None,
+                              done[stage.reference]["config"] if stage.reference else None)
+        saved = _check_unchanged(stage.name, job.stage_dir / RECORD, config)
+        if saved and saved.get("finished"):
+            print(f"experiment: stage {stage.name} (seed {job.seed}) already finished; skipped", file=sys.stderr)
+            return True
+        return False
+
+    jobs = [parallel_stages.Job(name, seed, tuple(d for d in (stage.init, stage.reference) if d),
+                                stage_directory(root, name, seed)) for seed in seeds for name, stage in stages.items()]
+    parallel_stages.run(jobs, parallel, finished, gin.config_str(), catalog.user_modules,
+                        verbose=tf_setup.verbose_logs)
+
+
+def _finished_records(root: Path, stage: strategies.Stage, seed: int) -> dict[str, dict]:
+    """The stage.json records of the stages `stage` starts from (`init`, `reference`), which have finished."""
+    return {name: json.loads((stage_directory(root, name, seed) / RECORD).read_text())
+            for name in (stage.init, stage.reference) if name}
 
 
 def write_json(path: Path, record: dict) -> None:

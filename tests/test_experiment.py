@@ -124,6 +124,61 @@ def test_smoke_experiment_end_to_end_resumes_and_refuses_changes(tmp_path, vocab
     assert "stage pretrain in" in err and "pretrain/learning_rate.base" in err and err.count("\n") == 1
 
 
+def _without_paths_and_times(value, *dirs: Path):
+    """results.json's figures, with the experiment directory's path and the wall times taken out."""
+    if isinstance(value, dict):
+        return {k: _without_paths_and_times(v, *dirs) for k, v in value.items() if k != "seconds"}
+    if isinstance(value, list):
+        return [_without_paths_and_times(v, *dirs) for v in value]
+    if isinstance(value, str):
+        for d in dirs:
+            value = value.replace(str(d), "EXPERIMENT_DIR")
+    return value
+
+
+@pytest.mark.slow  # four experiments of five stages, each stage process loading TensorFlow: about five minutes
+def test_parallel_stages_match_a_sequential_run_through_a_signal_and_a_failure(tmp_path, vocab_file):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    sequential, parallel = tmp_path / "sequential", tmp_path / "parallel"
+    out = mtp("experiment", *SMOKE, f"--gin.EXPERIMENT_DIR='{sequential}'")
+    assert out.returncode == 0, out.stderr[-3000:]
+    args = [*SMOKE, f"--gin.EXPERIMENT_DIR='{parallel}'", "--gin.PARALLEL=2"]
+    # SIGTERM once a stage process trains: the parent passes it on, each running stage checkpoints, one line.
+    process = subprocess.Popen([sys.executable, "-m", "mtplatform.cli", "experiment", *args], cwd=REPO, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 600
+    while not list(parallel.glob("*/seed_0/metrics.jsonl")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=600)
+    assert process.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert err.strip().splitlines()[-1] == ("mtp: experiment stopped by SIGTERM: each running stage wrote a "
+                                            "checkpoint; rerun to continue")
+    assert err.count("started in process") == 2 and "1 thread(s)" in err
+    # A stage that fails (here: a bad fine-tuning setting) is one line naming it and its log; the others finish.
+    out = mtp("experiment", *args, "--gin.finetune/train.dropout_rate=2.0")
+    assert out.returncode == 2, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    log = parallel / "pretrained_ft_glue_rte" / "seed_0" / "log.txt"
+    assert last.startswith("mtp: error: stage pretrained_ft_glue_rte (seed 0) failed with exit code 2: mtp: error: ")
+    assert "train.dropout_rate" in last and last.endswith(f"(log: {log})")
+    # Rerun: every stage finished, resumed or run, with a sequential run's weights and figures.
+    out = mtp("experiment", *args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "0 waiting]" in out.stderr
+    weights = sorted(p.relative_to(sequential) for p in sequential.glob("*/seed_0/checkpoint_*/model.safetensors"))
+    assert len(weights) == 10
+    for path in weights:
+        assert (parallel / path).read_bytes() == (sequential / path).read_bytes(), path
+    results = [json.loads((d / "results.json").read_text()) for d in (sequential, parallel)]
+    assert _without_paths_and_times(results[0]["arms"], sequential) == _without_paths_and_times(
+        results[1]["arms"], parallel)
+
+
 def test_training_and_mixing_strategies_make_the_papers_arms():
     gin.clear_config()
     try:

@@ -1,0 +1,77 @@
+"""Wall time of an experiment run with independent stages side by side (`experiment.parallel`) against the same
+experiment run one stage at a time, and whether their figures agree.
+
+    python benchmarks/parallel_stages.py [--budget 0.0001220703125] [--parallel 2] [--eval_num_examples 100]
+
+The experiment is `gin/experiments/mixing_strategies.gin` (T5 Table 11's fixed arms and the three online arms, the
+mini model, one seed) at a small budget; each side is `mtp experiment` from start to end in its own directory, the
+sequential one first (a stage process loads TensorFlow as the sequential run does, so neither side has it warm).
+Prints both wall times, `parallel_speedup` (sequential over parallel: target at least 1.3 on 2 cores) and
+`figures_identical` (1 where every arm's figures, intervals and p-values are equal, paths and times aside).
+Needs MTP_DATA_DIR and MTP_VOCAB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import harness
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def experiment(directory: Path, args: argparse.Namespace, parallel: int) -> float:
+    """Seconds of one `mtp experiment` run of the benchmark's configuration into `directory`."""
+    command = [sys.executable, "-m", "mtplatform.cli", "experiment",
+               "--gin_file=gin/experiments/mixing_strategies.gin", f"--gin.EXPERIMENT_DIR='{directory}'",
+               f"--gin.BUDGET={args.budget}", f"--gin.BATCH_SIZE={args.batch_size}",
+               f"--gin.experiment.eval_num_examples={args.eval_num_examples}", "--gin.experiment.evals_per_stage=1",
+               f"--gin.PARALLEL={parallel}"]
+    began = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - began
+    if done.returncode != 0:
+        sys.exit(f"parallel={parallel}: exit {done.returncode}: {done.stderr.strip()[-1500:]}")
+    stages = done.stderr.count("experiment: stage")
+    print(f"parallel={parallel}: {seconds:,.1f} s ({stages} stage lines)", flush=True)
+    return seconds
+
+
+def figures(directory: Path) -> list:
+    """results.json's arms without the experiment's path and its wall times."""
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k != "seconds"}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value.replace(str(directory), "EXPERIMENT_DIR") if isinstance(value, str) else value
+
+    return strip(json.loads((directory / "results.json").read_text())["arms"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget", type=float, default=2 ** -13, help="BUDGET: 2**-13 is 96 steps per arm")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--eval_num_examples", type=int, default=100)
+    parser.add_argument("--parallel", type=int, default=2)
+    args = parser.parse_args()
+    print(harness.machine())
+    with tempfile.TemporaryDirectory() as tmp:
+        sequential = experiment(Path(tmp) / "sequential", args, 1)
+        parallel = experiment(Path(tmp) / "parallel", args, args.parallel)
+        identical = figures(Path(tmp) / "sequential") == figures(Path(tmp) / "parallel")
+    print(f"sequential_s={sequential:.1f}")
+    print(f"parallel_s={parallel:.1f}")
+    print(f"figures_identical={int(identical)}")
+    print(f"parallel_speedup={sequential / parallel:.3f}")
+
+
+if __name__ == "__main__":
+    main()
