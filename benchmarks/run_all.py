@@ -7,7 +7,7 @@ Only the part between the README's `run_all` markers is rewritten.
     python benchmarks/run_all.py [--full] [--only model_throughput,decode_throughput]
 
 Needs MTP_DATA_DIR and MTP_VOCAB (the pipeline and corpus benchmarks read the shipped data). `--quick` settings by
-default (about 15 minutes on 2 cores); `--full` drops them.
+default (about 35 minutes on 2 cores, 20 of them the two experiments of `parallel_stages`); `--full` drops them.
 """
 
 from __future__ import annotations
@@ -56,6 +56,14 @@ BENCHMARKS: dict[str, tuple[list[str], list[Figure]]] = {
     "eval_throughput": (["--quick"], [
         Figure("ratio_eval", "evaluating SST-2's whole validation set (872): seqio pipeline, decoding, metrics; "
                "mini model, random weights, 8 positions", "the same seqio Evaluator decoding with HF generate", ""),
+        Figure("target_nll_over_decoding", "seconds of the teacher-forced pass (target NLL, label figures) over "
+               "seconds of decoding, in that evaluation", "our decoding in the same run", "< 0.5"),
+    ]),
+    "parallel_stages": ([], [
+        Figure("parallel_speedup", "wall time of mixing_strategies.gin (12 arms, BUDGET 2**-13, mini, 1 seed), one "
+               "stage at a time over two side by side (`experiment.parallel = 2`)", "the sequential run", ">= 1.3"),
+        Figure("figures_identical", "1 where both runs' figures, intervals and p-values are equal",
+               "the sequential run", "== 1"),
     ]),
     "input_pipeline": (["--quick", "--online"], [
         Figure("data_wait_fraction", "share of training time waiting for batches, span corruption + GLUE packed",
