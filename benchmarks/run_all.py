@@ -1,8 +1,9 @@
 """Run every benchmark and rewrite the table of `benchmarks/README.md` with their figures.
 
 Each benchmark runs as its own process with the arguments below and prints `name=value` lines last; the table gives
-each figure beside its peer, its target, the machine, the commit and the command, and the full output follows it.
-Only the part between the README's `run_all` markers is rewritten.
+each figure beside its peer, its target, the date, commit and CPU of its run and the command, and the full output
+follows it. Every benchmark's latest run is kept in `benchmarks/latest.json`, so `--only` reruns some and the table
+keeps the others. Only the part between the README's `run_all` markers is rewritten.
 
     python benchmarks/run_all.py [--full] [--only model_throughput,decode_throughput]
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import re
 import subprocess
 import sys
@@ -25,6 +27,7 @@ import harness  # benchmarks/harness.py: Python puts the script's directory firs
 
 HERE = Path(__file__).resolve().parent
 README = HERE / "README.md"
+LATEST = HERE / "latest.json"  # every benchmark's latest output, figures, date, commit and machine
 BEGIN, END = "<!-- run_all: begin -->", "<!-- run_all: end -->"
 
 
@@ -62,8 +65,10 @@ BENCHMARKS: dict[str, tuple[list[str], list[Figure]]] = {
     "parallel_stages": ([], [
         Figure("parallel_speedup", "wall time of mixing_strategies.gin (12 arms, BUDGET 2**-13, mini, 1 seed), one "
                "stage at a time over two side by side (`experiment.parallel = 2`)", "the sequential run", ">= 1.3"),
-        Figure("figures_identical", "1 where both runs' figures, intervals and p-values are equal",
-               "the sequential run", "== 1"),
+        Figure("weights_identical", "1 where every checkpoint of both runs is the same bytes", "the sequential run",
+               "== 1"),
+        Figure("figures_largest_relative_difference", "the largest relative difference of any figure, interval or "
+               "p-value between the runs (2 threads against 1 per stage)", "the sequential run", "< 1e-5"),
     ]),
     "input_pipeline": (["--quick", "--online"], [
         Figure("data_wait_fraction", "share of training time waiting for batches, span corruption + GLUE packed",
@@ -110,26 +115,32 @@ def verdict(value: str | None, target: str) -> str:
     if not target:
         return ""
     op, bound = target.split()
-    ok = {">=": float(value) >= float(bound), "<": float(value) < float(bound)}[op]
+    ok = {">=": float(value) >= float(bound), "<": float(value) < float(bound),
+          "==": float(value) == float(bound)}[op]
     return "met" if ok else "**not met**"
 
 
-def section(results: dict[str, tuple[str, dict[str, str], float]], full: bool) -> str:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=HERE).stdout.strip()
-    lines = [BEGIN, "", f"Written by `python benchmarks/run_all.py{' --full' if full else ''}` on "
-             f"{datetime.date.today()} at commit {commit}.", "", f"Machine: {harness.machine()}.", "",
-             "| figure | value | target | verdict | what | peer | command |", "|---|---|---|---|---|---|---|"]
-    for script, (_, figures, _) in results.items():
-        args, wanted = BENCHMARKS[script]
-        command = "`" + " ".join(["python", f"benchmarks/{script}.py", *_args(args, full)]) + "`"
+def section(stored: dict[str, dict]) -> str:
+    """The README's table and outputs from every benchmark's latest run (each with its own date, commit, machine)."""
+    lines = [BEGIN, "", "Written by `python benchmarks/run_all.py`; each row is its benchmark's latest run "
+             "(`--only` reruns some and keeps the others, so the date, commit and machine are per benchmark).", "",
+             "| figure | value | target | verdict | what | peer | run | command |", "|---|---|---|---|---|---|---|---|"]
+    for script, (_, wanted) in BENCHMARKS.items():
+        if script not in stored:
+            continue
+        run_ = stored[script]
+        command = "`" + " ".join(["python", f"benchmarks/{script}.py", *run_["args"]]) + "`"
+        when = f"{run_['date']}, {run_['commit']}, bf16 hardware: {run_['bf16']}"
         for figure in wanted:
-            value = figures.get(figure.name)
+            value = run_["figures"].get(figure.name)
             lines.append(f"| `{figure.name}` | {value or '-'} | {figure.target or '-'} | "
-                         f"{verdict(value, figure.target)} | {figure.what} | {figure.peer} | {command} |")
-    for script, (output, _, seconds) in results.items():
-        lines += ["", f"<details><summary>{script}: {seconds:.0f} s</summary>", "", "```", output.strip(), "```",
-                  "", "</details>"]
+                         f"{verdict(value, figure.target)} | {figure.what} | {figure.peer} | {when} | {command} |")
+    for script in BENCHMARKS:
+        if script in stored:
+            run_ = stored[script]
+            lines += ["", f"<details><summary>{script}: {run_['seconds']:.0f} s, {run_['date']}, commit "
+                      f"{run_['commit']}, {run_['machine']}</summary>", "", "```", run_["output"].strip(), "```", "",
+                      "</details>"]
     return "\n".join([*lines, "", END])
 
 
@@ -140,23 +151,32 @@ def _args(args: list[str], full: bool) -> list[str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full", action="store_true", help="each benchmark's full settings instead of --quick")
-    p.add_argument("--only", help="comma-separated benchmark names")
+    p.add_argument("--only", help="comma-separated benchmark names (the others keep their stored figures)")
     args = p.parse_args()
     names = args.only.split(",") if args.only else list(BENCHMARKS)
-    results = {}
+    unknown = sorted(set(names) - set(BENCHMARKS))
+    if unknown:
+        sys.exit(f"--only: no benchmark named {', '.join(unknown)}; there are {', '.join(BENCHMARKS)}")
+    stored = json.loads(LATEST.read_text()) if LATEST.is_file() else {}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=HERE).stdout.strip()
     for name in names:
         script_args = _args(BENCHMARKS[name][0], args.full)
         print(f"running {name} {' '.join(script_args)}", flush=True)
-        results[name] = run(name, script_args)
-        print(results[name][0], flush=True)
+        output, figures, seconds = run(name, script_args)
+        print(output, flush=True)
+        stored[name] = {"output": output, "figures": figures, "seconds": seconds, "args": script_args,
+                        "date": str(datetime.date.today()), "commit": commit, "machine": harness.machine(),
+                        "bf16": harness.cpu_features()}
+        LATEST.write_text(json.dumps(stored, indent=1) + "\n")  # as each finishes: a stopped run keeps the rest
     text = README.read_text()
-    new = section(results, args.full)
+    new = section(stored)
     if BEGIN in text and END in text:
         text = text[:text.index(BEGIN)] + new + text[text.index(END) + len(END):]
     else:
         text = text.rstrip("\n") + "\n\n## Latest figures (`run_all.py`)\n\n" + new + "\n"
     README.write_text(text)
-    print(f"wrote {README}")
+    print(f"wrote {README} and {LATEST}")
 
 
 if __name__ == "__main__":

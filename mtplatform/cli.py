@@ -152,8 +152,10 @@ def parse_gin(files: list[str], overrides: list[str], search_paths: list[str]) -
     import gin
 
     import mtplatform
+    from mtplatform import parallel_stages
 
     mtplatform.register_configurables()
+    parallel_stages.remember_gin(files, overrides, search_paths)  # what an experiment's stage processes parse again
     for path in [*search_paths, str(GIN_DIR), str(GIN_DIR.parent), "."]:
         gin.add_config_file_search_path(path)
     bindings = []

@@ -191,13 +191,14 @@ def experiment(
     decode_intermediate: bool = True,
     title: str = "Experiment",
     parallel: int = 1,
-    only: tuple[str, int] | None = None,
+    only: dict | None = None,
 ) -> Path:
     """Run every stage of every arm for every seed (each shared stage once), write the report; return the
     experiment directory. `decode_intermediate=False`: the evaluations before a stage's last are teacher-forced
     only (target NLL and label figures, no decoding: a learning curve at a fraction of the cost). `parallel` > 1:
     that many stages at a time, each in its own process on its share of the cores (`parallel_stages`), with the
-    figures of a sequential run. `only` (not a gin setting): the one (stage, seed) a stage process runs."""
+    weights of a sequential run. `only` (not a gin setting): the one stage a stage process runs, {"stage": name,
+    "seed": seed, "definition": the stage as the parent built it}."""
     validation.path_setting("EXPERIMENT_DIR (experiment.experiment_dir)", experiment_dir)
     validation.positive_int("experiment.eval_num_examples", eval_num_examples, allow_none=True)
     validation.positive_int("experiment.evals_per_stage", evals_per_stage)
@@ -216,7 +217,10 @@ def experiment(
                          decode_intermediate=decode_intermediate)
 
     if only is not None:
-        name, seed = only
+        name, seed = only["stage"], only["seed"]
+        if name not in stages or _definition(stages[name]) != only["definition"]:
+            raise ValueError(f"stage {name}: this stage process built it as {_definition(stages.get(name))}, the "
+                             f"experiment as {only['definition']}; the gin configuration did not parse alike")
         run(name, seed, _finished_records(root, stages[name], seed))
         return root
     root.mkdir(parents=True, exist_ok=True)
@@ -252,9 +256,14 @@ def _run_in_parallel(root: Path, stages: dict[str, strategies.Stage], seeds: Seq
         return False
 
     jobs = [parallel_stages.Job(name, seed, tuple(d for d in (stage.init, stage.reference) if d),
-                                stage_directory(root, name, seed)) for seed in seeds for name, stage in stages.items()]
-    parallel_stages.run(jobs, parallel, finished, gin.config_str(), catalog.user_modules,
-                        verbose=tf_setup.verbose_logs)
+                                stage_directory(root, name, seed), _definition(stage))
+            for seed in seeds for name, stage in stages.items()]
+    parallel_stages.run(jobs, parallel, finished, catalog.user_modules, verbose=tf_setup.verbose_logs)
+
+
+def _definition(stage: strategies.Stage | None) -> dict | None:
+    """A stage as JSON holds it (tuples become lists), to compare across processes."""
+    return json.loads(json.dumps(asdict(stage))) if stage is not None else None
 
 
 def _finished_records(root: Path, stage: strategies.Stage, seed: int) -> dict[str, dict]:

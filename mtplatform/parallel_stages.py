@@ -8,9 +8,14 @@ catalogue takes a stage process 15 to 20 s, paid once per process as a sequentia
 
 The parent keeps the order a sequential run has: a stage is handed out once the stages it starts from (its `init`,
 its `reference`) have finished for its seed, and otherwise the first waiting stage goes next. A stage process
-(`python -m mtplatform.parallel_stages`) reads the parent's resolved gin config and `--module`s once, then runs the
-stages it is handed exactly as the sequential loop does (`experiment.experiment(only=...)`), on `cores // N`
-threads, each stage's output in `log.txt` in its stage directory. Finished stages are skipped in the parent.
+(`python -m mtplatform.parallel_stages`) parses the parent's gin files and overrides and imports its `--module`s
+once, then runs the stages it is handed exactly as the sequential loop does (`experiment.experiment(only=...)`,
+which checks that it built each stage as the parent did), on `cores // N` threads, each stage's output in
+`log.txt` in its stage directory. Finished stages are skipped in the parent.
+
+The weights are a sequential run's, bit for bit. The evaluation figures are too where the threads per stage are
+the same; a sequential run on 2 threads against stages on 1 can differ in the last bits of a float (a reduction
+split over another number of threads: 1e-7 relative, on CoLA's target NLL, in `benchmarks/parallel_stages.py`).
 
 The parent passes SIGTERM and SIGINT on to the stage processes (each in its own session, so Ctrl-C reaches them
 once); the running stages checkpoint and stop, and the parent stops with the signal's exit code: a rerun continues
@@ -32,6 +37,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 LOG = "log.txt"
+_gin_sources: dict | None = None
+
+
+def remember_gin(files: Sequence[str], overrides: Sequence[str], search_paths: Sequence[str]) -> None:
+    """The gin files and overrides `mtp` parsed (`cli.parse_gin`): a stage process parses the same, in the same order.
+    Not gin's config string: it does not keep a dict's order, and an arm list built from a dict (a sweep's `extra`)
+    would name its stages differently."""
+    global _gin_sources
+    _gin_sources = {"files": list(files), "overrides": list(overrides), "search_paths": list(search_paths)}
+
+
+def gin_sources() -> dict:
+    if _gin_sources is None:
+        raise ValueError("experiment.parallel > 1 runs stages in processes that parse the same gin files: start the "
+                         "experiment with `mtp experiment` (or `cli.parse_gin`), not with gin bindings made in Python")
+    return _gin_sources
 
 
 def cores() -> int:
@@ -47,6 +68,7 @@ class Job:
     seed: int
     after: tuple[str, ...]
     stage_dir: Path
+    definition: dict  # the stage as the parent built it, which the stage process checks its own against
     began: float = 0.0
 
 
@@ -58,13 +80,14 @@ class _Worker:
     job: Job | None = None
 
 
-def run(jobs: Sequence[Job], parallel: int, finished: Callable[[Job], bool], gin_config: str,
-        modules: Sequence[str], verbose: bool = False) -> None:
+def run(jobs: Sequence[Job], parallel: int, finished: Callable[[Job], bool], modules: Sequence[str],
+        verbose: bool = False) -> None:
     """Run `jobs` (in a sequential run's order), at most `parallel` at a time; `finished(job)` says whether a job's
     stage already finished (it is then not run; it raises where the stage changed). Returns when all finished."""
     from mtplatform import interrupts
 
-    setup = {"gin": gin_config, "modules": list(modules), "threads": max(1, cores() // parallel), "verbose": verbose}
+    setup = {"gin": gin_sources(), "modules": list(modules), "threads": max(1, cores() // parallel),
+             "verbose": verbose}
     pool = _Pool(list(jobs), parallel, finished, setup)
     with interrupts.StopRequests() as stops:
         try:
@@ -162,7 +185,7 @@ def _hand(worker: _Worker, job: Job, threads: int) -> None:
     job.stage_dir.mkdir(parents=True, exist_ok=True)
     job.began = time.monotonic()
     worker.job = job
-    worker.process.stdin.write(json.dumps({"stage": job.stage, "seed": job.seed,
+    worker.process.stdin.write(json.dumps({"stage": job.stage, "seed": job.seed, "definition": job.definition,
                                            "log": str(job.stage_dir / LOG)}) + "\n")
     worker.process.stdin.flush()
     print(f"experiment: stage {job.stage} (seed {job.seed}) started in process {worker.process.pid}, {threads} "
@@ -190,26 +213,22 @@ def _last_line(path: Path) -> str:
 
 def _set_up(setup: dict) -> int:
     """A stage process's one-time work: the parent's thread share, modules and gin configuration."""
-    import gin
     import torch
 
-    import mtplatform
-    from mtplatform import catalog, mixing
+    from mtplatform import catalog, cli
     from mtplatform.tf_setup import configure_tensorflow
 
     configure_tensorflow(threads=setup["threads"])
     torch.set_num_threads(setup["threads"])
     catalog.import_modules(setup["modules"])
-    mtplatform.register_configurables()
-    gin.parse_config(setup["gin"])
-    mixing.register_declared()
+    cli.parse_gin(setup["gin"]["files"], setup["gin"]["overrides"], setup["gin"]["search_paths"])
     return 0
 
 
 def _run_job(job: dict) -> int:
     from mtplatform import experiment
 
-    experiment.experiment(only=(job["stage"], job["seed"]))
+    experiment.experiment(only=job)
     return 0
 
 
