@@ -4,7 +4,8 @@ Each `nn.Linear`'s weight is stored as int8 with one scale per output row, and i
 run time (Q8BERT's and PyTorch's BERT tutorial's recipe: about 2.4x smaller, faster on one CPU thread, scores nearly
 unchanged). Embeddings, norms and the attention's position bias stay in fp32. The kernels are the CPU's (fbgemm on
 x86, qnnpack on ARM), so a quantized model runs on the CPU in fp32 around its int8 products: `mtp eval` and
-`mtp infer` with `--quantize=int8` evaluate on the CPU whatever the machine has.
+`mtp infer` with `--quantize=int8` evaluate on the CPU whatever the machine has. torch 2.13 warns that its quantized
+tensor types will be removed in a later release (torchao is their successor); torch is pinned here.
 """
 
 from __future__ import annotations

@@ -124,7 +124,7 @@ def test_a_factorized_embedding_shrinks_the_vocabulary_matrices_and_trains():
         (loss / weight).backward()
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(float(loss / weight))
+        losses.append((loss / weight).item())
     assert losses[-1] < 0.5 * losses[0]  # it learns (memorises one batch)
     factored.eval()
     assert factored.generate(enc, max_length=5, cuda_graph=False).shape[0] == 3
