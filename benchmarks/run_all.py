@@ -52,6 +52,12 @@ BENCHMARKS: dict[str, tuple[list[str], list[Figure]]] = {
         Figure("ratio_greedy", "greedy decoding tokens/s, batch 8, inputs 512, 64 new tokens, same tokens",
                "HF generate", ">= 3"),
     ]),
+    "quantize": (["--quick"], [
+        Figure("size_ratio", "weights on disk, int8 linear layers (dynamic quantization) over fp32, T5 1.1 small",
+               "the fp32 model", "< 0.5"),
+        Figure("ratio_int8", "greedy decoding tokens/s, int8 over fp32, batch 8, inputs 512, 64 new tokens",
+               "the fp32 model", ""),
+    ]),
     "packed_throughput": (["--quick"], [
         Figure("ratio_useful", "useful (non-padding) tokens/s training on span_corruption_and_glue, 512/114, batch 8 "
                "rows, T5 1.1 small: ours packed", "HF on the same examples, padded to each batch's longest", ">= 3"),

@@ -129,11 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
         _add_module_flag(cmd)
         cmd.add_argument("--gin_file", action="append", default=[], help="gin file; repeatable, read in order")
         cmd.add_argument("--gin_search_path", action="append", default=[], help="extra directory for gin includes")
+        if name in QUANTIZABLE:
+            cmd.add_argument("--quantize", choices=["int8"],
+                             help="int8 linear layers (PyTorch dynamic quantization), on the CPU; sets "
+                                  f"{QUANTIZABLE[name]}.quantize")
     return parser
 
 
 GIN_DIR = Path(__file__).resolve().parents[1] / "gin"
 GIN_COMMANDS = ("train", "finetune", "eval", "infer", "experiment")
+QUANTIZABLE = {"eval": "evaluate_checkpoint", "infer": "infer"}  # command -> the configurable its --quantize sets
 ACCEPTS_GIN = (*GIN_COMMANDS, "mixture")
 WITHOUT_TENSORFLOW = ("report", "export")  # read run files and checkpoints only: no data, so no TensorFlow or seqio
 
@@ -252,6 +257,8 @@ def _dispatch(argv: list[str]) -> int:
     from mtplatform import catalog
 
     catalog.import_modules(args.module)
+    if getattr(args, "quantize", None):
+        extra.append(f"--gin.{QUANTIZABLE[args.command]}.quantize='{args.quantize}'")
     if args.command in GIN_COMMANDS:
         parse_gin(args.gin_file, extra, args.gin_search_path)
         _check_required_macros()

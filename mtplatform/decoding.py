@@ -47,8 +47,8 @@ def start_cache(model: T5, memory: Tensor, encoder_tokens: Tensor, max_length: i
     cfg, device = model.cfg, memory.device
     shape = (memory.shape[0], cfg.num_heads, max_length, cfg.d_kv)
     cross = [(blk.cross_attn.split(blk.cross_attn.k(memory)), blk.cross_attn.split(blk.cross_attn.v(memory)))
-             for blk in model.decoder]
-    keys = [torch.zeros(shape, dtype=cross[0][0].dtype, device=device) for _ in model.decoder]
+             for blk in model.decoder_layers()]
+    keys = [torch.zeros(shape, dtype=cross[0][0].dtype, device=device) for _ in model.decoder_layers()]
     values = [torch.zeros_like(k) for k in keys]
     enc_valid = encoder_tokens != cfg.pad_id
     positions = torch.arange(max_length, device=device)[None]
@@ -65,9 +65,9 @@ def step(model: T5, token: Tensor, t: Tensor, cache: dict) -> Tensor:
     attends to all cached positions; those after `t` are masked by the bias. Attending to the first t + 1
     only would change the shapes every step and rule out graph capture.
     """
-    x = model.shared(token[:, None])
+    x = model.embed(token[:, None])
     self_bias = cache["self_bias"].index_select(2, t)
-    for i, blk in enumerate(model.decoder):
+    for i, blk in enumerate(model.decoder_layers()):
         h = blk.self_attn_norm(x)
         cache["k"][i].index_copy_(2, t, blk.self_attn.split(blk.self_attn.k(h)))
         cache["v"][i].index_copy_(2, t, blk.self_attn.split(blk.self_attn.v(h)))
@@ -163,7 +163,7 @@ def beam_search(model: T5, memory: Tensor, encoder_tokens: Tensor, max_length: i
             break
         flat = (next_beam + torch.arange(b, device=device)[:, None] * k).flatten()
         seqs = torch.cat([seqs[flat], next_tok.flatten()[:, None]], 1)
-        for i in range(len(model.decoder)):
+        for i in range(len(cache["k"])):
             cache["k"][i] = cache["k"][i][flat]
             cache["v"][i] = cache["v"][i][flat]
         scores, token = next_scores, next_tok.flatten()

@@ -70,6 +70,11 @@ def wrap_model(model: model_lib.T5, fsdp: bool) -> torch.nn.Module:
     if fsdp:
         from torch.distributed.fsdp import fully_shard
 
+        if model.cfg.shared_blocks is not None:  # a block runs several times a step: one shard, several gathers
+            raise ValueError(f"train.fsdp = True with T5Config.shared_blocks = {model.cfg.shared_blocks}: FSDP "
+                             "shards each block once and shared blocks run several times a step; train them with "
+                             "DDP (fsdp = False)")
+
         for block in [*model.encoder, *model.decoder]:
             fully_shard(block)
         fully_shard(model)

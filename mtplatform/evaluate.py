@@ -199,11 +199,18 @@ def write_metrics(metrics: Mapping[str, Mapping[str, float]], path: Path) -> Non
     checkpoints.replace_text(path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
 
 
-def _model_from(checkpoint_path: str | Path, device) -> tuple[T5, int, Path]:
+def _model_from(checkpoint_path: str | Path, quantize: str | None) -> tuple[T5, int, Path, torch.device]:
+    """(model in eval mode, its step, its checkpoint directory, the device it runs on): the GPU where there is one,
+    the CPU for an int8 model (`quantize`)."""
     from mtplatform import model as model_lib
+    from mtplatform import quantize as quantize_lib
 
     weights, step = checkpoints.verified_weights(checkpoint_path, "CHECKPOINT_PATH")
-    return model_lib.load(weights).to(device).eval(), step, weights.parent
+    device = torch.device("cuda" if torch.cuda.is_available() and not quantize else "cpu")
+    model = model_lib.load(weights).to(device).eval()
+    if quantize == "int8":
+        model = quantize_lib.int8(model)
+    return model, step, weights.parent, device
 
 
 @gin.configurable
@@ -219,14 +226,15 @@ def evaluate_checkpoint(
     num_beams: int = 1,
     precision: str = "auto",
     decode: bool = True,
+    quantize: str | None = None,
 ) -> tuple[dict, Path]:
     """Evaluate a checkpoint; write `metrics.json`, the metrics' bootstrap replicates (`bootstrap.npz`) and
     TensorBoard scalars to `output_dir` (default: `<model dir>/eval_<split>`). Returns (metrics, metrics file).
-    `decode=False`: the teacher-forced figures only (`evaluate_tasks`)."""
+    `decode=False`: the teacher-forced figures only (`evaluate_tasks`). `quantize="int8"`: the model's linear
+    layers in int8 (`mtplatform.quantize`), on the CPU; metrics.json says so."""
     check_settings("evaluate_checkpoint", mixture_or_task_name, split, num_examples, batch_size, max_decode_length,
-                   num_beams, task_feature_lengths)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, step, ckpt = _model_from(checkpoint_path, device)
+                   num_beams, task_feature_lengths, quantize=quantize, precision=precision)
+    model, step, ckpt, device = _model_from(checkpoint_path, quantize)
     precision = precision_lib.resolve(precision, device)
     results = evaluate_tasks(model, mixture_or_task_name, split=split, task_feature_lengths=task_feature_lengths,
                              num_examples=num_examples, batch_size=batch_size, max_decode_length=max_decode_length,
@@ -235,8 +243,8 @@ def evaluate_checkpoint(
     metrics = {task: result.metrics for task, result in results.items()}
     out = Path(output_dir) if output_dir else ckpt.parent / f"eval_{split}"
     write_metrics({"step": step, "checkpoint": str(ckpt), "metrics": metrics,
-                   "num_examples": {task: result.num_examples for task, result in results.items()}},
-                  out / checkpoints.EVAL_METRICS)
+                   "num_examples": {task: result.num_examples for task, result in results.items()},
+                   **({"quantize": quantize} if quantize else {})}, out / checkpoints.EVAL_METRICS)
     checkpoints.write_replicates({task: result.replicates for task, result in results.items()},
                                  out / checkpoints.REPLICATES)
     from torch.utils.tensorboard import SummaryWriter
@@ -261,16 +269,16 @@ def infer(
     max_decode_length: int = 64,
     num_beams: int = 1,
     precision: str = "auto",
+    quantize: str | None = None,
 ) -> Path:
     """Predictions as JSON lines {task, input, target, prediction}: for a task's (or mixture's) split, or for the
     lines of `input_file` (then tokenized with the first task's vocabulary when a task is named, else the
-    configured one)."""
+    configured one). `quantize="int8"`: the model's linear layers in int8, on the CPU."""
     from tqdm import tqdm
 
     check_settings("infer", mixture_or_task_name, split, num_examples, batch_size, max_decode_length, num_beams,
-                   task_feature_lengths, needs_split=not input_file)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, _, _ = _model_from(checkpoint_path, device)
+                   task_feature_lengths, needs_split=not input_file, quantize=quantize, precision=precision)
+    model, _, _, device = _model_from(checkpoint_path, quantize)
     precision = precision_lib.resolve(precision, device)
 
     def decode(inputs: list[list[int]]) -> list[list[int]]:
@@ -301,9 +309,13 @@ InferenceInput = tuple[dict, list[int], seqio.Vocabulary]  # (row without its pr
 
 def check_settings(where: str, mixture_or_task_name: str | None, split: str, num_examples: int | None,
                    batch_size: int, max_decode_length: int, num_beams: int,
-                   task_feature_lengths: Mapping[str, int] | None, needs_split: bool = True) -> None:
+                   task_feature_lengths: Mapping[str, int] | None, needs_split: bool = True,
+                   quantize: str | None = None, precision: str = "auto") -> None:
     """`evaluate_checkpoint`'s or `infer`'s settings, checked before the model is loaded: one line naming the
     setting (`where`.<name>), its value and its range; a split no task of the mixture has is named with theirs."""
+    from mtplatform import quantize as quantize_lib
+
+    quantize_lib.check(f"{where}.quantize", quantize, precision)
     validation.positive_int(f"{where}.num_examples", num_examples, allow_none=True)
     validation.positive_int(f"{where}.batch_size", batch_size)
     validation.positive_int(f"{where}.max_decode_length", max_decode_length)

@@ -97,8 +97,21 @@ def from_hf_state_dict(state: dict[str, Tensor], cfg: T5Config) -> T5:
 
 
 def to_hf_state_dict(model: T5) -> dict[str, Tensor]:
-    """Our weights under `T5ForConditionalGeneration`'s names (lm_head included even when tied)."""
-    out = {_rename(name, to_ours=False): t.detach().clone().contiguous() for name, t in model.state_dict().items()}
+    """Our weights under `T5ForConditionalGeneration`'s names (lm_head included even when tied). A model with
+    shared blocks (`T5Config.shared_blocks`) is expanded: each layer gets a copy of its block's weights, a plain T5
+    that computes the same function. A factorized embedding has no T5 equivalent and is refused."""
+    if model.cfg.embedding_dim:
+        raise ValueError(f"a factorized embedding (T5Config.embedding_dim = {model.cfg.embedding_dim}) has no "
+                         "Hugging Face T5 equivalent: T5ForConditionalGeneration embeds straight into d_model")
+    state = model.state_dict()
+    layers = {"encoder": model.encoder_blocks, "decoder": model.decoder_blocks}
+    out = {}
+    for name, tensor in state.items():
+        stack, _, rest = name.partition(".")
+        copies = ([f"{stack}.{layer}.{rest.partition('.')[2]}" for layer, block in enumerate(layers[stack])
+                   if block == int(rest.partition(".")[0])] if stack in layers else [name])
+        for copy in copies:
+            out[_rename(copy, to_ours=False)] = tensor.detach().clone().contiguous()
     if model.lm_head is None:
         out["lm_head.weight"] = out["shared.weight"].clone()
     return out

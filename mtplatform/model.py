@@ -49,6 +49,12 @@ class T5Config:
     pad_id: int = 0
     eos_id: int = 1
     decoder_start_id: int = 0
+    # ALBERT's cross-layer sharing: None, a block per layer (T5); k, each stack's layers in k consecutive groups
+    # that share one block's weights (1: every encoder layer shares one block, every decoder layer another).
+    shared_blocks: int | None = None
+    # ALBERT's factorized embedding: None, tokens embed straight into d_model (T5); E, vocabulary -> E -> d_model in,
+    # d_model -> E -> vocabulary out (tied to the input embedding where tie_word_embeddings).
+    embedding_dim: int | None = None
 
     def __post_init__(self):
         if self.num_decoder_layers is None:
@@ -56,6 +62,20 @@ class T5Config:
         if self.feed_forward not in ("gated-gelu", "relu"):
             raise ValueError(
                 f"T5Config.feed_forward={self.feed_forward!r}: use 'gated-gelu' (T5 1.1) or 'relu' (T5 1.0)")
+        fewest = min(self.num_layers, self.num_decoder_layers)
+        if self.shared_blocks is not None and (isinstance(self.shared_blocks, bool) or not isinstance(
+                self.shared_blocks, int) or not 1 <= self.shared_blocks <= fewest):
+            raise ValueError(f"T5Config.shared_blocks = {self.shared_blocks!r}: a whole number of blocks per stack "
+                             f"from 1 (ALBERT) to {fewest} (the layers of the shorter stack), or None (no sharing)")
+        if self.embedding_dim is not None and (isinstance(self.embedding_dim, bool) or not isinstance(
+                self.embedding_dim, int) or not 1 <= self.embedding_dim < self.d_model):
+            raise ValueError(f"T5Config.embedding_dim = {self.embedding_dim!r}: a whole number below d_model "
+                             f"({self.d_model}), as ALBERT's 128, or None (no factorized embedding)")
+
+    def blocks(self, layers: int) -> list[int]:
+        """The block each of a stack's `layers` layers runs: its own, or its group's under `shared_blocks`."""
+        groups = self.shared_blocks or layers
+        return [i * groups // layers for i in range(layers)]
 
 
 # --- building blocks --------------------------------------------------------------------------------------------
@@ -237,16 +257,34 @@ class T5(nn.Module):
     def __init__(self, cfg: T5Config):
         super().__init__()
         self.cfg = cfg
-        self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        width = cfg.embedding_dim or cfg.d_model  # of the vocabulary's vectors
+        self.shared = nn.Embedding(cfg.vocab_size, width)
+        self.embed_proj = nn.Linear(width, cfg.d_model, bias=False) if cfg.embedding_dim else None
         self.encoder_bias = RelativePositionBias(cfg, bidirectional=True)
-        self.encoder = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.num_layers))
+        self.encoder_blocks = cfg.blocks(cfg.num_layers)
+        self.encoder = nn.ModuleList(EncoderBlock(cfg) for _ in range(max(self.encoder_blocks) + 1))
         self.encoder_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
         self.decoder_bias = RelativePositionBias(cfg, bidirectional=False)
-        self.decoder = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.num_decoder_layers))
+        self.decoder_blocks = cfg.blocks(cfg.num_decoder_layers)
+        self.decoder = nn.ModuleList(DecoderBlock(cfg) for _ in range(max(self.decoder_blocks) + 1))
         self.decoder_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.output_proj = nn.Linear(cfg.d_model, width, bias=False) if cfg.embedding_dim else None
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(width, cfg.vocab_size, bias=False)
         self.dropout = nn.Dropout(cfg.dropout_rate)
         self.apply(self._init_weights)
+
+    def encoder_layers(self) -> list[EncoderBlock]:
+        """The block of each encoder layer, in order (one block several times under `shared_blocks`)."""
+        return [self.encoder[b] for b in self.encoder_blocks]
+
+    def decoder_layers(self) -> list[DecoderBlock]:
+        """The block of each decoder layer, in order (one block several times under `shared_blocks`)."""
+        return [self.decoder[b] for b in self.decoder_blocks]
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        """Token vectors in d_model (through the factorized embedding's projection where there is one)."""
+        x = self.shared(tokens)
+        return self.embed_proj(x) if self.embed_proj is not None else x
 
     def set_dropout(self, rate: float) -> None:
         """Change the dropout rate everywhere (fine-tuning adds dropout to a model pretrained without)."""
@@ -274,6 +312,10 @@ class T5(nn.Module):
                 nn.init.normal_(w.weight, std=c.d_model**-0.5)
             nn.init.normal_(m.wo.weight, std=c.d_ff**-0.5)
         elif m is self.lm_head:  # t5x's fan-in scaling; HF's std 1.0 starts T5 1.1 at a loss of ~30
+            nn.init.normal_(m.weight, std=(c.embedding_dim or c.d_model) ** -0.5)
+        elif m is self.embed_proj and m is not None:  # unit-variance embeddings in, unit-variance states out
+            nn.init.normal_(m.weight, std=c.embedding_dim**-0.5)
+        elif m is self.output_proj and m is not None:
             nn.init.normal_(m.weight, std=c.d_model**-0.5)
 
     # -- forward --
@@ -284,8 +326,8 @@ class T5(nn.Module):
         allowed = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] != 0)
         positions = _bias_positions(positions, allowed, tokens.shape[1], tokens.device)
         bias = _attention_bias(allowed, self.encoder_bias(positions, positions))
-        x = self.dropout(self.shared(tokens))
-        for block in self.encoder:
+        x = self.dropout(self.embed(tokens))
+        for block in self.encoder_layers():
             x = block(x, bias)
         return self.dropout(self.encoder_norm(x))
 
@@ -307,12 +349,14 @@ class T5(nn.Module):
         positions = _bias_positions(positions, real_pairs, length, tokens.device)
         self_bias = _attention_bias(self_allowed, self.decoder_bias(positions, positions))
         cross_bias = _attention_bias(cross_allowed)
-        x = self.dropout(self.shared(tokens))
-        for block in self.decoder:
+        x = self.dropout(self.embed(tokens))
+        for block in self.decoder_layers():
             x = block(x, self_bias, memory, cross_bias)
         return self.logits(self.dropout(self.decoder_norm(x)))
 
     def logits(self, x: Tensor) -> Tensor:
+        if self.output_proj is not None:
+            x = self.output_proj(x)
         if self.lm_head is None:
             return F.linear(x * self.cfg.d_model**-0.5, self.shared.weight)
         return self.lm_head(x)
@@ -364,10 +408,22 @@ class T5(nn.Module):
     # -- accounting --
 
     def num_params(self, non_embedding: bool = False) -> int:
+        """Distinct parameters (a shared block counts once); `non_embedding`: without the vocabulary's matrices."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n -= self.shared.weight.numel() + (self.lm_head.weight.numel() if self.lm_head is not None else 0)
         return n
+
+    def describe(self) -> str:
+        """Its parameter count, with the sharing and factorization that make it smaller than a plain T5's."""
+        c = self.cfg
+        parts = [f"{self.num_params():,} parameters"]
+        if c.shared_blocks is not None:
+            parts.append(f"{c.num_layers} encoder and {c.num_decoder_layers} decoder layers on {c.shared_blocks} "
+                         "shared block(s) each")
+        if c.embedding_dim:
+            parts.append(f"factorized embedding {c.vocab_size:,} -> {c.embedding_dim} -> {c.d_model}")
+        return ", ".join(parts)
 
     def training_flops(self, inputs_length: int, targets_length: int) -> float:
         """Approximate FLOPs of one training step (forward + backward) for one example of these lengths.
@@ -381,9 +437,10 @@ class T5(nn.Module):
         ff = (3 if c.feed_forward == "gated-gelu" else 2) * c.d_model * c.d_ff
         enc_layer = 4 * c.d_model * inner + ff
         dec_layer = 8 * c.d_model * inner + ff
+        output = c.d_model * c.vocab_size if not c.embedding_dim else c.embedding_dim * (c.d_model + c.vocab_size)
         matmul = 6 * (c.num_layers * enc_layer * inputs_length
                       + c.num_decoder_layers * dec_layer * targets_length
-                      + c.d_model * c.vocab_size * targets_length)
+                      + output * targets_length)
         attention = 6 * 2 * inner * (c.num_layers * inputs_length**2
                                      + c.num_decoder_layers * (targets_length**2 + targets_length * inputs_length))
         return float(matmul + attention)

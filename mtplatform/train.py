@@ -486,7 +486,7 @@ def setup(config: RunConfig, per_rank: int, ctx: Distributed, device: torch.devi
         for task in names:
             if where := cache.where_cached(seqio.get_mixture_or_task(task)):
                 print(f"mtp: {task}: reading seqio's cache in {where}", file=sys.stderr)
-        print(f"mtp: {model.num_params():,} parameters, {run.precision}, {ctx.world} process(es), global batch "
+        print(f"mtp: {model.describe()}, {run.precision}, {ctx.world} process(es), global batch "
               f"{c.batch_size} ({per_rank} x {c.batch_size // per_rank // ctx.world} accumulation per process); "
               f"{start.source}", file=sys.stderr)
     return run

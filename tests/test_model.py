@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 
 import gin
 import numpy as np
@@ -70,6 +71,74 @@ def test_exported_model_loads_in_transformers(version, tmp_path):
     again = H.load_hf(tmp_path / "hf").eval()
     with torch.no_grad():
         torch.testing.assert_close(again(enc, dec), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_shared_blocks_are_a_plain_t5_with_copied_layers_and_export_as_one(version, tmp_path):
+    """ALBERT's cross-layer sharing: 4 encoder layers on 1 block (3 decoder layers on 1), or in 2 groups. The model
+    computes what a plain T5 whose layers hold copies of the blocks computes (teacher-forced, greedy, beams), counts
+    each block once, trains the block from every layer's gradient, and exports as that plain T5."""
+    proj, tie = VERSIONS[version]
+    base = dict(vocab_size=300, d_model=64, d_kv=16, d_ff=128, num_layers=4, num_decoder_layers=3, num_heads=4,
+                feed_forward=proj, tie_word_embeddings=tie)
+    enc, dec = _inputs()
+    for groups, encoder_blocks, decoder_blocks in ((1, [0, 0, 0, 0], [0, 0, 0]), (2, [0, 0, 1, 1], [0, 0, 1])):
+        torch.manual_seed(4)
+        shared = M.T5(M.T5Config(**base, shared_blocks=groups)).eval()
+        assert shared.encoder_blocks == encoder_blocks and shared.decoder_blocks == decoder_blocks
+        assert f"4 encoder and 3 decoder layers on {groups} shared block(s) each" in shared.describe()
+        plain = M.T5(M.T5Config(**base)).eval()
+        plain.load_state_dict(H.from_hf_state_dict(H.to_hf_state_dict(shared), plain.cfg).state_dict())
+        block = [sum(p.numel() for p in stack[0].parameters()) for stack in (plain.encoder, plain.decoder)]
+        assert shared.num_params() == plain.num_params() - (4 - groups) * block[0] - (3 - groups) * block[1]
+        with torch.no_grad():
+            torch.testing.assert_close(shared(enc, dec), plain(enc, dec), atol=1e-5, rtol=0)
+        for beams in (1, 2):
+            assert torch.equal(shared.generate(enc, max_length=6, num_beams=beams, cuda_graph=False),
+                               plain.generate(enc, max_length=6, num_beams=beams, cuda_graph=False))
+    shared.train()
+    loss, weight = shared.loss({"encoder_input_tokens": enc, "decoder_input_tokens": dec,
+                                "decoder_target_tokens": torch.roll(dec, -1, 1)})
+    (loss / weight).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in shared.encoder.parameters())
+    shared.eval()
+    H.export_hf(shared, tmp_path)
+    hf = T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(_hf_logits(hf, enc, dec), shared(enc, dec), atol=1e-4, rtol=0)
+
+
+def test_a_factorized_embedding_shrinks_the_vocabulary_matrices_and_trains():
+    """ALBERT's factorized embedding: vocabulary -> E -> d_model in and d_model -> E -> vocabulary out."""
+    base = dict(vocab_size=2000, d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4)
+    torch.manual_seed(5)
+    plain, factored = M.T5(M.T5Config(**base)), M.T5(M.T5Config(**base, embedding_dim=16))
+    v, d, e = 2000, 128, 16
+    assert plain.num_params() - factored.num_params() == (2 * v * d) - (2 * v * e + 2 * e * d)
+    enc, dec = _inputs(vocab=2000)
+    batch = {"encoder_input_tokens": enc, "decoder_input_tokens": dec, "decoder_target_tokens": torch.roll(dec, -1, 1)}
+    optimizer = torch.optim.AdamW(factored.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(20):
+        loss, weight = factored.loss(batch)
+        (loss / weight).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append((loss / weight).item())
+    assert losses[-1] < 0.5 * losses[0]  # it learns (memorises one batch)
+    factored.eval()
+    assert factored.generate(enc, max_length=5, cuda_graph=False).shape[0] == 3
+    with pytest.raises(ValueError, match="factorized embedding .* has no Hugging Face T5 equivalent"):
+        H.to_hf_state_dict(factored)
+
+
+@pytest.mark.parametrize("setting, says", [({"shared_blocks": 0}, "T5Config.shared_blocks = 0"),
+                                           ({"shared_blocks": 3}, "to 2 (the layers of the shorter stack)"),
+                                           ({"embedding_dim": 64}, "T5Config.embedding_dim = 64: a whole number "
+                                                                   "below d_model (64)")])
+def test_bad_sharing_and_factorization_settings_are_one_line(setting, says):
+    with pytest.raises(ValueError, match=re.escape(says)):
+        M.T5Config(vocab_size=100, d_model=64, num_layers=2, **setting)
 
 
 def test_hf_mapping_rejects_foreign_weights():
