@@ -3,7 +3,8 @@
 # arguments) the slow tests as their own step (21 SIGKILLs of a real run, torch.compile, two torchrun processes against
 # one, the CLI from training to export, `mtp cache` over the whole corpus, a tiny mixture search with its validation,
 # online mixing's experiment, SIGKILLs and a SIGTERM, two torchrun processes and DoReMi's resume, the smoke
-# experiment and its stages run side by side, and the CLI's task commands; about 50 minutes on 2 cores).
+# experiment and its stages run side by side, and the CLI's task commands; 23 minutes on 2 idle cores, about 50 on a
+# loaded machine).
 # Each step lists its ten slowest tests, to keep the default one under 15 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
