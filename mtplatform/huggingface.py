@@ -103,18 +103,24 @@ def to_hf_state_dict(model: T5) -> dict[str, Tensor]:
     if model.cfg.embedding_dim:
         raise ValueError(f"a factorized embedding (T5Config.embedding_dim = {model.cfg.embedding_dim}) has no "
                          "Hugging Face T5 equivalent: T5ForConditionalGeneration embeds straight into d_model")
-    state = model.state_dict()
-    layers = {"encoder": model.encoder_blocks, "decoder": model.decoder_blocks}
+    blocks = {"encoder": model.encoder_blocks, "decoder": model.decoder_blocks}
     out = {}
-    for name, tensor in state.items():
-        stack, _, rest = name.partition(".")
-        copies = ([f"{stack}.{layer}.{rest.partition('.')[2]}" for layer, block in enumerate(layers[stack])
-                   if block == int(rest.partition(".")[0])] if stack in layers else [name])
-        for copy in copies:
-            out[_rename(copy, to_ours=False)] = tensor.detach().clone().contiguous()
+    for name, tensor in model.state_dict().items():
+        for per_layer in _per_layer(name, blocks):
+            out[_rename(per_layer, to_ours=False)] = tensor.detach().clone().contiguous()
     if model.lm_head is None:
         out["lm_head.weight"] = out["shared.weight"].clone()
     return out
+
+
+def _per_layer(name: str, blocks: dict[str, list[int]]) -> list[str]:
+    """Our parameter `name` once for each layer that runs it: `encoder.<block>.<rest>` -> `encoder.<layer>.<rest>`
+    for every layer on that block (without sharing, layer i is block i); names outside the stacks as they are."""
+    stack, _, rest = name.partition(".")
+    if stack not in blocks:
+        return [name]
+    block, _, param = rest.partition(".")
+    return [f"{stack}.{layer}.{param}" for layer, on in enumerate(blocks[stack]) if on == int(block)]
 
 
 def is_hf_directory(path: str | Path) -> bool:
