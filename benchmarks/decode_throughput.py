@@ -75,9 +75,8 @@ def main() -> None:
     if same:
         print("same tokens: True")
     else:  # kernels differ on GPUs: a near-tie can flip one token and, after it, the rest of that sequence
-        pairs = [(a, b) for x, y in zip(got["ours"]["tokens"], got["hf"]["tokens"], strict=True)
-                 for a, b in zip(x, y, strict=False)]
-        print(f"same tokens: False ({sum(a == b for a, b in pairs) / len(pairs):.1%} of positions equal): the "
+        equal = harness.share_equal(got["ours"]["tokens"], got["hf"]["tokens"])
+        print(f"same tokens: False ({equal:.1%} of positions equal): the "
               "sides did not do the same work, so the ratio below is marked as such")
     generated = got["ours"]["generated"]
     medians = {}

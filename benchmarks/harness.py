@@ -117,6 +117,13 @@ def run_sides(script: str | Path, sides: Sequence[str], rounds: int, args: Seque
     return results
 
 
+def share_equal(a: list[list[int]], b: list[list[int]]) -> float:
+    """The share of positions at which two sides decoded the same token (compared up to the shorter of two rows:
+    a row ends at its last EOS)."""
+    pairs = [(x, y) for row_a, row_b in zip(a, b, strict=True) for x, y in zip(row_a, row_b, strict=False)]
+    return sum(x == y for x, y in pairs) / len(pairs)
+
+
 def rates(work: float, seconds: list[float]) -> tuple[float, float]:
     """(best, median) of `work` per second over step times."""
     return work / min(seconds), work / statistics.median(seconds)

@@ -17,11 +17,10 @@ import argparse
 
 import harness  # benchmarks/harness.py: Python puts the script's directory first on the path
 import torch
+from decode_throughput import CONFIG  # the same T5 1.1 small shape as the decoding benchmark
 
 from mtplatform import quantize
-from mtplatform.model import T5, T5Config
-
-CONFIG = T5Config(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6)
+from mtplatform.model import T5
 
 
 def side(args: argparse.Namespace) -> None:
@@ -62,10 +61,8 @@ def main() -> None:
     shape = ["--batch", str(args.batch), "--inputs", str(args.inputs), "--new_tokens", str(args.new_tokens),
              "--runs", str(args.runs), "--threads", str(args.threads)]
     got = harness.run_sides(__file__, ["fp32", "int8"], args.rounds, shape)
-    pairs = [(a, b) for x, y in zip(got["fp32"]["tokens"], got["int8"]["tokens"], strict=True)
-             for a, b in zip(x, y, strict=True)]
-    print(f"int8: {got['int8']['linears']} linear layers quantized; {sum(a == b for a, b in pairs) / len(pairs):.1%} "
-          "of decoded positions equal to fp32's")
+    equal = harness.share_equal(got["fp32"]["tokens"], got["int8"]["tokens"])
+    print(f"int8: {got['int8']['linears']} linear layers quantized; {equal:.1%} of decoded positions equal to fp32's")
     generated = got["fp32"]["generated"]
     medians = {}
     for name in ("fp32", "int8"):

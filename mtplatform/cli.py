@@ -251,12 +251,11 @@ def _dispatch(argv: list[str]) -> int:
         build_parser().error(f"arguments after `--` are Beam options of `mtp cache`: {' '.join(passthrough)}")
     if extra and args.command not in ACCEPTS_GIN:
         build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.command in WITHOUT_TENSORFLOW and not args.module:
-        return _report(args) if args.command == "report" else _export(args)
-    configure_tensorflow()
-    from mtplatform import catalog
+    if args.command not in WITHOUT_TENSORFLOW or args.module:
+        configure_tensorflow()
+        from mtplatform import catalog
 
-    catalog.import_modules(args.module)
+        catalog.import_modules(args.module)
     if getattr(args, "quantize", None):
         extra.append(f"--gin.{QUANTIZABLE[args.command]}.quantize='{args.quantize}'")
     if args.command in GIN_COMMANDS:
