@@ -113,6 +113,7 @@ class _Pool:
     setup: dict
     workers: list[_Worker] = field(default_factory=list)
     done: set[tuple[str, int]] = field(default_factory=set)
+    to_run: set[tuple[str, int]] = field(default_factory=set)  # checked by `finished` once: not finished
 
     def busy(self) -> list[_Worker]:
         return [w for w in self.workers if w.job is not None]
@@ -124,11 +125,13 @@ class _Pool:
         while progressed:  # a skipped stage makes the stages that start from it ready
             progressed = False
             for job in [j for j in self.waiting if all((name, j.seed) in self.done for name in j.after)]:
-                if self.finished(job):
+                if (job.stage, job.seed) not in self.to_run and self.finished(job):
                     self.waiting.remove(job)
                     self.done.add((job.stage, job.seed))
                     progressed = True
-                elif (worker := self._idle()) is not None:
+                    continue
+                self.to_run.add((job.stage, job.seed))
+                if (worker := self._idle()) is not None:
                     self.waiting.remove(job)
                     _hand(worker, job, self.setup["threads"])
         if self.waiting and not self.busy():  # the arms are checked before, so this is a defect
