@@ -5,6 +5,7 @@
     mtp vocab train --mixture_or_task=glue_sst2 --vocab_size=8000 --output=vocab/mtp.model
     mtp train    --gin_file=gin/models/small.gin --gin_file=gin/runs/pretrain.gin --gin.MODEL_DIR="'/tmp/run'" ...
     mtp finetune --gin_file=gin/models/small.gin --gin_file=gin/runs/finetune.gin --gin.INITIAL_CHECKPOINT_PATH=...
+    mtp distill  --gin_file=gin/models/mini.gin --gin_file=gin/runs/distill.gin --gin.TEACHER="'/tmp/run'" ...
     mtp eval     --gin_file=gin/runs/eval.gin --gin.CHECKPOINT_PATH="'/tmp/run'" --gin.MIXTURE_OR_TASK_NAME=...
     mtp infer    --gin_file=gin/runs/infer.gin --gin.CHECKPOINT_PATH=... --gin.OUTPUT_FILE="'/tmp/preds.jsonl'"
     mtp experiment --gin_file=gin/experiments/demo.gin --gin.EXPERIMENT_DIR=...
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, help_text in (("train", "pretrain or train on a task or mixture (resumes from MODEL_DIR)"),
                             ("finetune", "fine-tune INITIAL_CHECKPOINT_PATH with a fresh optimizer"),
+                            ("distill", "train a student on a TEACHER's soft targets (gin/runs/distill.gin)"),
                             ("eval", "evaluate a checkpoint with the tasks' metrics"),
                             ("infer", "write predictions as JSON lines"),
                             ("experiment", "run an experiment's arms (stages), evaluate, write its report")):
@@ -137,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 GIN_DIR = Path(__file__).resolve().parents[1] / "gin"
-GIN_COMMANDS = ("train", "finetune", "eval", "infer", "experiment")
+GIN_COMMANDS = ("train", "finetune", "distill", "eval", "infer", "experiment")
 QUANTIZABLE = {"eval": "evaluate_checkpoint", "infer": "infer"}  # command -> the configurable its --quantize sets
 ACCEPTS_GIN = (*GIN_COMMANDS, "mixture")
 WITHOUT_TENSORFLOW = ("report", "export")  # read run files and checkpoints only: no data, so no TensorFlow or seqio
@@ -314,8 +316,12 @@ def _without_gin_context(error: Exception) -> str:
 def _run(command: str) -> int:
     from mtplatform import evaluate, train
 
-    if command in ("train", "finetune"):
-        result = train.train(finetune=command == "finetune")
+    if command in ("train", "finetune", "distill"):
+        config = train.RunConfig(finetune=command == "finetune")
+        if command == "distill" and config.distillation is None:
+            raise ValueError("mtp distill needs train.distillation = @distill() and a TEACHER: include "
+                             "gin/runs/distill.gin")
+        result = train.train(config)
         print(f"trained to step {result['step']}" + (f", loss {result['loss']:.4f}" if "loss" in result else "")
               + f"; checkpoints, metrics.jsonl and TensorBoard logs in {result['model_dir']}")
     elif command == "experiment":

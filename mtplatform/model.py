@@ -378,6 +378,10 @@ class T5(nn.Module):
         `forward` is a wrapper of this model to call instead (DistributedDataParallel, torch.compile).
         """
         logits = (forward if forward is not None else self)(**batch).float()  # a compiled module has no bool()
+        return self.losses_of(logits, batch, z_loss)
+
+    def losses_of(self, logits: Tensor, batch: dict[str, Tensor], z_loss: float = 0.0) -> tuple[Tensor, Tensor]:
+        """`token_losses` of logits already computed (float32) for `batch` (distillation reuses them)."""
         targets = batch["decoder_target_tokens"]
         weights = batch.get("decoder_loss_weights")
         if weights is None:

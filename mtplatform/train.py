@@ -42,6 +42,7 @@ from mtplatform import (
     cache,
     checkpoints,
     data,
+    distill,
     evaluate,
     health,
     huggingface,
@@ -258,7 +259,10 @@ def restore_or_init(model_dir: Path, vocab_size: int, initial_checkpoint_path: s
                                      f"(step {step})")
     if finetune:
         raise ValueError("mtp finetune needs INITIAL_CHECKPOINT_PATH (a checkpoint or a Hugging Face T5 directory)")
-    return Restored(model_lib.T5(model_lib.T5Config(vocab_size=vocab_size)), 0, "from scratch")
+    return Restored(model_lib.T5(model_lib.T5Config(vocab_size=vocab_size)), 0, FROM_SCRATCH)
+
+
+FROM_SCRATCH = "from scratch"
 
 
 SHAPE_FIELDS = ("d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads",
@@ -346,8 +350,9 @@ class RunConfig:
     `torch_compile` trains through `torch.compile` of the model; its first step, which compiles, is timed and
     reported (off by default: on CPUs the compile takes seconds to minutes that short runs do not earn back).
     A checkpoint is written every `checkpoint_every` steps, at each of `checkpoint_steps` (an experiment's
-    evaluation points, counted from its stage's own start) and at the last step. `finetune` is the command's
-    (`mtp finetune`), not a gin setting.
+    evaluation points, counted from its stage's own start) and at the last step. `distillation`
+    (`@distill.DistillConfig()`, gin/runs/distill.gin) trains the model as a student of a teacher checkpoint
+    (`mtplatform.distill`). `finetune` is the command's (`mtp finetune`), not a gin setting.
     """
 
     model_dir: str = gin.REQUIRED
@@ -380,6 +385,7 @@ class RunConfig:
     torch_compile: bool = False
     progress: bool = True
     start_over_if_unreadable: bool = False
+    distillation: distill.DistillConfig | None = None
 
     def __post_init__(self) -> None:
         validation.check_train_settings(
@@ -393,6 +399,11 @@ class RunConfig:
             max_truncated_share=self.max_truncated_share)
         if not isinstance(self.torch_compile, bool):
             raise ValueError(f"train.torch_compile = {self.torch_compile!r}: must be True or False")
+        if self.distillation is not None and not isinstance(self.distillation, distill.DistillConfig):
+            raise ValueError(f"train.distillation = {self.distillation!r}: must be @distill.DistillConfig() or None")
+        if self.distillation is not None and self.fsdp:
+            raise ValueError("train.distillation with train.fsdp: the teacher would need sharding too; distil with "
+                             "DDP (train.fsdp = False)")
 
 
 @dataclass
@@ -423,6 +434,8 @@ class Run:
     healthy: bool = True  # no spike, skipped update or zero gradient since the last checkpoint
     mixer: online_mixing.OnlineMixer | None = None  # strategy 'online': the shares, moved by per-task losses
     reference: model_lib.T5 | None = None  # DoReMi's reference model (its per-token losses give the excess loss)
+    distiller: distill.Distiller | None = None  # the teacher, for a student (`train.distillation`)
+    terms: distill.TermMeter | None = None  # the distillation loss's terms since the last log
 
     @property
     def model_dir(self) -> Path:
@@ -445,12 +458,15 @@ def setup(config: RunConfig, per_rank: int, ctx: Distributed, device: torch.devi
     if start.checkpoint is not None:
         check_vocabulary(vocabulary, state.get("vocabulary"), model.cfg.vocab_size, start.checkpoint)
     first_step = state.get("first_step", start.step)
+    distiller = None
+    if c.distillation is not None:
+        distiller, start = _distiller(c.distillation, start, vocabulary)
     if c.dropout_rate is not None:
         model.set_dropout(c.dropout_rate)
     model.to(device).train()
     wrapped = wrap_model(model, c.fsdp)
     torch.manual_seed(c.seed + ctx.rank)  # dropout masks differ between processes
-    optimizer = optim.make_optimizer(model.parameters())
+    optimizer = optim.make_optimizer([*model.parameters(), *(distiller.to(device).parameters() if distiller else [])])
     if "optimizer" in state:
         load_optimizer(model, optimizer, state["optimizer"], c.fsdp)
 
@@ -478,7 +494,9 @@ def setup(config: RunConfig, per_rank: int, ctx: Distributed, device: torch.devi
               step=start.step, first_step=first_step, losses_since_log=list(state.get("losses_since_log", [])),
               config_text=_config_text(resolved), attempt=_attempt(ctx),
               spikes=health.SpikeDetector(c.loss_spike_factor, history=state.get("recent_losses")),
-              vocabulary=vocabulary, mixer=mixer, reference=reference)
+              vocabulary=vocabulary, mixer=mixer, reference=reference, distiller=distiller,
+              terms=distill.TermMeter(bool(c.distillation.hidden), state.get("distill_terms") if ctx.main else None)
+              if distiller else None)  # the saved sums are over processes: the main process carries them on
     if ctx.main:
         checkpoints.write_run_files(model_dir, run.config_text, resolved.record())
         for task, why in resolved.dropped.items():
@@ -490,6 +508,20 @@ def setup(config: RunConfig, per_rank: int, ctx: Distributed, device: torch.devi
               f"{c.batch_size} ({per_rank} x {c.batch_size // per_rank // ctx.world} accumulation per process); "
               f"{start.source}", file=sys.stderr)
     return run
+
+
+def _distiller(config: distill.DistillConfig, start: Restored,
+               vocabulary: dict) -> tuple[distill.Distiller, Restored]:
+    """The teacher and its learned projections (their saved state when resuming); a student from scratch under
+    `student_init = "teacher_layers"` first takes the teacher's layers (DistilBERT)."""
+    teacher = frozen_model(config.teacher, "distill.teacher", start.model.cfg.vocab_size, vocabulary)
+    if start.source == FROM_SCRATCH and config.student_init == "teacher_layers":
+        distill.init_from_teacher(start.model, teacher)
+        start = replace(start, source=f"from every other layer of the teacher {config.teacher}")
+    distiller = distill.Distiller(config, teacher, start.model)
+    if start.state and "distiller" in start.state:
+        distiller.load_state_dict(start.state["distiller"])
+    return distiller, start
 
 
 def _stream(c: RunConfig, resolved: mixing.Resolved, per_rank: int,
@@ -519,21 +551,28 @@ def _online_mixer(resolved: mixing.Resolved, state: dict | None, model: model_li
 def reference_model(path: str, model: model_lib.T5, vocabulary: dict) -> model_lib.T5:
     """DoReMi's reference: a checkpoint of a model of this run's shapes and vocabulary (a one-line error else)."""
     setting = "mixing.online.reference"
-    if not Path(path).exists():
-        raise ValueError(f"{setting}={path}: no such checkpoint or model directory")
-    reference, _ = load_initial_weights(path, model.cfg.vocab_size, setting)
+    reference = frozen_model(path, setting, model.cfg.vocab_size, vocabulary)
     differ = [f"{f} {getattr(reference.cfg, f)!r} (this run's {getattr(model.cfg, f)!r})" for f in SHAPE_FIELDS
               if getattr(reference.cfg, f) != getattr(model.cfg, f)]
     if differ:
         raise ValueError(f"{setting}={path}: the reference is another model: {'; '.join(differ)}")
+    return reference
+
+
+def frozen_model(path: str, setting: str, vocab_size: int, vocabulary: dict) -> model_lib.T5:
+    """A model that guides this run without training (DoReMi's reference, a distillation's teacher), in eval mode
+    and without gradients: a checkpoint (or model directory) of this run's vocabulary, or a Hugging Face T5."""
+    if not Path(path).exists():
+        raise ValueError(f"{setting}={path}: no such checkpoint or model directory")
+    model, _ = load_initial_weights(path, vocab_size, setting)
     saved = None if huggingface.is_hf_directory(Path(path)) else checkpoints.read_vocabulary(path)
     if saved is not None and saved != vocabulary:
-        raise ValueError(f"{setting}={path}: the reference was trained with another vocabulary ({saved['size']:,} "
-                         f"ids, sha256 {str(saved['sha256'])[:12]}; this run's: {vocabulary['size']:,} ids, sha256 "
+        raise ValueError(f"{setting}={path}: it was trained with another vocabulary ({saved['size']:,} ids, sha256 "
+                         f"{str(saved['sha256'])[:12]}; this run's: {vocabulary['size']:,} ids, sha256 "
                          f"{str(vocabulary['sha256'])[:12]})")
-    for p in reference.parameters():
+    for p in model.parameters():
         p.requires_grad_(False)
-    return reference
+    return model.eval()
 
 
 def _attempt(ctx: Distributed) -> str:
@@ -561,8 +600,7 @@ def train_step(run: Run, lr: float) -> tuple[float, float, int]:
         batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
         sync = gradient_sync(run.wrapped, c.fsdp, enabled=i == len(micro) - 1)
         with sync, precision_lib.autocast(run.precision, device):
-            token_loss, _ = run.model.token_losses(batch, z_loss=c.z_loss, forward=run.wrapped)
-            loss = (token_loss * weights[i].to(device)).sum()
+            token_loss, loss = _micro_batch_loss(run, batch, weights[i].to(device))
             # DDP and FSDP average gradients over processes; scale so that the result is the gradient of
             # (sum of token losses) / (total weight) over the global batch.
             (loss * ctx.world / max(total_weight, 1.0)).backward()
@@ -575,6 +613,9 @@ def train_step(run: Run, lr: float) -> tuple[float, float, int]:
     counts = ctx.sum_tensor(counts)
     run.meter.add(counts)
     _move_shares(run, counts)
+    if run.distiller is not None and ctx.world > 1:  # DDP averages the student's gradients, not the projections'
+        for p in run.distiller.parameters():
+            p.grad = ctx.sum_tensor(p.grad.cpu()).to(p.grad.device) / ctx.world
     norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), c.clip_grad_norm or math.inf)
     grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # DTensor under FSDP
     loss = ctx.sum(loss_sum) / max(total_weight, 1.0)
@@ -587,6 +628,18 @@ def train_step(run: Run, lr: float) -> tuple[float, float, int]:
         run.healthy = False
     run.optimizer.zero_grad(set_to_none=True)
     return loss, grad_norm, tokens
+
+
+def _micro_batch_loss(run: Run, batch: dict[str, torch.Tensor],
+                      weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(each target token's cross-entropy, the micro-batch's weighted loss sum): the model's own loss, or a
+    student's distillation loss (`distill.Distiller`), whose terms `run.terms` adds up for the log."""
+    if run.distiller is None:
+        token_loss, _ = run.model.token_losses(batch, z_loss=run.config.z_loss, forward=run.wrapped)
+        return token_loss, (token_loss * weights).sum()
+    losses = run.distiller.token_losses(run.model, batch, run.config.z_loss, forward=run.wrapped)
+    run.terms.add(losses, weights)
+    return losses.cross_entropy, losses.weighted_sum(weights)
 
 
 def _move_shares(run: Run, counts: torch.Tensor) -> None:
@@ -643,12 +696,15 @@ def _write_checkpoint(run: Run, tmp: Path, model_state: dict, optimizer_state: d
     ctx.barrier()
     run.stream.save(checkpoints.data_state_dir(tmp, ctx.rank))
     rng = _gather_rng(ctx)
+    terms = {k: ctx.sum(v) for k, v in run.terms.sums.items()} if run.terms is not None else None
     if ctx.main:
         checkpoints.write_train_state(tmp, run.model, model_state, {
             "step": at_step, "optimizer": optimizer_state, "rng": rng, "tasks": run.meter.state(),
             "losses_since_log": run.losses_since_log, "first_step": run.first_step,
             "recent_losses": list(run.spikes.recent), "vocabulary": run.vocabulary,
-            **({"online_mixer": run.mixer.state()} if run.mixer is not None else {})}, run.config_text)
+            **({"online_mixer": run.mixer.state()} if run.mixer is not None else {}),
+            **({"distiller": run.distiller.state_dict(), "distill_terms": terms}
+               if run.distiller is not None else {})}, run.config_text)
         recent = list(run.spikes.recent)[-10:]
         checkpoints.finish(tmp, run.model_dir, at_step, ctx.world, sum(recent) / len(recent) if recent else None,
                            run.healthy, run.config.keep_checkpoints, run.attempt)
@@ -767,6 +823,9 @@ class _Window:
                        "flops_per_second": flops_per_step * steps / elapsed,
                        "data_wait_fraction": self.data_wait_fraction, **run.meter.log_values(new_window=ends),
                        **(run.mixer.log_values() if run.mixer is not None else {})})
+        if run.terms is not None:
+            summed = {k: run.ctx.sum(v) for k, v in run.terms.sums.items()}
+            values.update(run.terms.log_values(summed, new_window=ends))
         if ends:
             self.tokens, self.start, run.losses_since_log = 0, time.perf_counter(), []
             self.wait_at_start = run.data_wait_s

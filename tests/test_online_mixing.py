@@ -222,7 +222,7 @@ def test_a_reference_of_another_model_or_vocabulary_is_refused(tmp_path, vocab_f
     state["vocabulary"] = {**state["vocabulary"], "sha256": "0" * 64}  # as a run with another vocabulary saves it
     torch.save(state, state_file)
     _register(algorithm="doremi", reference=str(tmp_path / "other_vocab"))
-    with pytest.raises(ValueError, match=r"mixing.online.reference=.*other_vocab: the reference was trained with "
+    with pytest.raises(ValueError, match=r"mixing.online.reference=.*other_vocab: it was trained with "
                                          r"another vocabulary \(.* sha256 000000000000"):
         _train(tmp_path / "run", 1)
     _register(algorithm="doremi", reference=str(tmp_path / "missing"))
