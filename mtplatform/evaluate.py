@@ -8,7 +8,9 @@ postprocessor and metric functions); we only supply `predict_fn`, which batches 
 from __future__ import annotations
 
 import json
+import math
 import sys
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,7 +201,7 @@ def write_metrics(metrics: Mapping[str, Mapping[str, float]], path: Path) -> Non
     checkpoints.replace_text(path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
 
 
-def _model_from(checkpoint_path: str | Path, quantize: str | None) -> tuple[T5, int, Path, torch.device]:
+def model_from(checkpoint_path: str | Path, quantize: str | None) -> tuple[T5, int, Path, torch.device]:
     """(model in eval mode, its step, its checkpoint directory, the device it runs on): the GPU where there is one,
     the CPU for an int8 model (`quantize`)."""
     from mtplatform import model as model_lib
@@ -234,7 +236,7 @@ def evaluate_checkpoint(
     layers in int8 (`mtplatform.quantize`), on the CPU; metrics.json says so."""
     check_settings("evaluate_checkpoint", mixture_or_task_name, split, num_examples, batch_size, max_decode_length,
                    num_beams, task_feature_lengths, quantize=quantize, precision=precision)
-    model, step, ckpt, device = _model_from(checkpoint_path, quantize)
+    model, step, ckpt, device = model_from(checkpoint_path, quantize)
     precision = precision_lib.resolve(precision, device)
     results = evaluate_tasks(model, mixture_or_task_name, split=split, task_feature_lengths=task_feature_lengths,
                              num_examples=num_examples, batch_size=batch_size, max_decode_length=max_decode_length,
@@ -278,22 +280,14 @@ def infer(
 
     check_settings("infer", mixture_or_task_name, split, num_examples, batch_size, max_decode_length, num_beams,
                    task_feature_lengths, needs_split=not input_file, quantize=quantize, precision=precision)
-    model, _, _, device = _model_from(checkpoint_path, quantize)
+    model, _, _, device = model_from(checkpoint_path, quantize)
     precision = precision_lib.resolve(precision, device)
-
-    def decode(inputs: list[list[int]]) -> list[list[int]]:
-        enc = torch.zeros(len(inputs), max(map(len, inputs)), dtype=torch.long)  # 0 = padding
-        for i, ids in enumerate(inputs):
-            enc[i, : len(ids)] = torch.tensor(ids)
-        with precision_lib.autocast(precision, device):
-            return model.generate(enc.to(device), max_length=max_decode_length, num_beams=num_beams).cpu().tolist()
-
     rows: list[dict] = []
     for name, items in _inference_inputs(mixture_or_task_name, input_file, split, task_feature_lengths,
                                          num_examples):
         for start in tqdm(range(0, len(items), batch_size), desc=f"infer {name}", unit="batch"):
             chunk = items[start:start + batch_size]
-            out = decode([ids for _, ids, _ in chunk])
+            out = _decode([ids for _, ids, _ in chunk], model, max_decode_length, num_beams, precision, device)
             rows.extend({**row, "prediction": vocab.decode(tokens)}
                         for (row, _, vocab), tokens in zip(chunk, out, strict=True))
     path = Path(output_file)
@@ -302,6 +296,35 @@ def infer(
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
+
+
+def _decode(inputs: list[list[int]], model: T5, max_decode_length: int, num_beams: int, precision: str,
+            device: torch.device) -> list[list[int]]:
+    """Generated ids (EOS and the padding after it included) for a batch of tokenized inputs."""
+    enc = torch.zeros(len(inputs), max(map(len, inputs)), dtype=torch.long)  # 0 = padding
+    for i, ids in enumerate(inputs):
+        enc[i, : len(ids)] = torch.tensor(ids)
+    with precision_lib.autocast(precision, device):
+        return model.generate(enc.to(device), max_length=max_decode_length, num_beams=num_beams).cpu().tolist()
+
+
+def decoding_speed(model: T5, task: str, num_examples: int = 128, batch_size: int = 32, max_decode_length: int = 64,
+                   precision: str = "auto", device: torch.device | None = None, repeats: int = 3) -> float:
+    """Greedy decoding's generated tokens (up to each EOS) per second on the first `num_examples` validation inputs
+    of `task`, best of `repeats` passes: what the model costs to serve, comparable between models measured alike
+    on one machine (the experiment's model table; benchmarks/ compare against a peer in the same run)."""
+    device = device or next(model.parameters(), torch.empty(0)).device
+    precision = precision_lib.resolve(precision, device)
+    inputs = [ids for _, items in _inference_inputs(task, None, "validation", None, num_examples)
+              for _, ids, _ in items]
+    best = math.inf
+    for _ in range(repeats):
+        began, tokens = time.perf_counter(), 0
+        for start in range(0, len(inputs), batch_size):
+            out = _decode(inputs[start:start + batch_size], model, max_decode_length, 1, precision, device)
+            tokens += sum(next((i + 1 for i, t in enumerate(row) if t == model.cfg.eos_id), len(row)) for row in out)
+        best = min(best, time.perf_counter() - began)
+    return tokens / best
 
 
 InferenceInput = tuple[dict, list[int], seqio.Vocabulary]  # (row without its prediction, input ids, vocabulary)

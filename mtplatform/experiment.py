@@ -20,8 +20,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 import gin
+import torch
 
-from mtplatform import checkpoints, evaluate, mixing, report, scoring, strategies, validation
+from mtplatform import checkpoints, distill, evaluate, mixing, quantize, report, scoring, strategies, validation
 from mtplatform import train as train_lib
 
 NOT_STAGE_SETTINGS = ("experiment", "mixture_search", *strategies.STRATEGIES)
@@ -79,14 +80,21 @@ def _bindings(config: str) -> dict[str, str]:
     return out
 
 
-def stage_config(stage: strategies.Stage, seed: int, init_config: dict | None,
-                 reference_config: dict | None = None) -> dict:
-    """What a stage's result depends on: its definition, seed, the gin lines it trains under, its initial stage's
-    (and its reference stage's, for online DoReMi)."""
-    definition = {k: v for k, v in asdict(stage).items() if k != "reference" or v}  # as before references existed
-    config = {"stage": definition, "seed": seed, "gin": _gin_lines(stage.scope, stage.train_on), "init": init_config}
-    if reference_config is not None:
-        config["reference"] = reference_config
+OPTIONAL_FIELDS = ("reference", "teacher", "quantize")
+"""Stage fields newer than the first experiments: left out of a stage's configuration when unset, so that the
+stages that ran before they existed stay valid."""
+
+
+def stage_config(stage: strategies.Stage, seed: int, done: dict[str, dict]) -> dict:
+    """What a stage's result depends on: its definition, seed, the gin lines it trains under, and the
+    configurations of the stages it reads (`done`: their records): its initial stage's, and its reference's (online
+    DoReMi) or teacher's (distillation) where it has one."""
+    definition = {k: v for k, v in asdict(stage).items() if k not in OPTIONAL_FIELDS or v}
+    config = {"stage": definition, "seed": seed, "gin": _gin_lines(stage.scope, stage.train_on),
+              "init": done[stage.init]["config"] if stage.init else None}
+    for role in ("reference", "teacher"):
+        if getattr(stage, role):
+            config[role] = done[getattr(stage, role)]["config"]
     return json.loads(json.dumps(config))  # as stage.json will hold it (tuples become lists), to compare
 
 
@@ -113,14 +121,14 @@ def _check_unchanged(name: str, path: Path, config: dict) -> dict | None:
 
 
 def run_stage(root: Path, stage: strategies.Stage, seed: int, done: dict[str, dict], eval_num_examples: int | None,
-              evals_per_stage: int, decode: bool = True, decode_intermediate: bool = True) -> dict:
+              evals_per_stage: int, decode: bool = True, decode_intermediate: bool = True,
+              measure_models: bool = False) -> dict:
     """Train and evaluate one stage (or skip it when finished); return its stage.json record. `decode=False`
     evaluates the teacher-forced figures alone (`evaluate.evaluate_tasks`); `decode_intermediate=False` does so at
-    every evaluation but the last."""
+    every evaluation but the last; `measure_models`: the record's `model` (`measure_model`)."""
     stage_dir = stage_directory(root, stage.name, seed)
     init = done[stage.init] if stage.init else None
-    reference = done[stage.reference] if stage.reference else None
-    config = stage_config(stage, seed, init["config"] if init else None, reference["config"] if reference else None)
+    config = stage_config(stage, seed, done)
     record_path = stage_dir / RECORD
     saved = _check_unchanged(stage.name, record_path, config)
     if saved and saved.get("finished"):
@@ -135,15 +143,14 @@ def run_stage(root: Path, stage: strategies.Stage, seed: int, done: dict[str, di
           + (f", from {stage.init}" if stage.init else ""), file=sys.stderr)
     began = time.monotonic()
     steps = eval_steps(start, stage.steps, evals_per_stage)
-    if reference:
-        strategies.with_reference(stage, reference["model_dir"])
-    with gin.config_scope(stage.scope):
-        train_lib.train(model_dir=str(stage_dir), mixture_or_task_name=stage.train_on,
-                        train_steps=record["end_step"], initial_checkpoint_path=init["model_dir"] if init else None,
-                        finetune=init is not None, seed=seed, keep_checkpoints=None,
-                        checkpoint_every=record["end_step"], checkpoint_steps=steps)
+    if stage.steps:
+        _train_stage(stage, stage_dir, record["end_step"], steps, seed, done)
     trained = time.monotonic()
-    record["evaluations"] = evaluate_stage(stage, stage_dir, steps, eval_num_examples, decode, decode_intermediate)
+    weights = Path(init["model_dir"]) if not stage.steps else stage_dir  # an evaluation-only stage reads its init's
+    record["evaluations"] = evaluate_stage(stage, stage_dir, steps, eval_num_examples, decode, decode_intermediate,
+                                           weights)
+    if measure_models:
+        record["model"] = measure_model(stage, checkpoints.checkpoint_dir(weights, steps[-1]))
     # Wall time of the run that finished the stage (a stage resumed after a kill counts its last run only).
     record["seconds"] = {"train": round(trained - began, 1), "eval": round(time.monotonic() - trained, 1)}
     record["finished"] = True
@@ -151,10 +158,37 @@ def run_stage(root: Path, stage: strategies.Stage, seed: int, done: dict[str, di
     return record
 
 
+def _train_stage(stage: strategies.Stage, stage_dir: Path, end_step: int, checkpoint_steps: list[int], seed: int,
+                 done: dict[str, dict]) -> None:
+    """`mtp train` (or finetune, or distill) of one stage under its gin scope."""
+    init = done[stage.init] if stage.init else None
+    if stage.reference:
+        strategies.with_reference(stage, done[stage.reference]["model_dir"])
+    with gin.config_scope(stage.scope):
+        distillation = distill.DistillConfig(teacher=done[stage.teacher]["model_dir"]) if stage.teacher else None
+        train_lib.train(model_dir=str(stage_dir), mixture_or_task_name=stage.train_on, train_steps=end_step,
+                        initial_checkpoint_path=init["model_dir"] if init else None, finetune=init is not None,
+                        seed=seed, keep_checkpoints=None, checkpoint_every=end_step, checkpoint_steps=checkpoint_steps,
+                        distillation=distillation)
+
+
+def measure_model(stage: strategies.Stage, checkpoint: Path) -> dict:
+    """The stage's model as it is evaluated (in int8 where the stage says): parameters, bytes of its weights, and
+    greedy decoding's tokens per second on its first task's validation inputs (`evaluate.decoding_speed`)."""
+    model, _, _, device = evaluate.model_from(str(checkpoint), None)
+    parameters = model.num_params()
+    if stage.quantize:
+        model, device = quantize.int8(model.cpu()), torch.device("cpu")
+    return {"parameters": parameters, "bytes": quantize.state_bytes(model), "quantize": stage.quantize,
+            "decode_tokens_per_second": evaluate.decoding_speed(model, stage.evaluate[0], device=device)}
+
+
 def eval_steps(start: int, steps: int, evals: int) -> list[int]:
     """The `evals` steps, evenly over a stage's own span (start, start + steps], at which it is evaluated; the last
     is its end. Counted from the stage's start, so that a stage that continues another's step count (fine-tuning)
-    is evaluated as often as one that starts at 0."""
+    is evaluated as often as one that starts at 0. An evaluation-only stage (no steps): its start."""
+    if steps == 0:
+        return [start]
     if not isinstance(evals, int) or not 1 <= evals <= steps:
         raise ValueError(f"experiment.evals_per_stage = {evals!r}: must be an integer from 1 to the steps of the "
                          f"shortest stage ({steps})")
@@ -163,19 +197,22 @@ def eval_steps(start: int, steps: int, evals: int) -> list[int]:
 
 def evaluate_stage(stage: strategies.Stage, stage_dir: Path, steps: list[int],
                    eval_num_examples: int | None, decode: bool = True,
-                   decode_intermediate: bool = True) -> dict[str, dict[str, dict]]:
-    """{step: {task: metrics}} at each of `steps` (checkpoints written for them; one written when a run was
-    stopped in between is not evaluated), by `mtp eval`'s own function and settings. Each result is written as it
-    comes (`eval/<step>_<task>/metrics.json` and its bootstrap replicates), so an interrupted evaluation resumes."""
+                   decode_intermediate: bool = True, weights: Path | None = None) -> dict[str, dict[str, dict]]:
+    """{step: {task: metrics}} at each of `steps` (checkpoints written for them in `weights`, the stage's own
+    directory unless it only evaluates another's; one written when a run was stopped in between is not evaluated),
+    by `mtp eval`'s own function and settings (in int8 where the stage says). Each result is written as it comes
+    (`eval/<step>_<task>/metrics.json` and its bootstrap replicates), so an interrupted evaluation resumes."""
     results: dict[str, dict[str, dict]] = {}
     for step in steps:
         for task in stage.evaluate:
             out = checkpoints.stage_eval_dir(stage_dir, step, task)
             if not (out / checkpoints.EVAL_METRICS).is_file():
-                evaluate.evaluate_checkpoint(checkpoint_path=str(checkpoints.checkpoint_dir(stage_dir, step)),
+                evaluate.evaluate_checkpoint(checkpoint_path=str(checkpoints.checkpoint_dir(weights or stage_dir,
+                                                                                              step)),
                                              mixture_or_task_name=task, output_dir=str(out),
                                              num_examples=eval_num_examples,
-                                             decode=decode and (decode_intermediate or step == steps[-1]))
+                                             decode=decode and (decode_intermediate or step == steps[-1]),
+                                             quantize=stage.quantize)
             metrics = json.loads((out / checkpoints.EVAL_METRICS).read_text())["metrics"]
             results.setdefault(str(step), {})[task] = metrics.get(task, {})
     return results
@@ -191,13 +228,16 @@ def experiment(
     decode_intermediate: bool = True,
     title: str = "Experiment",
     parallel: int = 1,
+    measure_models: bool = False,
     only: dict | None = None,
 ) -> Path:
     """Run every stage of every arm for every seed (each shared stage once), write the report; return the
     experiment directory. `decode_intermediate=False`: the evaluations before a stage's last are teacher-forced
     only (target NLL and label figures, no decoding: a learning curve at a fraction of the cost). `parallel` > 1:
     that many stages at a time, each in its own process on its share of the cores (`parallel_stages`), with the
-    weights of a sequential run. `only` (not a gin setting): the one stage a stage process runs, {"stage": name,
+    weights of a sequential run. `measure_models`: each stage's parameters, size and decoding speed after its
+    evaluation (stage.json `model`; the report's model table), timed on whatever else the machine runs (best of
+    three). `only` (not a gin setting): the one stage a stage process runs, {"stage": name,
     "seed": seed, "definition": the stage as the parent built it}."""
     validation.path_setting("EXPERIMENT_DIR (experiment.experiment_dir)", experiment_dir)
     validation.positive_int("experiment.eval_num_examples", eval_num_examples, allow_none=True)
@@ -214,7 +254,7 @@ def experiment(
 
     def run(name: str, seed: int, done: dict[str, dict]) -> dict:
         return run_stage(root, stages[name], seed, done, eval_num_examples, evals_per_stage,
-                         decode_intermediate=decode_intermediate)
+                         decode_intermediate=decode_intermediate, measure_models=measure_models)
 
     if only is not None:
         name, seed = only["stage"], only["seed"]
@@ -247,15 +287,14 @@ def _run_in_parallel(root: Path, stages: dict[str, strategies.Stage], seeds: Seq
     def finished(job: parallel_stages.Job) -> bool:
         stage = stages[job.stage]
         done = _finished_records(root, stage, job.seed)
-        config = stage_config(stage, job.seed, done[stage.init]["config"] if stage.init else None,
-                              done[stage.reference]["config"] if stage.reference else None)
+        config = stage_config(stage, job.seed, done)
         saved = _check_unchanged(stage.name, job.stage_dir / RECORD, config)
         if saved and saved.get("finished"):
             print(f"experiment: stage {stage.name} (seed {job.seed}) already finished; skipped", file=sys.stderr)
             return True
         return False
 
-    jobs = [parallel_stages.Job(name, seed, tuple(d for d in (stage.init, stage.reference) if d),
+    jobs = [parallel_stages.Job(name, seed, stage.depends_on(),
                                 stage_directory(root, name, seed), _definition(stage))
             for seed in seeds for name, stage in stages.items()]
     parallel_stages.run(jobs, parallel, finished, catalog.user_modules, verbose=tf_setup.verbose_logs)
@@ -269,7 +308,7 @@ def _definition(stage: strategies.Stage | None) -> dict | None:
 def _finished_records(root: Path, stage: strategies.Stage, seed: int) -> dict[str, dict]:
     """The stage.json records of the stages `stage` starts from (`init`, `reference`), which have finished."""
     return {name: json.loads((stage_directory(root, name, seed) / RECORD).read_text())
-            for name in (stage.init, stage.reference) if name}
+            for name in stage.depends_on()}
 
 
 def write_json(path: Path, record: dict) -> None:
@@ -301,6 +340,12 @@ def _check_arms(arms: Sequence[strategies.Arm]) -> None:
             if stage.init and stage.init not in seen:
                 raise ValueError(f"arm {arm.name!r}: stage {stage.name} starts from {stage.init}, which no earlier "
                                  "stage of the experiment defines")
+            if stage.teacher and stage.teacher not in seen:
+                raise ValueError(f"arm {arm.name!r}: stage {stage.name}'s teacher is stage {stage.teacher}, which no "
+                                 "earlier stage of the experiment defines")
+            if stage.steps == 0 and not stage.init:
+                raise ValueError(f"arm {arm.name!r}: stage {stage.name} trains no steps and starts from no stage: "
+                                 "there is nothing to evaluate")
             if stage.reference and stage.reference not in seen:
                 raise ValueError(f"arm {arm.name!r}: stage {stage.name}'s reference model is stage {stage.reference}, "
                                  "which no earlier stage of the experiment defines")

@@ -109,6 +109,8 @@ def collect(root: Path) -> dict:
             row["tasks"][task] = {"seeds": per_seed, "n": len(per_seed), "figures": figures}
         row["glue_average"] = _glue_average(row["tasks"], [t for t in tasks if t.startswith("glue_")])
         row["shares"] = _shares(root, arm, spec["seeds"][0])
+        if model := _model_figures(arm, [records[seed] for seed in spec["seeds"]]):
+            row["model"] = model  # only experiments that measure their models have the key
         arms.append(row)
     for task in tasks:
         for name in FIGURE_NAMES:
@@ -123,6 +125,41 @@ def collect(root: Path) -> dict:
     if online:  # only experiments with online arms have the key (the others' results.json stay as they were)
         results["online_steps_to_reach"] = online
     return results
+
+
+def _model_figures(arm: dict, records: list[dict[str, dict]]) -> dict | None:
+    """The arm's evaluated model as `experiment.measure_model` measured it (the last stage that evaluates), per
+    seed: parameters, bytes of weights, decoding tokens/s."""
+    stage = next((s["name"] for s in reversed(arm["stages"]) if s["evaluate"]), None)
+    measured = [r[stage]["model"] for r in records if stage in r and "model" in r[stage]]
+    if not measured:
+        return None
+    speeds = [m["decode_tokens_per_second"] for m in measured]
+    return {"parameters": measured[0]["parameters"], "bytes": measured[0]["bytes"],
+            "quantize": measured[0]["quantize"], "decode_tokens_per_second": statistics.fmean(speeds),
+            "decode_tokens_per_second_per_seed": speeds}
+
+
+def _model_lines(results: dict) -> list[str]:
+    """The model table: parameters, size of the weights and decoding speed, each also against the first arm."""
+    arms = [a for a in results["arms"] if a.get("model")]
+    if not arms:
+        return []
+    first = arms[0]["model"]
+    lines = ["", "## Model: parameters, size, decoding speed", "",
+             f"Against *{arms[0]['name']}*. Size: the weights as `torch.save` writes them (int8 where quantized). "
+             "Decoding: greedy, generated tokens per second on the first task's first 128 validation inputs "
+             "(batches of 32, up to 64 tokens), best of three passes, mean over seeds (per seed in brackets); timed "
+             "on a machine that may have run other work at the time, so ratios within a run are the figure to read.",
+             "", "| arm | parameters | size (MB) | decoding tokens/s | size ratio | speed ratio |",
+             "|---|---|---|---|---|---|"]
+    for arm in arms:
+        m = arm["model"]
+        per_seed = ", ".join(f"{v:,.0f}" for v in m["decode_tokens_per_second_per_seed"])
+        lines.append(f"| {arm['name']} | {m['parameters']:,} | {m['bytes'] / 2**20:.2f} | "
+                     f"{m['decode_tokens_per_second']:,.0f} ({per_seed}) | {m['bytes'] / first['bytes']:.2f} | "
+                     f"{m['decode_tokens_per_second'] / first['decode_tokens_per_second']:.2f} |")
+    return lines
 
 
 def _online_speed(root: Path, spec: dict, arms: list[dict]) -> list[dict]:
@@ -484,6 +521,7 @@ def markdown(results: dict) -> str:
                   *_table(results, "label_accuracy", labelled, False, True), "",
                   "## Gold label log-probability (renormalised over the label set; 0 is certain and right)", "",
                   *_table(results, "gold_label_logprob", labelled, False, False)]
+    lines += _model_lines(results)
     verdicts = _verdicts(results)
     if verdicts:
         reference = results["against_reference"][0]["reference"]

@@ -22,14 +22,16 @@ from mtplatform import mixing, validation
 PAPER_PRETRAIN_STEPS = 2**19
 PAPER_FINETUNE_STEPS = 2**18
 STRATEGIES = ("training_strategies", "mixing_strategies", "pretrain_then_finetune", "pretraining_objectives",
-              "low_resource", "online_mixing")
+              "low_resource", "online_mixing", "compression")
 """The strategy functions below: their settings say how arms are made, so they are no part of a stage's config."""
 
 
 @dataclass(frozen=True)
 class Stage:
     """Train `train_on` for `steps` steps under gin scope `scope`, from stage `init`'s checkpoint or from scratch;
-    then evaluate `evaluate` on the checkpoints it wrote."""
+    then evaluate `evaluate` on the checkpoints it wrote. `teacher`: a stage whose last checkpoint this one is
+    distilled from (`mtplatform.distill`). `steps = 0` with `init`: no training, `init`'s last checkpoint evaluated,
+    in int8 where `quantize = "int8"`."""
 
     name: str
     train_on: str
@@ -38,6 +40,12 @@ class Stage:
     init: str | None = None
     evaluate: tuple[str, ...] = ()
     reference: str | None = None  # a stage whose last checkpoint is this one's reference model (online DoReMi)
+    teacher: str | None = None
+    quantize: str | None = None
+
+    def depends_on(self) -> tuple[str, ...]:
+        """The stages whose checkpoints this one reads: its init, reference and teacher."""
+        return tuple(d for d in (self.init, self.reference, self.teacher) if d)
 
 
 @dataclass(frozen=True)
@@ -281,3 +289,32 @@ def low_resource(
     arms.append(Arm("from scratch", tuple(Stage(f"scratch_{t}", t, finetune_steps, "scratch", None, (t,))
                                          for t in subset_of), notes={**notes, **REFERENCE}))
     return arms
+
+
+@gin.configurable
+def compression(
+    tasks: Sequence[str] = gin.REQUIRED,
+    teacher_steps: int = gin.REQUIRED,
+    student_steps: int = gin.REQUIRED,
+) -> list[Arm]:
+    """Issue 30's comparison on multi-task training over `tasks`: the teacher (scope `teacher`: the largest model
+    of the experiment), the same teacher evaluated in int8, a smaller student trained from scratch (`student`), the
+    same student distilled from the teacher (`distill`), and the teacher's shape with ALBERT's cross-layer sharing
+    and factorized embedding (`albert`), each evaluated on every task. The scopes' model settings are the gin
+    file's (gin/experiments/compression.gin)."""
+    validation.positive_int("compression.teacher_steps", teacher_steps)
+    validation.positive_int("compression.student_steps", student_steps)
+    mixture = _derived_mixture("exp_compression", tasks)
+    evaluate = tuple(tasks)
+    teacher = Stage("teacher", mixture, teacher_steps, "teacher", evaluate=evaluate)
+    return [
+        Arm("teacher", (teacher,), mixture=mixture),
+        Arm("teacher in int8", (teacher, Stage("teacher_int8", mixture, 0, "teacher", "teacher", evaluate,
+                                               quantize="int8")), mixture=mixture),
+        Arm("student from scratch", (Stage("student", mixture, student_steps, "student", evaluate=evaluate),),
+            mixture=mixture, notes=dict(REFERENCE)),
+        Arm("distilled student", (teacher, Stage("distilled", mixture, student_steps, "distill", evaluate=evaluate,
+                                                 teacher="teacher")), mixture=mixture),
+        Arm("shared blocks + factorized embedding", (Stage("albert", mixture, teacher_steps, "albert",
+                                                           evaluate=evaluate),), mixture=mixture),
+    ]

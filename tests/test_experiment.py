@@ -340,3 +340,39 @@ def test_low_resource_subsets_are_fixed_and_its_arms_ration_only_the_task(data_d
             strategies.low_resource(multitask_tasks=["glue_sst2"])
     finally:
         gin.clear_config()
+
+
+@pytest.mark.slow  # five stages, each evaluated and timed: about 1.5 minutes idle, 3 beside other work
+def test_compression_experiment_distills_quantizes_and_measures_each_model(tmp_path, vocab_file, capfd):
+    """gin/experiments/compression.gin at a tiny size: the teacher, its int8 evaluation (no training: the teacher's
+    checkpoint), a student from scratch, the distilled student (the teacher its dependency) and the shared and
+    factorized model; the report's model table from measurements that ran; a rerun finds every stage finished."""
+    exp = tmp_path / "compression"
+    args = ("experiment", "--gin_file=gin/experiments/compression.gin", "--gin_file=gin/models/tiny.gin",
+            f"--gin.EXPERIMENT_DIR='{exp}'", "--gin.TASKS=['glue_rte']", "--gin.TEACHER_STEPS=6",
+            "--gin.STUDENT_STEPS=4", "--gin.BATCH_SIZE=4", "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 8}",
+            "--gin.experiment.eval_num_examples=16", "--gin.evaluate_checkpoint.max_decode_length=8",
+            "--gin.EMBEDDING_DIM=32", "--gin.train.precision='fp32'", "--gin.train.log_every=2")
+    code, err = _in_process(capfd, *args)
+    assert code == 0, err[-3000:]
+    results = json.loads((exp / "results.json").read_text())
+    models = {arm["name"]: arm["model"] for arm in results["arms"]}
+    assert list(models) == ["teacher", "teacher in int8", "student from scratch", "distilled student",
+                            "shared blocks + factorized embedding"]
+    teacher, int8, student = models["teacher"], models["teacher in int8"], models["student from scratch"]
+    assert int8["parameters"] == teacher["parameters"] > models["distilled student"]["parameters"] == \
+        student["parameters"] > models["shared blocks + factorized embedding"]["parameters"]
+    assert int8["quantize"] == "int8" and int8["bytes"] < 0.8 * teacher["bytes"]
+    assert all(m["decode_tokens_per_second"] > 0 for m in models.values())
+    # The int8 arm trained nothing: it evaluated the teacher's last checkpoint, quantized.
+    evaluation = json.loads((exp / "teacher_int8/seed_0/eval/6_glue_rte/metrics.json").read_text())
+    assert evaluation["quantize"] == "int8" and evaluation["checkpoint"] == str(exp / "teacher/seed_0/checkpoint_6")
+    assert not checkpoints.all_steps(exp / "teacher_int8" / "seed_0")
+    distilled = json.loads((exp / "distilled/seed_0/stage.json").read_text())
+    assert distilled["config"]["teacher"]["stage"]["name"] == "teacher"
+    rows = checkpoints.read_metrics(exp / "distilled" / "seed_0")
+    assert {"distill/cross_entropy", "distill/kl"} <= set(rows[-1])
+    assert "from every other layer of the teacher" in err
+    assert "## Model: parameters, size, decoding speed" in (exp / "results.md").read_text()
+    code, err = _in_process(capfd, *args)
+    assert code == 0 and err.count("already finished; skipped") == 5, err[-3000:]
