@@ -66,6 +66,16 @@ def _sequence_logprobs(model, memory: torch.Tensor, enc: torch.Tensor, targets: 
     return (token_logprobs * (targets != 0)).sum(dim=1)
 
 
+def _label_of(targets: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor | None:
+    """(B,) the label each target is, token for token (its padding included), or None unless every target is one:
+    then the target's log-likelihood is its label's, and the teacher-forced pass need not run twice."""
+    if labels is None or labels.shape[1] > targets.shape[1]:
+        return None
+    padded = F.pad(labels, (0, targets.shape[1] - labels.shape[1]))
+    same = (targets[:, None, :] == padded[None]).all(-1)  # (B, K)
+    return same.int().argmax(1) if bool(same.any(1).all()) else None
+
+
 @torch.no_grad()
 def score(model, dataset, batch_size: int, label_ids: Sequence[Sequence[int]] | None = None,
           gold: Sequence[int] | None = None, precision: str = "fp32",
@@ -86,11 +96,16 @@ def score(model, dataset, batch_size: int, label_ids: Sequence[Sequence[int]] | 
             targets = torch.tensor(features["decoder_target_tokens"], device=device).long()
             with precision_lib.autocast(precision, device):
                 memory = model.encode(enc)
-                nll.append(-_sequence_logprobs(model, memory, enc, targets).cpu())
+                per_label = None
                 if labels is not None:
-                    label_lp.append(torch.stack([
-                        _sequence_logprobs(model, memory, enc, label.expand(len(enc), -1)).cpu()
-                        for label in labels], dim=1))
+                    per_label = torch.stack([_sequence_logprobs(model, memory, enc, label.expand(len(enc), -1))
+                                             for label in labels], dim=1)
+                    label_lp.append(per_label.cpu())
+                which = _label_of(targets, labels)
+                if which is not None:  # every target is a label: its pass above was the target's own
+                    nll.append(-per_label.gather(1, which[:, None]).squeeze(1).cpu())
+                else:
+                    nll.append(-_sequence_logprobs(model, memory, enc, targets).cpu())
             tokens.append((targets != 0).sum(dim=1).cpu())
             order.append(indices)
     finally:

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import seqio
+import tensorflow as tf
 import torch
 
 import tasks  # noqa: F401  (registers the tasks)
@@ -127,6 +128,17 @@ def test_target_nll_is_the_per_token_loss_of_the_targets(data_dir, vocab_file):
             loss, weight = model.loss({k: torch.tensor(v) for k, v in batch.items()})
             total, tokens = total + float(loss), tokens + float(weight)
     assert result.metrics["target_nll"] == pytest.approx(total / tokens, rel=1e-4)
+    # MRPC's targets are its labels: their pass gives the target NLL, with or without the label set at hand.
+    vocab = task.output_features["targets"].vocabulary
+    label_ids = [vocab.encode(label) + [1] for label in scoring.LABELS["glue_mrpc"]]
+    indexed = tf.data.Dataset.zip((tf.data.Dataset.range(16), converted))
+    with_labels = scoring.score(model, indexed, 8, label_ids=label_ids, gold=[0] * 16)
+    alone = scoring.score(model, indexed, 8)
+    assert np.allclose(with_labels.nll_sum, alone.nll_sum, rtol=1e-5) and np.array_equal(with_labels.tokens,
+                                                                                          alone.tokens)
+    targets = torch.tensor([[5, 1, 0, 0], [7, 1, 0, 0]])
+    assert scoring._label_of(targets, torch.tensor([[7, 1], [5, 1]])).tolist() == [1, 0]
+    assert scoring._label_of(targets, torch.tensor([[7, 1, 0], [6, 1, 0]])) is None  # 5 is no label: its own pass
     # Without decoding (a mixture search's proxies): the same teacher-forced figures and their replicates, and no
     # decoded metric.
     undecoded = evaluate.evaluate_tasks(model, "glue_mrpc", num_examples=16, decode=False)["glue_mrpc"]
