@@ -106,12 +106,12 @@ def init_from_teacher(student: model_lib.T5, teacher: model_lib.T5) -> None:
 
 
 @contextmanager
-def layer_outputs(model: model_lib.T5) -> Iterator[dict[str, list[Tensor]]]:
+def layer_outputs(model: model_lib.T5, enabled: bool = True) -> Iterator[dict[str, list[Tensor]]]:
     """Each layer's output, per stack, of the forward passes run inside (forward hooks: a block shared by several
-    layers reports once per layer, in order)."""
+    layers reports once per layer, in order); nothing where not `enabled`."""
     captured: dict[str, list[Tensor]] = {stack: [] for stack in STACKS}
     handles = [block.register_forward_hook(lambda _m, _i, out, s=stack: captured[s].append(out))
-               for stack in STACKS for block in getattr(model, stack)]
+               for stack in STACKS for block in getattr(model, stack) if enabled]
     try:
         yield captured
     finally:
@@ -190,10 +190,10 @@ class Distiller:
                      forward: nn.Module | None = None) -> Losses:
         """The student's losses on `batch` (`forward`: the student's wrapper to call, as in `T5.token_losses`)."""
         c = self.config
-        with layer_outputs(student) as student_states:
+        with layer_outputs(student, bool(c.hidden)) as student_states:
             student_logits = (forward if forward is not None else student)(**batch).float()
         cross_entropy, _ = student.losses_of(student_logits, batch, z_loss)
-        with torch.no_grad(), layer_outputs(self.teacher) as teacher_states:
+        with torch.no_grad(), layer_outputs(self.teacher, bool(c.hidden)) as teacher_states:
             teacher_logits = self.teacher(**batch).float()
         kl = soft_target_kl(teacher_logits, student_logits, c.temperature)
         total = c.alpha * cross_entropy + c.beta * c.temperature**2 * kl
