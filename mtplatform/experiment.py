@@ -133,6 +133,10 @@ def run_stage(root: Path, stage: strategies.Stage, seed: int, done: dict[str, di
     saved = _check_unchanged(stage.name, record_path, config)
     if saved and saved.get("finished"):
         print(f"experiment: stage {stage.name} (seed {seed}) already finished; skipped", file=sys.stderr)
+        if measure_models and "model" not in saved:  # measuring was turned on, or its figures were dropped to redo
+            weights = Path(init["model_dir"]) if not stage.steps else stage_dir
+            saved["model"] = measure_model(stage, checkpoints.checkpoint_dir(weights, saved["end_step"]))
+            write_json(record_path, saved)
         return saved
     start = init["end_step"] if init else 0
     record = {"name": stage.name, "seed": seed, "config": config, "fingerprint": _fingerprint(config),
@@ -275,13 +279,15 @@ def experiment(
             for name in stages:
                 done[name] = run(name, seed, done)
     else:
-        _run_in_parallel(root, stages, seeds, parallel)
+        _run_in_parallel(root, stages, seeds, parallel, measure_models)
     report.build(root)
     return root
 
 
-def _run_in_parallel(root: Path, stages: dict[str, strategies.Stage], seeds: Sequence[int], parallel: int) -> None:
-    """Every stage of every seed through `parallel_stages`; a finished stage is checked (unchanged) and skipped."""
+def _run_in_parallel(root: Path, stages: dict[str, strategies.Stage], seeds: Sequence[int], parallel: int,
+                     measure_models: bool) -> None:
+    """Every stage of every seed through `parallel_stages`; a finished stage is checked (unchanged) and skipped
+    (unless its model is yet to be measured)."""
     from mtplatform import catalog, parallel_stages, tf_setup
 
     def finished(job: parallel_stages.Job) -> bool:
@@ -289,7 +295,7 @@ def _run_in_parallel(root: Path, stages: dict[str, strategies.Stage], seeds: Seq
         done = _finished_records(root, stage, job.seed)
         config = stage_config(stage, job.seed, done)
         saved = _check_unchanged(stage.name, job.stage_dir / RECORD, config)
-        if saved and saved.get("finished"):
+        if saved and saved.get("finished") and not (measure_models and "model" not in saved):
             print(f"experiment: stage {stage.name} (seed {job.seed}) already finished; skipped", file=sys.stderr)
             return True
         return False

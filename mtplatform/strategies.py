@@ -307,14 +307,14 @@ def compression(
     mixture = _derived_mixture("exp_compression", tasks)
     evaluate = tuple(tasks)
     teacher = Stage("teacher", mixture, teacher_steps, "teacher", evaluate=evaluate)
-    return [
+    return [  # the teacher's arm comes first: the arms that read its checkpoint name it as their stages' init/teacher
         Arm("teacher", (teacher,), mixture=mixture),
-        Arm("teacher in int8", (teacher, Stage("teacher_int8", mixture, 0, "teacher", "teacher", evaluate,
-                                               quantize="int8")), mixture=mixture),
+        Arm("teacher in int8", (Stage("teacher_int8", mixture, 0, "teacher", "teacher", evaluate,
+                                      quantize="int8"),), mixture=mixture),
         Arm("student from scratch", (Stage("student", mixture, student_steps, "student", evaluate=evaluate),),
             mixture=mixture, notes=dict(REFERENCE)),
-        Arm("distilled student", (teacher, Stage("distilled", mixture, student_steps, "distill", evaluate=evaluate,
-                                                 teacher="teacher")), mixture=mixture),
+        Arm("distilled student", (Stage("distilled", mixture, student_steps, "distill", evaluate=evaluate,
+                                        teacher="teacher"),), mixture=mixture),
         Arm("shared blocks + factorized embedding", (Stage("albert", mixture, teacher_steps, "albert",
                                                            evaluate=evaluate),), mixture=mixture),
     ]

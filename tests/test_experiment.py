@@ -374,5 +374,13 @@ def test_compression_experiment_distills_quantizes_and_measures_each_model(tmp_p
     assert {"distill/cross_entropy", "distill/kl"} <= set(rows[-1])
     assert "from every other layer of the teacher" in err
     assert "## Model: parameters, size, decoding speed" in (exp / "results.md").read_text()
+    # A rerun finds every stage finished; one whose measurement was dropped (to redo it on an idle machine) is
+    # measured again, and nothing trains.
+    record = json.loads((exp / "student/seed_0/stage.json").read_text())
+    del record["model"]
+    (exp / "student/seed_0/stage.json").write_text(json.dumps(record))
     code, err = _in_process(capfd, *args)
     assert code == 0 and err.count("already finished; skipped") == 5, err[-3000:]
+    remeasured = json.loads((exp / "student/seed_0/stage.json").read_text())["model"]
+    assert remeasured["parameters"] == student["parameters"] and remeasured["decode_tokens_per_second"] > 0
+    assert checkpoints.all_steps(exp / "student" / "seed_0") == [4]
