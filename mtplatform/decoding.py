@@ -26,17 +26,19 @@ Step = Callable[[Tensor, Tensor, dict], Tensor]
 
 @torch.no_grad()
 def generate(model: T5, encoder_input_tokens: Tensor, max_length: int = 64, num_beams: int = 1,
-             length_penalty: float = 1.0, cuda_graph: bool = True) -> Tensor:
+             length_penalty: float = 1.0, cuda_graph: bool = True, until_eos: bool = True) -> Tensor:
     """Decode (B, ≤max_length) token ids, stopping at EOS (kept), padded with 0 after it.
 
     Greedy for num_beams=1; otherwise beam search scoring finished hypotheses by
     sum log-prob / length**length_penalty (length counts generated tokens, EOS included).
     On a GPU, greedy decoding replays each step as one CUDA graph (`cuda_graph`): a step of a small model is a
     few hundred short kernels, and launching them one by one from Python is what bounds its speed there.
+    `until_eos=False` (greedy) decodes all `max_length` positions of every row, EOS or not: a model's cost per
+    generated token, whatever it generates (`evaluate.decoding_speed`).
     """
     memory = model.encode(encoder_input_tokens)
     if num_beams == 1:
-        return greedy(model, memory, encoder_input_tokens, max_length, cuda_graph and memory.is_cuda)
+        return greedy(model, memory, encoder_input_tokens, max_length, cuda_graph and memory.is_cuda, until_eos)
     return beam_search(model, memory, encoder_input_tokens, max_length, num_beams, length_penalty)
 
 
@@ -104,8 +106,10 @@ def graphed_step(model: T5, cache: dict, batch: int) -> Step:
     return replay
 
 
-def greedy(model: T5, memory: Tensor, encoder_tokens: Tensor, max_length: int, cuda_graph: bool) -> Tensor:
-    """The most likely next token at every step, until every row has produced EOS or `max_length` tokens."""
+def greedy(model: T5, memory: Tensor, encoder_tokens: Tensor, max_length: int, cuda_graph: bool,
+           until_eos: bool = True) -> Tensor:
+    """The most likely next token at every step, until every row has produced EOS (unless not `until_eos`) or
+    `max_length` tokens."""
     b, cfg = memory.shape[0], model.cfg
     cache = start_cache(model, memory, encoder_tokens, max_length)
     next_logits: Step = (graphed_step(model, cache, b) if cuda_graph
@@ -119,7 +123,7 @@ def greedy(model: T5, memory: Tensor, encoder_tokens: Tensor, max_length: int, c
         token = token.masked_fill(done, cfg.pad_id)
         out.append(token)
         done |= token == cfg.eos_id
-        if done.all():
+        if until_eos and done.all():
             break
     return torch.stack(out, 1)
 

@@ -301,30 +301,40 @@ def infer(
 def _decode(inputs: list[list[int]], model: T5, max_decode_length: int, num_beams: int, precision: str,
             device: torch.device) -> list[list[int]]:
     """Generated ids (EOS and the padding after it included) for a batch of tokenized inputs."""
-    enc = torch.zeros(len(inputs), max(map(len, inputs)), dtype=torch.long)  # 0 = padding
-    for i, ids in enumerate(inputs):
-        enc[i, : len(ids)] = torch.tensor(ids)
+    enc = _padded(inputs)
     with precision_lib.autocast(precision, device):
         return model.generate(enc.to(device), max_length=max_decode_length, num_beams=num_beams).cpu().tolist()
 
 
-def decoding_speed(model: T5, task: str, num_examples: int = 128, batch_size: int = 32, max_decode_length: int = 64,
+def _padded(inputs: list[list[int]]) -> torch.Tensor:
+    """Token ids as one (B, longest) tensor, padded with 0."""
+    enc = torch.zeros(len(inputs), max(map(len, inputs)), dtype=torch.long)
+    for i, ids in enumerate(inputs):
+        enc[i, : len(ids)] = torch.tensor(ids)
+    return enc
+
+
+def decoding_speed(model: T5, task: str, num_examples: int = 128, batch_size: int = 32, positions: int = 32,
                    precision: str = "auto", device: torch.device | None = None, repeats: int = 3) -> float:
-    """Greedy decoding's generated tokens (up to each EOS) per second on the first `num_examples` validation inputs
-    of `task`, best of `repeats` passes: what the model costs to serve, comparable between models measured alike
-    on one machine (the experiment's model table; benchmarks/ compare against a peer in the same run)."""
+    """Greedy decoding's tokens per second, encoder included, on the first `num_examples` validation inputs of
+    `task` with `positions` decoded for every row, EOS or not (a model that stops early is not thereby faster),
+    best of `repeats` passes: what a model costs per generated token, comparable between models measured alike on
+    one machine (the experiment's model table; benchmarks/ compare against a peer in the same run)."""
+    from mtplatform import decoding
+
     device = device or next(model.parameters(), torch.empty(0)).device
     precision = precision_lib.resolve(precision, device)
     inputs = [ids for _, items in _inference_inputs(task, None, "validation", None, num_examples)
               for _, ids, _ in items]
+    batches = [_padded(inputs[start:start + batch_size]).to(device) for start in range(0, len(inputs), batch_size)]
     best = math.inf
     for _ in range(repeats):
-        began, tokens = time.perf_counter(), 0
-        for start in range(0, len(inputs), batch_size):
-            out = _decode(inputs[start:start + batch_size], model, max_decode_length, 1, precision, device)
-            tokens += sum(next((i + 1 for i, t in enumerate(row) if t == model.cfg.eos_id), len(row)) for row in out)
+        began = time.perf_counter()
+        with torch.no_grad(), precision_lib.autocast(precision, device):
+            for enc in batches:
+                decoding.generate(model, enc, max_length=positions, until_eos=False)
         best = min(best, time.perf_counter() - began)
-    return tokens / best
+    return len(inputs) * positions / best
 
 
 InferenceInput = tuple[dict, list[int], seqio.Vocabulary]  # (row without its prediction, input ids, vocabulary)

@@ -148,9 +148,10 @@ def _model_lines(results: dict) -> list[str]:
     first = arms[0]["model"]
     lines = ["", "## Model: parameters, size, decoding speed", "",
              f"Against *{arms[0]['name']}*. Size: the weights as `torch.save` writes them (int8 where quantized). "
-             "Decoding: greedy, generated tokens per second on the first task's first 128 validation inputs "
-             "(batches of 32, up to 64 tokens), best of three passes, mean over seeds (per seed in brackets); timed "
-             "on a machine that may have run other work at the time, so ratios within a run are the figure to read.",
+             "Decoding: greedy, tokens per second (encoder included) on the first task's first 128 validation "
+             "inputs in batches of 32, 32 positions decoded for every input whatever it generates, best of three "
+             "passes, mean over seeds (per seed in brackets); timed on whatever else the machine ran at the time, "
+             "so ratios within one measurement are the figure to read.",
              "", "| arm | parameters | size (MB) | decoding tokens/s | size ratio | speed ratio |",
              "|---|---|---|---|---|---|"]
     for arm in arms:
