@@ -3,8 +3,8 @@
 # arguments) the slow tests as their own step (21 SIGKILLs of a real run, torch.compile, two torchrun processes against
 # one, the CLI from training to export, `mtp cache` over the whole corpus, a tiny mixture search with its validation,
 # online mixing's experiment, SIGKILLs and a SIGTERM, two torchrun processes and DoReMi's resume, the smoke
-# experiment and its stages run side by side, and the CLI's task commands; 23 minutes on 2 idle cores, about 50 on a
-# loaded machine).
+# experiment and its stages run side by side, the compression experiment, a student learning its teacher's
+# distribution and `mtp distill`, and the CLI's task commands; about 27 minutes on 2 idle cores).
 # Each step lists its ten slowest tests, to keep the default one under 15 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,5 +26,6 @@ run_pytest() {
 run_pytest "$@" || exit $?
 if [[ $# -eq 0 ]]; then
   run_pytest -m slow tests/test_faults.py tests/test_train.py tests/test_cache.py tests/test_mixture_search.py \
-    tests/test_online_mixing.py tests/test_experiment.py tests/test_tasks.py tests/test_mixing.py || exit $?
+    tests/test_online_mixing.py tests/test_experiment.py tests/test_tasks.py tests/test_mixing.py \
+    tests/test_distill.py || exit $?
 fi

@@ -137,6 +137,7 @@ def test_distillation_resumes_bit_for_bit_and_logs_each_term(teacher, tmp_path):
     assert state["distiller"]["encoder.weight"].shape == (64, 32)
 
 
+@pytest.mark.slow  # 30 training steps of a student and 5 of another: the default suite's 15-minute budget
 def test_a_student_learns_the_teacher_distribution(teacher, tmp_path):
     """Soft targets alone (alpha 0): the KL to the teacher falls as the student trains on SST-2, and a student that
     starts from the teacher's layers starts nearer the teacher than one from scratch."""
@@ -151,6 +152,7 @@ def test_a_student_learns_the_teacher_distribution(teacher, tmp_path):
     assert first < kl[0], (first, kl[0])
 
 
+@pytest.mark.slow  # two `mtp` processes, each starting TensorFlow: the default suite's 15-minute budget
 def test_cli_distill(teacher, tmp_path):
     common = ["--gin_file=gin/models/tiny.gin", f"--gin.MIXTURE_OR_TASK_NAME='{TASK}'", "--gin.TRAIN_STEPS=4",
               "--gin.BATCH_SIZE=8", "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 8}",
