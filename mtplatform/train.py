@@ -244,6 +244,9 @@ class Restored:
     state: dict | None = None
 
 
+FROM_SCRATCH = "from scratch"  # `Restored.source` of a fresh model (a student may then take its teacher's layers)
+
+
 def restore_or_init(model_dir: Path, vocab_size: int, initial_checkpoint_path: str | None,
                     finetune: bool) -> Restored:
     """Resume MODEL_DIR's latest checkpoint, else start from INITIAL_CHECKPOINT_PATH, else from scratch."""
@@ -260,9 +263,6 @@ def restore_or_init(model_dir: Path, vocab_size: int, initial_checkpoint_path: s
     if finetune:
         raise ValueError("mtp finetune needs INITIAL_CHECKPOINT_PATH (a checkpoint or a Hugging Face T5 directory)")
     return Restored(model_lib.T5(model_lib.T5Config(vocab_size=vocab_size)), 0, FROM_SCRATCH)
-
-
-FROM_SCRATCH = "from scratch"
 
 
 SHAPE_FIELDS = ("d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads",
