@@ -134,8 +134,8 @@ def run_stage(root: Path, stage: strategies.Stage, seed: int, done: dict[str, di
     if saved and saved.get("finished"):
         print(f"experiment: stage {stage.name} (seed {seed}) already finished; skipped", file=sys.stderr)
         if measure_models and "model" not in saved:  # measuring was turned on, or its figures were dropped to redo
-            weights = Path(init["model_dir"]) if not stage.steps else stage_dir
-            saved["model"] = measure_model(stage, checkpoints.checkpoint_dir(weights, saved["end_step"]))
+            saved["model"] = measure_model(stage, checkpoints.checkpoint_dir(_weights(stage, stage_dir, init),
+                                                                             saved["end_step"]))
             write_json(record_path, saved)
         return saved
     start = init["end_step"] if init else 0
@@ -150,7 +150,7 @@ def run_stage(root: Path, stage: strategies.Stage, seed: int, done: dict[str, di
     if stage.steps:
         _train_stage(stage, stage_dir, record["end_step"], steps, seed, done)
     trained = time.monotonic()
-    weights = Path(init["model_dir"]) if not stage.steps else stage_dir  # an evaluation-only stage reads its init's
+    weights = _weights(stage, stage_dir, init)
     record["evaluations"] = evaluate_stage(stage, stage_dir, steps, eval_num_examples, decode, decode_intermediate,
                                            weights)
     if measure_models:
@@ -160,6 +160,11 @@ def run_stage(root: Path, stage: strategies.Stage, seed: int, done: dict[str, di
     record["finished"] = True
     write_json(record_path, record)
     return record
+
+
+def _weights(stage: strategies.Stage, stage_dir: Path, init: dict | None) -> Path:
+    """Where the checkpoints a stage evaluates are: its own directory, or its init's for an evaluation-only stage."""
+    return Path(init["model_dir"]) if not stage.steps else stage_dir
 
 
 def _train_stage(stage: strategies.Stage, stage_dir: Path, end_step: int, checkpoint_steps: list[int], seed: int,
