@@ -25,6 +25,29 @@ def mtp(*args: str, cwd: Path | str = REPO, env_extra: dict[str, str] | None = N
                           env={**os.environ, **(env_extra or {})}, timeout=timeout)
 
 
+def train_tiny(model_dir: Path, steps: int, mixture: str, lengths: dict[str, int], bindings: tuple[str, ...] = (),
+               dropout: float = 0.1, /, **overrides) -> dict:
+    """`train.train` of gin/models/tiny.gin for `steps` steps (batch 4, a checkpoint every 4, a log row every 3,
+    Adafactor, 10 warm-up steps, `bindings` after), in fp32: exactness is checked in fp32 on every machine. gin's
+    configuration is cleared before and after; `overrides` replace any `train` field."""
+    import gin
+
+    from mtplatform import train as train_lib
+
+    gin.clear_config()
+    gin.parse_config_files_and_bindings(
+        [str(REPO / "gin/models/tiny.gin")],
+        [f"T5Config.dropout_rate = {dropout}", "make_optimizer.name = 'adafactor'", "learning_rate.warmup_steps = 10",
+         *bindings])
+    try:
+        kwargs = dict(model_dir=str(model_dir), mixture_or_task_name=mixture,
+                      task_feature_lengths=lengths, train_steps=steps, batch_size=4, checkpoint_every=4, log_every=3,
+                      progress=False, precision="fp32")
+        return train_lib.train(**{**kwargs, **overrides})
+    finally:
+        gin.clear_config()
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not (DATA_DIR / "glue").is_dir():

@@ -8,11 +8,10 @@ import json
 import shutil
 from pathlib import Path
 
-import gin
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, mtp
+from conftest import mtp, train_tiny
 
 import tasks  # noqa: F401
 from mtplatform import checkpoints, data, distill
@@ -26,18 +25,7 @@ DEEP = ("T5Config.num_layers = 4", "T5Config.num_decoder_layers = 4")
 
 
 def _train(model_dir: Path, steps: int, bindings: tuple[str, ...] = (), **overrides) -> dict:
-    gin.clear_config()
-    gin.parse_config_files_and_bindings(
-        [str(REPO / "gin/models/tiny.gin")],
-        ["T5Config.dropout_rate = 0.1", "make_optimizer.name = 'adafactor'", "learning_rate.warmup_steps = 10",
-         *bindings])
-    try:
-        kwargs = dict(model_dir=str(model_dir), mixture_or_task_name=TASK, task_feature_lengths=LENGTHS,
-                      train_steps=steps, batch_size=8, checkpoint_every=4, log_every=3, progress=False,
-                      precision="fp32")  # exactness is checked in fp32 on every machine
-        return train_lib.train(**{**kwargs, **overrides})
-    finally:
-        gin.clear_config()
+    return train_tiny(model_dir, steps, TASK, LENGTHS, bindings, **{"batch_size": 8, **overrides})
 
 
 @pytest.fixture(scope="module")

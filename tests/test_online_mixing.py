@@ -6,17 +6,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import gin
 import numpy as np
 import pytest
 import tensorflow as tf
 import torch
-from conftest import REPO
+from conftest import train_tiny
 from safetensors.torch import load_file
 
 import tasks  # noqa: F401
 from mtplatform import checkpoints, data, mixing, online_mixing, online_stream
-from mtplatform import train as train_lib
 
 LENGTHS = {"inputs": 64, "targets": 16}
 TASKS = ["glue_cola", "glue_rte", "span_corruption"]
@@ -30,18 +28,7 @@ def _register(**online) -> str:
 
 
 def _train(model_dir: Path, steps: int, bindings: tuple[str, ...] = (), **overrides) -> dict:
-    gin.clear_config()
-    gin.parse_config_files_and_bindings(
-        [str(REPO / "gin/models/tiny.gin")],
-        ["T5Config.dropout_rate = 0.1", "make_optimizer.name = 'adafactor'", "learning_rate.warmup_steps = 10",
-         *bindings])
-    try:
-        kwargs = dict(model_dir=str(model_dir), mixture_or_task_name=MIXTURE, task_feature_lengths=LENGTHS,
-                      train_steps=steps, batch_size=4, checkpoint_every=4, log_every=3, progress=False,
-                      precision="fp32")  # exactness is checked in fp32 on every machine
-        return train_lib.train(**{**kwargs, **overrides})
-    finally:
-        gin.clear_config()
+    return train_tiny(model_dir, steps, MIXTURE, LENGTHS, bindings, **overrides)
 
 
 def _rows(model_dir: Path) -> dict[int, dict]:

@@ -8,14 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import gin
 import pytest
 import seqio
-from conftest import REPO, mtp
+from conftest import REPO, mtp, train_tiny
 
 import tasks  # noqa: F401
 from mtplatform import checkpoints, data
-from mtplatform import train as train_lib
 
 LENGTHS = {"inputs": 64, "targets": 16}
 MIXTURE = "test_rte_and_span_corruption"
@@ -25,19 +23,7 @@ if MIXTURE not in seqio.MixtureRegistry.names():
 
 
 def _train(model_dir: Path, steps: int, dropout: float = 0.1, bindings: tuple[str, ...] = (), **overrides) -> dict:
-    gin.clear_config()
-    gin.parse_config_files_and_bindings(
-        [str(REPO / "gin/models/tiny.gin")],
-        [f"T5Config.dropout_rate = {dropout}", "make_optimizer.name = 'adafactor'", "learning_rate.warmup_steps = 10",
-         *bindings])
-    try:
-        kwargs = dict(model_dir=str(model_dir), mixture_or_task_name=MIXTURE, task_feature_lengths=LENGTHS,
-                      train_steps=steps, batch_size=4, checkpoint_every=4, log_every=1, progress=False,
-                      precision="fp32")
-        kwargs.update(overrides)
-        return train_lib.train(**kwargs)
-    finally:
-        gin.clear_config()
+    return train_tiny(model_dir, steps, MIXTURE, LENGTHS, bindings, dropout, **{"log_every": 1, **overrides})
 
 
 def _losses(model_dir: Path) -> dict[int, float]:
