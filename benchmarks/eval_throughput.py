@@ -11,7 +11,9 @@ evaluation, examples per second, and the share of it spent decoding.
 Randomly initialised weights (seed 0) never emit EOS early, so every batch decodes `--max_decode_length` positions:
 a trained classifier stops after two or three. Needs MTP_DATA_DIR and MTP_VOCAB. The last line is
 `ratio_eval=<ours/HF, median examples per second>`; before it, `target_nll_over_decoding`: the seconds of the
-teacher-forced pass that gives `target_nll` and the label figures over the seconds of decoding, ours.
+teacher-forced scoring that gives `target_nll` and the label figures over the seconds of decoding, ours. Ours
+scores each batch on the encoder output and cross-attention keys and values its decoding computed (so the encoder
+counts as decoding's); the peer's scoring encodes each batch again.
 """
 
 from __future__ import annotations
@@ -48,10 +50,8 @@ def side(args: argparse.Namespace) -> None:
 
     configure_tensorflow()
     model = build_model(args.model, args.task)
-    decoding, examples = [0.0], [0]
-    if args.side == "ours":
-        decoder = model.generate
-    else:
+    decoder = None  # ours: `mtp eval`'s own path, scoring on the encoder pass decoding made
+    if args.side == "hf":
         hf = harness.hf_t5(model.cfg).eval()  # its two embed_tokens are `shared`: loaded with it
         missing, unexpected = hf.load_state_dict(to_hf_state_dict(model), strict=False)
         if unexpected or set(missing) - {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight"}:
@@ -61,29 +61,40 @@ def side(args: argparse.Namespace) -> None:
             return hf.generate(input_ids=enc, attention_mask=enc != 0, max_new_tokens=max_length,
                                num_beams=num_beams, do_sample=False)[:, 1:]
 
-    def timed(enc, max_length, num_beams):
-        began = time.perf_counter()
-        out = decoder(enc, max_length=max_length, num_beams=num_beams)
-        decoding[0] += time.perf_counter() - began
-        examples[0] += enc.shape[0]  # every example the Evaluator scores passes here once
-        return out
-
-    scoring_s = [0.0]
-    score = evaluate.scoring.score
-
-    def timed_score(*a, **k):  # the teacher-forced pass: target NLL (and the label figures, for GLUE's classes)
-        began = time.perf_counter()
-        out = score(*a, **k)
-        scoring_s[0] += time.perf_counter() - began
-        return out
-
-    evaluate.scoring.score = timed_score
+    predicting_s, scoring_s, examples = _time_predicting_and_scoring(evaluate)
     began = time.perf_counter()
     metrics = evaluate.evaluate(model, args.task, task_feature_lengths={"inputs": args.inputs, "targets": 8},
-                                batch_size=args.batch, max_decode_length=args.max_decode_length, generate=timed)
+                                batch_size=args.batch, max_decode_length=args.max_decode_length, generate=decoder)
     seconds = time.perf_counter() - began
-    harness.report_side([seconds], decoding_s=decoding[0], scoring_s=scoring_s[0], examples=examples[0],
-                        metrics=metrics)
+    harness.report_side([seconds], decoding_s=predicting_s[0] - scoring_s[0], scoring_s=scoring_s[0],
+                        examples=examples[0], metrics=metrics)
+
+
+def _time_predicting_and_scoring(evaluate) -> tuple[list[float], list[float], list[int]]:
+    """Counters filled while `evaluate` runs: seconds in the predict functions seqio calls (decoding, and the
+    teacher-forced scoring fed from it), seconds in the scoring alone, and examples scored (every one, once)."""
+    predicting_s, scoring_s, examples = [0.0], [0.0], [0]
+    add, make_predict_fn = evaluate.scoring.Scorer.add, evaluate.make_predict_fn
+
+    def timed_add(scorer, indices, features, memory=None, cross=None):
+        began = time.perf_counter()
+        add(scorer, indices, features, memory, cross)
+        scoring_s[0] += time.perf_counter() - began
+        examples[0] += len(indices)
+
+    def timed_make_predict_fn(*args, **kwargs):
+        predict_fn = make_predict_fn(*args, **kwargs)
+
+        def timed(*a):
+            began = time.perf_counter()
+            out = predict_fn(*a)
+            predicting_s[0] += time.perf_counter() - began
+            return out
+
+        return timed
+
+    evaluate.scoring.Scorer.add, evaluate.make_predict_fn = timed_add, timed_make_predict_fn
+    return predicting_s, scoring_s, examples
 
 
 def main() -> None:

@@ -26,7 +26,8 @@ Step = Callable[[Tensor, Tensor, dict], Tensor]
 
 @torch.no_grad()
 def generate(model: T5, encoder_input_tokens: Tensor, max_length: int = 64, num_beams: int = 1,
-             length_penalty: float = 1.0, cuda_graph: bool = True, until_eos: bool = True) -> Tensor:
+             length_penalty: float = 1.0, cuda_graph: bool = True, until_eos: bool = True,
+             memory: Tensor | None = None, cross: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
     """Decode (B, ≤max_length) token ids, stopping at EOS (kept), padded with 0 after it.
 
     Greedy for num_beams=1; otherwise beam search scoring finished hypotheses by
@@ -35,21 +36,25 @@ def generate(model: T5, encoder_input_tokens: Tensor, max_length: int = 64, num_
     few hundred short kernels, and launching them one by one from Python is what bounds its speed there.
     `until_eos=False` (greedy) decodes all `max_length` positions of every row, EOS or not: a model's cost per
     generated token, whatever it generates (`evaluate.decoding_speed`).
+    `memory` (the encoder's output) and `cross` (`T5.cross_keys_values` of it), where the caller has them already:
+    evaluation shares them with its teacher-forced scoring of the same inputs.
     """
-    memory = model.encode(encoder_input_tokens)
+    if memory is None:
+        memory = model.encode(encoder_input_tokens)
     if num_beams == 1:
-        return greedy(model, memory, encoder_input_tokens, max_length, cuda_graph and memory.is_cuda, until_eos)
-    return beam_search(model, memory, encoder_input_tokens, max_length, num_beams, length_penalty)
+        return greedy(model, memory, encoder_input_tokens, max_length, cuda_graph and memory.is_cuda, until_eos,
+                      cross)
+    return beam_search(model, memory, encoder_input_tokens, max_length, num_beams, length_penalty, cross)
 
 
-def start_cache(model: T5, memory: Tensor, encoder_tokens: Tensor, max_length: int) -> dict:
-    """What every step reads: per-layer cross-attention keys/values (computed once), self-attention key/value
+def start_cache(model: T5, memory: Tensor, encoder_tokens: Tensor, max_length: int,
+                cross: list[tuple[Tensor, Tensor]] | None = None) -> dict:
+    """What every step reads: per-layer cross-attention keys/values (computed once, or given), self-attention key/value
     buffers of the full length, and the self-attention bias of every (query, key) position pair with the
     causal mask folded in. Shapes never change between steps, so a step can be captured as a CUDA graph."""
     cfg, device = model.cfg, memory.device
     shape = (memory.shape[0], cfg.num_heads, max_length, cfg.d_kv)
-    cross = [(blk.cross_attn.split(blk.cross_attn.k(memory)), blk.cross_attn.split(blk.cross_attn.v(memory)))
-             for blk in model.decoder_layers()]
+    cross = model.cross_keys_values(memory) if cross is None else cross
     keys = [torch.zeros(shape, dtype=cross[0][0].dtype, device=device) for _ in model.decoder_layers()]
     values = [torch.zeros_like(k) for k in keys]
     enc_valid = encoder_tokens != cfg.pad_id
@@ -107,11 +112,11 @@ def graphed_step(model: T5, cache: dict, batch: int) -> Step:
 
 
 def greedy(model: T5, memory: Tensor, encoder_tokens: Tensor, max_length: int, cuda_graph: bool,
-           until_eos: bool = True) -> Tensor:
+           until_eos: bool = True, cross: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
     """The most likely next token at every step, until every row has produced EOS (unless not `until_eos`) or
     `max_length` tokens."""
     b, cfg = memory.shape[0], model.cfg
-    cache = start_cache(model, memory, encoder_tokens, max_length)
+    cache = start_cache(model, memory, encoder_tokens, max_length, cross)
     next_logits: Step = (graphed_step(model, cache, b) if cuda_graph
                          else lambda token, t, c: step(model, token, t, c))
     token = torch.full((b,), cfg.decoder_start_id, dtype=torch.long, device=memory.device)
@@ -129,11 +134,13 @@ def greedy(model: T5, memory: Tensor, encoder_tokens: Tensor, max_length: int, c
 
 
 def beam_search(model: T5, memory: Tensor, encoder_tokens: Tensor, max_length: int, num_beams: int,
-                length_penalty: float) -> Tensor:
+                length_penalty: float, cross: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
     """The best of `num_beams` hypotheses per row by sum log-prob / length**length_penalty."""
     b, k, eos, pad = memory.shape[0], num_beams, model.cfg.eos_id, model.cfg.pad_id
     memory = memory.repeat_interleave(k, 0)
-    cache = start_cache(model, memory, encoder_tokens.repeat_interleave(k, 0), max_length)
+    if cross is not None:
+        cross = [(keys.repeat_interleave(k, 0), values.repeat_interleave(k, 0)) for keys, values in cross]
+    cache = start_cache(model, memory, encoder_tokens.repeat_interleave(k, 0), max_length, cross)
     device = memory.device
     seqs = torch.zeros(b * k, 0, dtype=torch.long, device=device)
     scores = torch.full((b, k), -math.inf, device=device)

@@ -21,7 +21,7 @@ import seqio
 import tensorflow as tf
 import torch
 
-from mtplatform import cache, checkpoints, scoring, stats, validation
+from mtplatform import cache, checkpoints, decoding, scoring, stats, validation
 from mtplatform import precision as precision_lib
 from mtplatform.model import T5
 
@@ -29,11 +29,14 @@ Generate = Callable[..., torch.Tensor]  # (encoder tokens, max_length=, num_beam
 
 
 def make_predict_fn(model: T5, batch_size: int, max_decode_length: int, num_beams: int = 1,
-                    precision: str = "fp32", device: torch.device | str = "cpu", generate: Generate | None = None):
+                    precision: str = "fp32", device: torch.device | str = "cpu", generate: Generate | None = None,
+                    scorer: scoring.Scorer | None = None):
     """seqio `predict_fn`: (index, features) dataset -> [(index, generated token ids)]. `generate` replaces
-    `model.generate` (a peer's decoder, timed against ours by benchmarks/eval_throughput.py)."""
-    generate = generate or model.generate
+    `model.generate` (a peer's decoder, timed against ours by benchmarks/eval_throughput.py). `scorer` is fed every
+    batch too, with the encoder's output and cross-attention keys and values our decoding computed (a peer's
+    decoder shares nothing: the scorer encodes the batch again)."""
 
+    @torch.no_grad()
     def predict_fn(ds: tf.data.Dataset, *unused) -> list[tuple[int, list[int]]]:
         was_training = model.training
         model.eval()
@@ -42,7 +45,9 @@ def make_predict_fn(model: T5, batch_size: int, max_decode_length: int, num_beam
             for indices, features in ds.batch(batch_size).as_numpy_iterator():
                 enc = torch.tensor(features["encoder_input_tokens"]).to(device)
                 with precision_lib.autocast(precision, device):
-                    tokens = generate(enc, max_length=max_decode_length, num_beams=num_beams)
+                    tokens, memory, cross = _decode_batch(model, enc, max_decode_length, num_beams, generate)
+                    if scorer is not None:
+                        scorer.add(indices, features, memory, cross)
                 # seqio stacks all predictions into one array: give every row the same length (0 = pad after EOS).
                 tokens = torch.nn.functional.pad(tokens, (0, max_decode_length - tokens.shape[1]))
                 out.extend(zip(indices.tolist(), tokens.cpu().tolist(), strict=True))
@@ -51,6 +56,16 @@ def make_predict_fn(model: T5, batch_size: int, max_decode_length: int, num_beam
         return out
 
     return predict_fn
+
+
+def _decode_batch(model: T5, enc: torch.Tensor, max_length: int, num_beams: int, generate: Generate | None):
+    """(generated ids, the encoder's output, its cross-attention keys and values): the last two None where a
+    peer's `generate` decoded."""
+    if generate is not None:
+        return generate(enc, max_length=max_length, num_beams=num_beams), None, None
+    memory = model.encode(enc)
+    cross = model.cross_keys_values(memory)
+    return decoding.generate(model, enc, max_length, num_beams, memory=memory, cross=cross), memory, cross
 
 
 @dataclass
@@ -82,7 +97,6 @@ def evaluate_tasks(model: T5, mixture_or_task_name: str, *, split: str = "valida
     mixture search's proxy runs are ranked on, at a fraction of the cost)."""
     tasks = seqio.get_subtasks(seqio.get_mixture_or_task(mixture_or_task_name))
     scored = [t for t in tasks if t.metric_fns and split in t.splits]
-    predict_fn = make_predict_fn(model, batch_size, max_decode_length, num_beams, precision, device, generate)
     results = {}
     for task in scored:  # one evaluator per task: each reads its seqio cache, where it has one, or preprocesses
         cached = cache.where_cached(task)
@@ -101,20 +115,24 @@ def evaluate_tasks(model: T5, mixture_or_task_name: str, *, split: str = "valida
         examples = list(evaluator.cached_task_datasets[task.name].as_numpy_iterator())
         texts = [ex["targets_pretokenized"].decode("utf-8") for ex in examples]
         vocab = task.output_features["targets"].vocabulary
+        labels = _label_set(task, texts)
+        label_ids = [vocab.encode(label) + [1] for label in labels] if labels else None
+        gold = [labels.index(text) for text in texts] if labels else None
         decoded: dict[str, float] = {}
         targets = predictions = None
-        if decode:
+        if decode:  # the scorer rides along with decoding, sharing its encoder pass
+            scorer = scoring.Scorer(model, label_ids, gold, device)
+            predict_fn = make_predict_fn(model, batch_size, max_decode_length, num_beams, precision, device,
+                                         generate, scorer)
             future, outputs = evaluator.evaluate(compute_metrics=True, step=step, predict_fn=predict_fn)
             decoded = {k: _scalar(v) for k, v in future.result()[task.name].items()}
             targets = [_postprocessed(task, text, ex, True) for text, ex in zip(texts, examples, strict=True)]
             predictions = [_postprocessed(task, vocab.decode(list(tokens)), ex, False)
                            for tokens, ex in zip(outputs[task.name][_PREDICTION], examples, strict=True)]
-        labels = _label_set(task, texts)
-        scores = scoring.score(
-            model, evaluator.cached_model_datasets[task.name], batch_size,
-            label_ids=[vocab.encode(label) + [1] for label in labels] if labels else None,
-            gold=[labels.index(text) for text in texts] if labels else None,
-            precision=precision, device=device)
+            scores = scorer.result()
+        else:
+            scores = scoring.score(model, evaluator.cached_model_datasets[task.name], batch_size, label_ids, gold,
+                                   precision, device)
         results[task.name] = TaskEvaluation(
             decoded | scores.metrics(), _replicates(task, targets, predictions, scores) if replicates else {},
             len(examples))

@@ -204,9 +204,11 @@ class DecoderBlock(nn.Module):
         self.ff = FeedForward(cfg)
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
-    def forward(self, x: Tensor, self_bias: Tensor, memory: Tensor, cross_bias: Tensor) -> Tensor:
+    def forward(self, x: Tensor, self_bias: Tensor, memory: Tensor, cross_bias: Tensor,
+                cross: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """`cross`: this layer's cross-attention keys and values of `memory`, where already computed."""
         x = x + self.dropout(self.self_attn(self.self_attn_norm(x), self_bias))
-        x = x + self.dropout(self.cross_attn(self.cross_attn_norm(x), cross_bias, kv=memory))
+        x = x + self.dropout(self.cross_attn(self.cross_attn_norm(x), cross_bias, kv=memory, cache=cross))
         return x + self.dropout(self.ff(self.ff_norm(x)))
 
 
@@ -333,8 +335,10 @@ class T5(nn.Module):
 
     def decode(self, tokens: Tensor, memory: Tensor, encoder_tokens: Tensor,
                segment_ids: Tensor | None = None, positions: Tensor | None = None,
-               encoder_segment_ids: Tensor | None = None) -> Tensor:
-        """Logits (B, L, vocab) for decoder inputs `tokens` attending causally and to `memory`."""
+               encoder_segment_ids: Tensor | None = None,
+               cross: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
+        """Logits (B, L, vocab) for decoder inputs `tokens` attending causally and to `memory` (through its
+        `cross_keys_values`, where given)."""
         length = tokens.shape[1]
         causal = torch.ones(length, length, dtype=torch.bool, device=tokens.device).tril()[None]
         enc_segments = (encoder_segment_ids if encoder_segment_ids is not None
@@ -350,9 +354,15 @@ class T5(nn.Module):
         self_bias = _attention_bias(self_allowed, self.decoder_bias(positions, positions))
         cross_bias = _attention_bias(cross_allowed)
         x = self.dropout(self.embed(tokens))
-        for block in self.decoder_layers():
-            x = block(x, self_bias, memory, cross_bias)
+        for i, block in enumerate(self.decoder_layers()):
+            x = block(x, self_bias, memory, cross_bias, cross[i] if cross is not None else None)
         return self.logits(self.dropout(self.decoder_norm(x)))
+
+    def cross_keys_values(self, memory: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Each decoder layer's cross-attention (keys, values) of `memory`, (B, heads, L, d_kv) each: computed once
+        per input, read by every decoding step and every teacher-forced pass over the same inputs."""
+        return [(blk.cross_attn.split(blk.cross_attn.k(memory)), blk.cross_attn.split(blk.cross_attn.v(memory)))
+                for blk in self.decoder_layers()]
 
     def logits(self, x: Tensor) -> Tensor:
         if self.output_proj is not None:

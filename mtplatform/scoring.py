@@ -58,10 +58,11 @@ class Scores:
         return normalised[np.arange(len(self.gold)), self.gold]
 
 
-def _sequence_logprobs(model, memory: torch.Tensor, enc: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _sequence_logprobs(model, memory: torch.Tensor, enc: torch.Tensor, targets: torch.Tensor,
+                       cross: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """(B,) summed log p(targets | inputs); targets are (B, T) ids padded with 0 after EOS."""
     decoder_inputs = F.pad(targets[:, :-1], (1, 0))  # T5 starts decoding from id 0
-    logits = model.decode(decoder_inputs, memory, enc).float()
+    logits = model.decode(decoder_inputs, memory, enc, cross=cross).float()
     token_logprobs = -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
     return (token_logprobs * (targets != 0)).sum(dim=1)
 
@@ -76,43 +77,79 @@ def _label_of(targets: torch.Tensor, labels: torch.Tensor | None) -> torch.Tenso
     return same.int().argmax(1) if bool(same.any(1).all()) else None
 
 
+class Scorer:
+    """Teacher-forced figures gathered batch by batch, in whatever order the batches come.
+
+    The decoding loop of an evaluation feeds it (`evaluate.make_predict_fn`) with the encoder's output and the
+    cross-attention keys and values it computed for decoding: the inputs are encoded once for both, and the label
+    passes cost only the decoder over a few target positions. `score` feeds it alone, where nothing is decoded.
+    `label_ids` are the labels' token ids (EOS included); `gold` each example's label index.
+    """
+
+    def __init__(self, model, label_ids: Sequence[Sequence[int]] | None = None, gold: Sequence[int] | None = None,
+                 device: torch.device | str = "cpu"):
+        self.model, self.device, self.gold = model, device, gold
+        self.labels = None
+        if label_ids:
+            width = max(map(len, label_ids))
+            self.labels = torch.tensor([list(ids) + [0] * (width - len(ids)) for ids in label_ids], device=device)
+        self.nll, self.tokens, self.label_lp, self.order = [], [], [], []
+
+    @torch.no_grad()
+    def add(self, indices: np.ndarray, features: dict[str, np.ndarray], memory: torch.Tensor | None = None,
+            cross: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+        """Score one batch of (index, EncDecFeatureConverter features); `memory` and `cross`: the model's
+        `encode` and `cross_keys_values` of its inputs where the caller has them (else computed here). Runs under
+        the caller's autocast, in the model's current mode."""
+        model = self.model
+        enc = torch.as_tensor(features["encoder_input_tokens"], device=self.device)
+        targets = torch.as_tensor(features["decoder_target_tokens"], device=self.device).long()
+        if memory is None:
+            memory = model.encode(enc)
+        if cross is None:
+            cross = model.cross_keys_values(memory)
+        per_label = None
+        if self.labels is not None:
+            per_label = torch.stack([_sequence_logprobs(model, memory, enc, label.expand(len(enc), -1), cross)
+                                     for label in self.labels], dim=1)
+            self.label_lp.append(per_label.cpu())
+        which = _label_of(targets, self.labels)
+        if which is not None:  # every target is a label: its pass above was the target's own
+            self.nll.append(-per_label.gather(1, which[:, None]).squeeze(1).cpu())
+        else:
+            self.nll.append(-_sequence_logprobs(model, memory, enc, targets, cross).cpu())
+        self.tokens.append((targets != 0).sum(dim=1).cpu())
+        self.order.append(np.asarray(indices))
+
+    def result(self) -> Scores:
+        """The figures in seqio's example order (as its predictions have), each example scored exactly once."""
+        order = np.concatenate(self.order) if self.order else np.zeros(0, dtype=np.int64)
+        if not np.array_equal(np.sort(order), np.arange(len(order))):
+            raise RuntimeError(f"scoring saw examples {sorted(order.tolist())[:10]}...: not each of 0..{len(order) - 1}"
+                               " once (was the evaluation's predict function called twice?)")
+        ranked = np.argsort(order, kind="stable")
+        if not self.nll:
+            return Scores(np.zeros(0), np.zeros(0))
+        out = Scores(torch.cat(self.nll).double().numpy()[ranked], torch.cat(self.tokens).double().numpy()[ranked])
+        if self.labels is not None:
+            out.label_logprobs = torch.cat(self.label_lp).double().numpy()[ranked]
+            out.gold = np.asarray(self.gold, dtype=np.int64)
+        return out
+
+
 @torch.no_grad()
 def score(model, dataset, batch_size: int, label_ids: Sequence[Sequence[int]] | None = None,
           gold: Sequence[int] | None = None, precision: str = "fp32",
           device: torch.device | str = "cpu") -> Scores:
     """Teacher-forced figures of `model` on a seqio evaluation dataset of (index, EncDecFeatureConverter features),
-    as `seqio.Evaluator.cached_model_datasets` holds it. `label_ids` are the labels' token ids (EOS included);
-    `gold` each example's label index."""
+    as `seqio.Evaluator.cached_model_datasets` holds it, where nothing is decoded (see `Scorer`)."""
+    scorer = Scorer(model, label_ids, gold, device)
     was_training = model.training
     model.eval()
-    nll, tokens, label_lp, order = [], [], [], []
-    labels = None
-    if label_ids:
-        width = max(map(len, label_ids))
-        labels = torch.tensor([list(ids) + [0] * (width - len(ids)) for ids in label_ids], device=device)
     try:
         for indices, features in dataset.batch(batch_size).as_numpy_iterator():
-            enc = torch.tensor(features["encoder_input_tokens"], device=device)
-            targets = torch.tensor(features["decoder_target_tokens"], device=device).long()
             with precision_lib.autocast(precision, device):
-                memory = model.encode(enc)
-                per_label = None
-                if labels is not None:
-                    per_label = torch.stack([_sequence_logprobs(model, memory, enc, label.expand(len(enc), -1))
-                                             for label in labels], dim=1)
-                    label_lp.append(per_label.cpu())
-                which = _label_of(targets, labels)
-                if which is not None:  # every target is a label: its pass above was the target's own
-                    nll.append(-per_label.gather(1, which[:, None]).squeeze(1).cpu())
-                else:
-                    nll.append(-_sequence_logprobs(model, memory, enc, targets).cpu())
-            tokens.append((targets != 0).sum(dim=1).cpu())
-            order.append(indices)
+                scorer.add(indices, features)
     finally:
         model.train(was_training)
-    ranked = np.argsort(np.concatenate(order), kind="stable")  # seqio's example order, as its predictions have
-    out = Scores(torch.cat(nll).double().numpy()[ranked], torch.cat(tokens).double().numpy()[ranked])
-    if labels is not None:
-        out.label_logprobs = torch.cat(label_lp).double().numpy()[ranked]
-        out.gold = np.asarray(gold, dtype=np.int64)
-    return out
+    return scorer.result()

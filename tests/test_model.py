@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import seqio
 import torch
+import torch.nn.functional as F
 from transformers import T5Config as HFConfig
 from transformers import T5ForConditionalGeneration
 
@@ -158,6 +159,12 @@ def test_greedy_equals_transformers_generate(version):
                        num_beams=1)[:, 1:]  # drop the decoder start token
     got = ours.generate(enc, max_length=15)
     assert got.tolist() == want.tolist()
+    with torch.no_grad():  # evaluation hands decoding the encoder's output and cross keys/values it scores with
+        memory = ours.encode(enc)
+        cross = ours.cross_keys_values(memory)
+        teacher_forced = ours.decode(F.pad(got[:, :-1], (1, 0)), memory, enc, cross=cross)
+    assert torch.equal(decoding.generate(ours, enc, 15, memory=memory, cross=cross), got)
+    assert torch.allclose(teacher_forced, ours(enc, F.pad(got[:, :-1], (1, 0))), atol=1e-5)
 
 
 def test_greedy_stops_at_eos_and_pads():
@@ -186,6 +193,11 @@ def test_beam_search_finds_the_best_sequence_exhaustively():
     ours = M.T5(M.T5Config(vocab_size=6, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2)).eval()
     enc = torch.tensor([[3, 4, 5, 2], [5, 5, 2, 0]])
     out = ours.generate(enc, max_length=3, num_beams=36, length_penalty=0.0)
+    with torch.no_grad():
+        memory = ours.encode(enc)
+        given = decoding.generate(ours, enc, 3, num_beams=36, length_penalty=0.0, memory=memory,
+                                  cross=ours.cross_keys_values(memory))
+    assert torch.equal(given, out)
     for i in range(2):
         best_score, best = -math.inf, None
         for seq in itertools.product(range(6), repeat=3):

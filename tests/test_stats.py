@@ -118,7 +118,12 @@ def test_target_nll_is_the_per_token_loss_of_the_targets(data_dir, vocab_file):
     torch.manual_seed(0)
     model = model_lib.T5(model_lib.T5Config(vocab_size=4096, d_model=32, d_kv=8, d_ff=64, num_layers=1,
                                             num_decoder_layers=1, num_heads=4)).eval()
-    result = evaluate.evaluate_tasks(model, "glue_mrpc", num_examples=16, max_decode_length=4)["glue_mrpc"]
+    encode, passes = model.encode, []
+    model.encode = lambda *a, **k: passes.append(1) or encode(*a, **k)
+    result = evaluate.evaluate_tasks(model, "glue_mrpc", num_examples=16, max_decode_length=4,
+                                     batch_size=8)["glue_mrpc"]
+    assert len(passes) == 2  # two batches, each encoded once for both decoding and scoring
+    model.encode = encode
     task = seqio.get_mixture_or_task("glue_mrpc")
     ds = task.get_dataset(None, split="validation", shuffle=False, use_cached=False).take(16)
     converted = seqio.EncDecFeatureConverter(pack=False)(ds, {"inputs": 512, "targets": 16})
