@@ -23,6 +23,7 @@ import harness  # benchmarks/harness.py: Python puts the script's directory firs
 import torch
 
 from mtplatform import precision
+from mtplatform.accounting import training_flops
 from mtplatform.model import T5, T5Config
 
 
@@ -81,7 +82,7 @@ def compare(args: argparse.Namespace, dtype: str) -> tuple[float, float]:
              *(["--compile"] if args.compile else [])]
     got = harness.run_sides(__file__, ["ours", "hf"], args.rounds, shape)
     tokens = args.batch * (args.inputs + args.targets)
-    flops = args.batch * T5(model_config()).training_flops(args.inputs, args.targets)
+    flops = args.batch * training_flops(model_config(), args.inputs, args.targets)
     on = harness.device(args.device)
     peak = harness.matmul_peak(torch.bfloat16 if dtype == "bf16" else torch.float32, on)
     for name in ("ours", "hf"):

@@ -57,7 +57,7 @@ def mini_checkpoint(directory: Path, vocab: Path) -> Path:
     cfg = model_lib.T5Config(vocab_size=pieces + 100)
     ckpt = checkpoints.checkpoint_dir(directory, 1)
     ckpt.mkdir(parents=True)
-    model_lib.save(model_lib.T5(cfg), ckpt / checkpoints.MODEL)
+    checkpoints.save_model(model_lib.T5(cfg), ckpt / checkpoints.MODEL)
     checkpoints.write_meta(ckpt, 1, 1, None, True)
     return ckpt
 

@@ -156,14 +156,43 @@ def data_state_dir(checkpoint: Path, rank: int) -> Path:
     return Path(checkpoint) / f"data_rank{rank}"
 
 
+# --- a model's weights file -----------------------------------------------------------------------------------------
+
+
+def save_model(model, path: str | Path, state_dict: dict | None = None) -> None:
+    """A `model.T5`'s weights as safetensors with its config in the metadata (`state_dict`: a gathered one, under
+    FSDP): the file every checkpoint holds, and what `mtp export`, `mtp eval` and fine-tuning read."""
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    state = model.state_dict() if state_dict is None else state_dict
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path),
+              metadata={"mtplatform_config": json.dumps(asdict(model.cfg))})
+
+
+def load_model(path: str | Path, map_location: str = "cpu"):
+    """The `model.T5` that `save_model` wrote."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from mtplatform.model import T5, T5Config
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if "mtplatform_config" not in meta:
+        raise ValueError(f"{path}: not an mtplatform model file (no mtplatform_config metadata)")
+    model = T5(T5Config(**json.loads(meta["mtplatform_config"])))
+    model.load_state_dict(load_file(str(path), device=map_location))
+    return model
+
+
 def write_train_state(directory: Path, model, model_state: dict, train_state: dict, config_text: str) -> None:
     """The weights (`model_state`: a gathered one under FSDP), the rest of the train state (optimizer, step, RNG,
     counters) and the gin config, into a temporary checkpoint directory; `finish` seals it."""
     import torch
 
-    from mtplatform import model as model_lib
-
-    model_lib.save(model, directory / MODEL, model_state)
+    save_model(model, directory / MODEL, model_state)
     torch.save(train_state, directory / TRAIN_STATE)
     (directory / CONFIG).write_text(config_text)
 
@@ -172,10 +201,7 @@ def read_train_state(checkpoint: Path) -> tuple:
     """(model, train state) of a complete checkpoint, as `write_train_state` wrote them."""
     import torch
 
-    from mtplatform import model as model_lib
-
-    return model_lib.load(checkpoint / MODEL), torch.load(checkpoint / TRAIN_STATE, map_location="cpu",
-                                                          weights_only=False)
+    return load_model(checkpoint / MODEL), torch.load(checkpoint / TRAIN_STATE, map_location="cpu", weights_only=False)
 
 
 def read_vocabulary(path: str | Path) -> dict | None:

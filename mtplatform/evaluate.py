@@ -222,12 +222,11 @@ def write_metrics(metrics: Mapping[str, Mapping[str, float]], path: Path) -> Non
 def model_from(checkpoint_path: str | Path, quantize: str | None) -> tuple[T5, int, Path, torch.device]:
     """(model in eval mode, its step, its checkpoint directory, the device it runs on): the GPU where there is one,
     the CPU for an int8 model (`quantize`)."""
-    from mtplatform import model as model_lib
     from mtplatform import quantize as quantize_lib
 
     weights, step = checkpoints.verified_weights(checkpoint_path, "CHECKPOINT_PATH")
     device = torch.device("cuda" if torch.cuda.is_available() and not quantize else "cpu")
-    model = model_lib.load(weights).to(device).eval()
+    model = checkpoints.load_model(weights).to(device).eval()
     if quantize == "int8":
         model = quantize_lib.int8(model)
     return model, step, weights.parent, device
@@ -338,8 +337,6 @@ def decoding_speed(model: T5, task: str, num_examples: int = 128, batch_size: in
     `task` with `positions` decoded for every row, EOS or not (a model that stops early is not thereby faster),
     best of `repeats` passes: what a model costs per generated token, comparable between models measured alike on
     one machine (the experiment's model table; benchmarks/ compare against a peer in the same run)."""
-    from mtplatform import decoding
-
     device = device or next(model.parameters(), torch.empty(0)).device
     precision = precision_lib.resolve(precision, device)
     inputs = [ids for _, items in _inference_inputs(task, None, "validation", None, num_examples)

@@ -24,7 +24,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, vocab: str | P
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
         raise ValueError(f"--output={output} exists and is not empty; pass --overwrite to replace it")
     weights, step = checkpoints.verified_weights(checkpoint, "--checkpoint")
-    model = model_lib.load(weights)
+    model = checkpoints.load_model(weights)
     vocab = Path(vocab) if vocab else settings.vocab_path()
     if not vocab.is_file():
         raise FileNotFoundError(f"--vocab={vocab}: no SentencePiece model there (the one the run tokenized with; "

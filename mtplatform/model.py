@@ -1,5 +1,5 @@
-"""The T5 encoder-decoder network: packed training, losses, and saving its weights. Decoding lives in
-`decoding.py` (`T5.generate` calls it), the Hugging Face weight mapping in `huggingface.py`.
+"""The T5 encoder-decoder network: packed training and losses. Decoding lives in `decoding.py` (`T5.generate` calls
+it), the Hugging Face weight mapping in `huggingface.py`, the weights file in `checkpoints.py`.
 
 The model consumes the batches of seqio's `EncDecFeatureConverter` as they are: `encoder_input_tokens`,
 `decoder_input_tokens`, `decoder_target_tokens`, `decoder_loss_weights`, and, when packed, `*_segment_ids` and
@@ -18,10 +18,8 @@ segment/padding mask folded into one additive mask.
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import gin
 import torch
@@ -427,60 +425,3 @@ class T5(nn.Module):
         if non_embedding:
             n -= self.shared.weight.numel() + (self.lm_head.weight.numel() if self.lm_head is not None else 0)
         return n
-
-    def describe(self) -> str:
-        """Its parameter count, with the sharing and factorization that make it smaller than a plain T5's."""
-        c = self.cfg
-        parts = [f"{self.num_params():,} parameters"]
-        if c.shared_blocks is not None:
-            parts.append(f"{c.num_layers} encoder and {c.num_decoder_layers} decoder layers on {c.shared_blocks} "
-                         "shared block(s) each")
-        if c.embedding_dim:
-            parts.append(f"factorized embedding {c.vocab_size:,} -> {c.embedding_dim} -> {c.d_model}")
-        return ", ".join(parts)
-
-    def training_flops(self, inputs_length: int, targets_length: int) -> float:
-        """Approximate FLOPs of one training step (forward + backward) for one example of these lengths.
-
-        6 FLOPs per parameter per token for the matrix products (encoder weights see the input tokens, decoder
-        weights and the output projection see the target tokens) plus the attention score and mixing products
-        (6 * 2 * heads * d_kv per query-key pair), in the style of nanoGPT's MFU estimate.
-        """
-        c = self.cfg
-        inner = c.num_heads * c.d_kv
-        ff = (3 if c.feed_forward == "gated-gelu" else 2) * c.d_model * c.d_ff
-        enc_layer = 4 * c.d_model * inner + ff
-        dec_layer = 8 * c.d_model * inner + ff
-        output = c.d_model * c.vocab_size if not c.embedding_dim else c.embedding_dim * (c.d_model + c.vocab_size)
-        matmul = 6 * (c.num_layers * enc_layer * inputs_length
-                      + c.num_decoder_layers * dec_layer * targets_length
-                      + output * targets_length)
-        attention = 6 * 2 * inner * (c.num_layers * inputs_length**2
-                                     + c.num_decoder_layers * (targets_length**2 + targets_length * inputs_length))
-        return float(matmul + attention)
-
-
-# --- saving and loading ---------------------------------------------------------------------------------------------
-
-
-def save(model: T5, path: str | Path, state_dict: dict[str, Tensor] | None = None) -> None:
-    """Weights as safetensors with the config in the metadata (`state_dict`: a gathered one, under FSDP)."""
-    from safetensors.torch import save_file
-
-    state = model.state_dict() if state_dict is None else state_dict
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path),
-              metadata={"mtplatform_config": json.dumps(asdict(model.cfg))})
-
-
-def load(path: str | Path, map_location: str = "cpu") -> T5:
-    """A model saved by `save`."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    if "mtplatform_config" not in meta:
-        raise ValueError(f"{path}: not an mtplatform model file (no mtplatform_config metadata)")
-    model = T5(T5Config(**json.loads(meta["mtplatform_config"])))
-    model.load_state_dict(load_file(str(path), device=map_location))
-    return model

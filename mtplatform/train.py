@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from mtplatform import (
+    accounting,
     cache,
     checkpoints,
     data,
@@ -109,7 +110,7 @@ def load_initial_weights(path: str | Path, vocab_size: int,
         model, step = huggingface.load_hf(path), 0
     else:  # fine-tuning starts a fresh optimizer: the weights are all it reads
         weights, step = checkpoints.verified_weights(path, setting)
-        model = model_lib.load(weights)
+        model = checkpoints.load_model(weights)
     if model.cfg.vocab_size < vocab_size:
         raise ValueError(f"{setting}={path}: its vocabulary has {model.cfg.vocab_size} ids, "
                          f"the tasks' needs {vocab_size}")
@@ -504,7 +505,7 @@ def setup(config: RunConfig, per_rank: int, ctx: Distributed, device: torch.devi
         for task in names:
             if where := cache.where_cached(seqio.get_mixture_or_task(task)):
                 print(f"mtp: {task}: reading seqio's cache in {where}", file=sys.stderr)
-        print(f"mtp: {model.describe()}, {run.precision}, {ctx.world} process(es), global batch "
+        print(f"mtp: {accounting.describe(model)}, {run.precision}, {ctx.world} process(es), global batch "
               f"{c.batch_size} ({per_rank} x {c.batch_size // per_rank // ctx.world} accumulation per process); "
               f"{start.source}", file=sys.stderr)
     return run
@@ -748,7 +749,7 @@ def _loop(run: Run, logger: Logger, stops: interrupts.StopRequests) -> dict[str,
     """Steps until `train_steps`, logging, evaluating and checkpointing on their intervals; the last logged values."""
     ctx, c = run.ctx, run.config
     lengths = dict(c.task_feature_lengths)
-    example_flops = run.model.training_flops(lengths.get("inputs", 0), lengths["targets"])
+    example_flops = accounting.training_flops(run.model.cfg, lengths.get("inputs", 0), lengths["targets"])
     checkpoint_steps = frozenset(c.checkpoint_steps)
     bar = None
     if ctx.main and c.progress:

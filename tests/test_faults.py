@@ -209,20 +209,20 @@ def test_resuming_with_another_vocabulary_is_refused_at_start(tmp_path, vocab_fi
 def test_a_full_disk_removes_the_partial_checkpoint_and_names_the_path(tmp_path, vocab_file, monkeypatch):
     """ENOSPC injected where the weights are written (what a full disk does to safetensors' write)."""
     _train(tmp_path / "run", 1)
-    original = model_lib.save
+    original = checkpoints.save_model
 
     def full_disk(model, path, state=None):
         Path(path).write_bytes(b"x" * 1000)  # part of the file made it
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(model_lib, "save", full_disk)
+    monkeypatch.setattr(checkpoints, "save_model", full_disk)
     with pytest.raises(checkpoints.DiskFull, match=rf"no space left on the device of {tmp_path}/run/.tmp-checkpoint_2"
                                                    r".* writing the checkpoint of step 2; it needs about [\d.]+ MiB "
                                                    r".*removed the partial checkpoint, kept checkpoint_1"):
         _train(tmp_path / "run", 2)
     assert not list((tmp_path / "run").glob(".tmp-*")) and checkpoints.all_steps(tmp_path / "run") == [1]
     assert checkpoints.problem(tmp_path / "run" / "checkpoint_1") is None
-    monkeypatch.setattr(model_lib, "save", original)
+    monkeypatch.setattr(checkpoints, "save_model", original)
     monkeypatch.setattr(Path, "write_text", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
     with pytest.raises(checkpoints.DiskFull, match=rf"no space left on the device of {tmp_path}/run/config.gin"):
         _train(tmp_path / "run", 2)  # the rerun, the disk still full: named too, and config.gin left whole

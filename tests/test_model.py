@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from transformers import T5Config as HFConfig
 from transformers import T5ForConditionalGeneration
 
-from mtplatform import decoding
+from mtplatform import checkpoints, decoding
 from mtplatform import huggingface as H
 from mtplatform import model as M
+from mtplatform.accounting import describe, training_flops
 
 VERSIONS = {"t5_1_0": ("relu", True), "t5_1_1": ("gated-gelu", False)}
 
@@ -87,7 +88,7 @@ def test_shared_blocks_are_a_plain_t5_with_copied_layers_and_export_as_one(versi
         torch.manual_seed(4)
         shared = M.T5(M.T5Config(**base, shared_blocks=groups)).eval()
         assert shared.encoder_blocks == encoder_blocks and shared.decoder_blocks == decoder_blocks
-        assert f"4 encoder and 3 decoder layers on {groups} shared block(s) each" in shared.describe()
+        assert f"4 encoder and 3 decoder layers on {groups} shared block(s) each" in describe(shared)
         plain = M.T5(M.T5Config(**base)).eval()
         plain.load_state_dict(H.from_hf_state_dict(H.to_hf_state_dict(shared), plain.cfg).state_dict())
         block = [sum(p.numel() for p in stack[0].parameters()) for stack in (plain.encoder, plain.decoder)]
@@ -353,8 +354,8 @@ def test_save_load_roundtrip(tmp_path):
     torch.manual_seed(15)
     model = M.T5(M.T5Config(vocab_size=300, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
                             feed_forward="relu", tie_word_embeddings=True)).eval()
-    M.save(model, tmp_path / "m.safetensors")
-    again = M.load(tmp_path / "m.safetensors").eval()
+    checkpoints.save_model(model, tmp_path / "m.safetensors")
+    again = checkpoints.load_model(tmp_path / "m.safetensors").eval()
     enc, dec = _inputs()
     assert again.cfg == model.cfg
     with torch.no_grad():
@@ -373,7 +374,7 @@ def test_model_gin_files(name, params):
         model = M.T5(cfg)
         if params is not None:
             assert model.num_params() == params  # the published sizes of t5-v1_1-{small,base} and t5-small
-        flops = model.training_flops(512, 114)
+        flops = training_flops(model.cfg, 512, 114)
         assert flops > 6 * model.num_params(non_embedding=True) * 114
     finally:
         gin.clear_config()

@@ -22,7 +22,7 @@ def _checkpoint(model_dir, task: str) -> model_lib.T5:
                                             num_layers=2, num_heads=4)).eval()
     directory = checkpoints.checkpoint_dir(model_dir, 1)
     directory.mkdir(parents=True)
-    model_lib.save(model, directory / checkpoints.MODEL)
+    checkpoints.save_model(model, directory / checkpoints.MODEL)
     checkpoints.write_meta(directory, 1, 1, None, True)
     return model
 

@@ -260,7 +260,6 @@ def _check_export_round_trip(model_dir: Path, hf_dir: Path, vocab_file: Path, pr
     import torch
     from transformers import T5ForConditionalGeneration, T5Tokenizer
 
-    from mtplatform import model as model_lib
     from mtplatform.vocab import vocabulary_from_file
 
     out = mtp("export", f"--checkpoint={model_dir}", f"--output={hf_dir}", f"--vocab={vocab_file}")
@@ -274,7 +273,7 @@ def _check_export_round_trip(model_dir: Path, hf_dir: Path, vocab_file: Path, pr
         generated = hf.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False, num_beams=1)
         assert tokenizer.decode(generated[0], skip_special_tokens=True) == row["prediction"]
     assert tokenizer.convert_ids_to_tokens(len(tokenizer) - 1) == "<extra_id_0>" == ours.decode([len(tokenizer) - 1])
-    mine = model_lib.load(checkpoints.latest(model_dir) / "model.safetensors").eval()
+    mine = checkpoints.load_model(checkpoints.latest(model_dir) / checkpoints.MODEL).eval()
     enc, dec = torch.tensor([ids]), torch.tensor([[0, *ids[:3]]])
     with torch.no_grad():
         torch.testing.assert_close(hf(input_ids=enc, decoder_input_ids=dec).logits, mine(enc, dec), atol=1e-4,
