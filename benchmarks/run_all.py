@@ -65,8 +65,9 @@ BENCHMARKS: dict[str, tuple[list[str], list[Figure]]] = {
     "eval_throughput": (["--quick"], [
         Figure("ratio_eval", "evaluating SST-2's whole validation set (872): seqio pipeline, decoding, metrics; "
                "mini model, random weights, 8 positions", "the same seqio Evaluator decoding with HF generate", ""),
-        Figure("target_nll_over_decoding", "seconds of the teacher-forced pass (target NLL, label figures) over "
-               "seconds of decoding, in that evaluation", "our decoding in the same run", "< 0.5"),
+        Figure("target_nll_over_decoding", "seconds of the teacher-forced scoring (target NLL, label figures, on "
+               "decoding's encoder pass) over seconds of decoding, in that evaluation", "our decoding in the same run",
+               "< 0.5"),
     ]),
     "parallel_stages": ([], [
         Figure("parallel_speedup", "wall time of mixing_strategies.gin (12 arms, BUDGET 2**-13, mini, 1 seed), one "
@@ -90,8 +91,8 @@ BENCHMARKS: dict[str, tuple[list[str], list[Figure]]] = {
                "none (absolute)", ""),
         Figure("export_whole_s", "seconds for `mtp export` of a mini checkpoint, start to end", "none (absolute)",
                "< 3"),
-        Figure("import_torch_s", "seconds for `python -c 'import torch'`: the floor of any command that reads "
-               "weights", "none (absolute)", ""),
+        Figure("import_torch_s", "seconds for `python -c 'import torch'`: the floor of any command that loads "
+               "torch (export does not: numpy arrays)", "none (absolute)", ""),
         Figure("tasks_list_s", "seconds for `mtp tasks list`, which reads data (TensorFlow, seqio)", "none", ""),
     ]),
     "resume_time": ([], [

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from mtplatform.model import T5, T5Config
+from typing import TYPE_CHECKING
+
+from mtplatform.model_config import T5Config
+
+if TYPE_CHECKING:
+    from mtplatform.model import T5
 
 
 def describe(model: T5) -> str:

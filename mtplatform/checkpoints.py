@@ -173,18 +173,32 @@ def save_model(model, path: str | Path, state_dict: dict | None = None) -> None:
 
 def load_model(path: str | Path, map_location: str = "cpu"):
     """The `model.T5` that `save_model` wrote."""
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from mtplatform.model import T5, T5Config
+    from mtplatform.model import T5
 
-    with safe_open(str(path), "pt") as f:
+    model = T5(_model_config(path))
+    model.load_state_dict(load_file(str(path), device=map_location))
+    return model
+
+
+def load_arrays(path: str | Path) -> tuple[dict, object]:
+    """(weights as numpy arrays by name, `T5Config`) of a file `save_model` wrote, without torch: `mtp export`."""
+    from safetensors.numpy import load_file
+
+    return load_file(str(path)), _model_config(path)
+
+
+def _model_config(path: str | Path):
+    from safetensors import safe_open
+
+    from mtplatform.model_config import T5Config
+
+    with safe_open(str(path), "np") as f:
         meta = f.metadata() or {}
     if "mtplatform_config" not in meta:
         raise ValueError(f"{path}: not an mtplatform model file (no mtplatform_config metadata)")
-    model = T5(T5Config(**json.loads(meta["mtplatform_config"])))
-    model.load_state_dict(load_file(str(path), device=map_location))
-    return model
+    return T5Config(**json.loads(meta["mtplatform_config"]))
 
 
 def write_train_state(directory: Path, model, model_state: dict, train_state: dict, config_text: str) -> None:

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 from mtplatform import checkpoints, huggingface, settings
-from mtplatform import model as model_lib
+from mtplatform.model_config import T5Config
 from mtplatform.settings import EXTRA_IDS
 
 
@@ -24,22 +24,22 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, vocab: str | P
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
         raise ValueError(f"--output={output} exists and is not empty; pass --overwrite to replace it")
     weights, step = checkpoints.verified_weights(checkpoint, "--checkpoint")
-    model = checkpoints.load_model(weights)
+    state, cfg = checkpoints.load_arrays(weights)  # numpy: an export needs no torch
     vocab = Path(vocab) if vocab else settings.vocab_path()
     if not vocab.is_file():
         raise FileNotFoundError(f"--vocab={vocab}: no SentencePiece model there (the one the run tokenized with; "
                                 f"default $MTP_VOCAB)")
     ids = _piece_count(vocab) + EXTRA_IDS
-    if ids > model.cfg.vocab_size:
+    if ids > cfg.vocab_size:
         raise ValueError(f"--vocab={vocab}: {ids} ids with its {EXTRA_IDS} sentinels, but the model at {weights} "
-                         f"has {model.cfg.vocab_size}: not the vocabulary it was trained with")
+                         f"has {cfg.vocab_size}: not the vocabulary it was trained with")
     for source, what in ((weights, "the checkpoint"), (vocab, "the vocabulary")):
         if output.resolve() in source.resolve().parents:  # --overwrite would delete what it exports
             raise ValueError(f"--output={output} holds {what} being exported ({source}); write the export elsewhere")
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
     try:
-        _write(model, vocab, tmp, {"checkpoint": str(weights.parent), "step": step, "vocab": str(vocab)})
+        _write(state, cfg, vocab, tmp, {"checkpoint": str(weights.parent), "step": step, "vocab": str(vocab)})
         if output.is_dir():
             shutil.rmtree(output)
         elif output.exists():
@@ -50,8 +50,8 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, vocab: str | P
     return output
 
 
-def _write(model: model_lib.T5, vocab: Path, directory: Path, provenance: dict) -> None:
-    huggingface.export_hf(model, directory)
+def _write(state: dict, cfg: T5Config, vocab: Path, directory: Path, provenance: dict) -> None:
+    huggingface.write_hf(state, cfg, directory)
     shutil.copyfile(vocab, directory / "spiece.model")  # T5Tokenizer's file name
     (directory / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "T5Tokenizer", "extra_ids": EXTRA_IDS, "eos_token": "</s>", "pad_token": "<pad>",

@@ -1,17 +1,27 @@
 """Hugging Face `T5ForConditionalGeneration` weights both ways: how a user fine-tunes a real pretrained T5 they have
 on disk (`load_hf`), and how a trained model leaves for transformers (`export_hf`). Names map one to one; a tied
-output projection is written out as transformers expects."""
+output projection is written out as transformers expects.
+
+Exporting needs no torch: the weights are renamed as arrays and written through safetensors' numpy API, so that
+`mtp export` reads a checkpoint and writes the directory without importing torch (`checkpoints.load_arrays`).
+"""
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
+import numpy as np
 
-from mtplatform.model import T5, T5Config
+from mtplatform.model_config import T5Config
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from mtplatform.model import T5
 
 # (Hugging Face name, our name); {i} is a layer index, {p} a projection. First match wins, so the relative bias,
 # which lives in layer 0 of each HF stack, comes before the generic attention names.
@@ -80,6 +90,8 @@ def config_to_hf(cfg: T5Config) -> dict:
 
 def from_hf_state_dict(state: dict[str, Tensor], cfg: T5Config) -> T5:
     """Our model holding the weights of a `T5ForConditionalGeneration` state dict."""
+    from mtplatform.model import T5
+
     model = T5(cfg)
     ours = {}
     for name, tensor in state.items():
@@ -96,21 +108,26 @@ def from_hf_state_dict(state: dict[str, Tensor], cfg: T5Config) -> T5:
     return model
 
 
-def to_hf_state_dict(model: T5) -> dict[str, Tensor]:
-    """Our weights under `T5ForConditionalGeneration`'s names (lm_head included even when tied). A model with
-    shared blocks (`T5Config.shared_blocks`) is expanded: each layer gets a copy of its block's weights, a plain T5
-    that computes the same function. A factorized embedding has no T5 equivalent and is refused."""
-    if model.cfg.embedding_dim:
-        raise ValueError(f"a factorized embedding (T5Config.embedding_dim = {model.cfg.embedding_dim}) has no "
+def hf_weights(state: Mapping[str, Any], cfg: T5Config) -> dict[str, Any]:
+    """Our weights (arrays or tensors, by our names) under `T5ForConditionalGeneration`'s names, lm_head included
+    even when tied (the same object as `shared.weight` then). A model with shared blocks (`T5Config.shared_blocks`)
+    is expanded: each layer gets its block's weights, a plain T5 that computes the same function. A factorized
+    embedding has no T5 equivalent and is refused."""
+    if cfg.embedding_dim:
+        raise ValueError(f"a factorized embedding (T5Config.embedding_dim = {cfg.embedding_dim}) has no "
                          "Hugging Face T5 equivalent: T5ForConditionalGeneration embeds straight into d_model")
-    blocks = {"encoder": model.encoder_blocks, "decoder": model.decoder_blocks}
-    out = {}
-    for name, tensor in model.state_dict().items():
-        for per_layer in _per_layer(name, blocks):
-            out[_rename(per_layer, to_ours=False)] = tensor.detach().clone().contiguous()
-    if model.lm_head is None:
-        out["lm_head.weight"] = out["shared.weight"].clone()
+    blocks = {"encoder": cfg.blocks(cfg.num_layers), "decoder": cfg.blocks(cfg.num_decoder_layers)}
+    out = {_rename(per_layer, to_ours=False): value
+           for name, value in state.items() for per_layer in _per_layer(name, blocks)}
+    out.setdefault("lm_head.weight", out["shared.weight"])
     return out
+
+
+def to_hf_state_dict(model: T5) -> dict[str, Tensor]:
+    """`hf_weights` of a model in memory, each tensor its own copy (what `load_state_dict` of transformers' T5
+    takes)."""
+    return {name: tensor.detach().clone().contiguous()
+            for name, tensor in hf_weights(model.state_dict(), model.cfg).items()}
 
 
 def _per_layer(name: str, blocks: dict[str, list[int]]) -> list[str]:
@@ -141,17 +158,26 @@ def load_hf(directory: str | Path) -> T5:
 
         state = load_file(str(directory / "model.safetensors"))
     elif (directory / "pytorch_model.bin").is_file():
+        import torch
+
         state = torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
     else:
         raise FileNotFoundError(f"{directory}: no model.safetensors or pytorch_model.bin")
     return from_hf_state_dict(state, cfg)
 
 
-def export_hf(model: T5, directory: str | Path) -> None:
-    """Write a directory that `T5ForConditionalGeneration.from_pretrained` loads."""
-    from safetensors.torch import save_file
+def write_hf(state: Mapping[str, np.ndarray], cfg: T5Config, directory: str | Path) -> None:
+    """Write a directory that `T5ForConditionalGeneration.from_pretrained` loads, from our weights as arrays."""
+    from safetensors.numpy import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(config_to_hf(model.cfg), indent=2))
-    save_file(to_hf_state_dict(model), str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2))
+    weights = {name: np.ascontiguousarray(array) for name, array in hf_weights(state, cfg).items()}
+    save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+def export_hf(model: T5, directory: str | Path) -> None:
+    """`write_hf` of a model in memory."""
+    write_hf({name: tensor.detach().cpu().numpy() for name, tensor in model.state_dict().items()}, model.cfg,
+             directory)

@@ -39,20 +39,35 @@ def test_importing_the_package_registers_every_configurable():
             gin.clear_config()
 
 
-def test_commands_that_read_no_data_load_neither_tensorflow_nor_seqio(tmp_path):
+def test_commands_that_read_no_data_load_neither_tensorflow_nor_seqio(tmp_path, vocab_file):
     """`mtp --help`, `mtp report` and `mtp export` start in a second or two: TensorFlow and seqio (10-20 s) load only
-    for commands that read data, and `--help` and `report` do not load torch either."""
+    for commands that read data, and none of the three loads torch (3 s): an export renames the checkpoint's
+    weights as numpy arrays. Its directory is the one the in-memory (torch) export writes, byte for byte."""
     import shutil
     import subprocess
     import sys
 
+    import torch
+
+    from mtplatform import checkpoints, huggingface
+    from mtplatform import model as model_lib
+
     shutil.copytree(REPO / "results" / "objectives", tmp_path / "report")
+    torch.manual_seed(0)
+    model = model_lib.T5(model_lib.T5Config(vocab_size=4096, d_model=32, d_kv=8, d_ff=64, num_layers=3,
+                                            num_decoder_layers=2, num_heads=2, shared_blocks=1))
+    ckpt = checkpoints.checkpoint_dir(tmp_path / "run", 7)
+    ckpt.mkdir(parents=True)
+    checkpoints.save_model(model, ckpt / checkpoints.MODEL)
+    checkpoints.write_meta(ckpt, 7, 1, None, True)
     script = f"""
 import contextlib, io, json, sys
 from mtplatform import cli
 loaded = {{}}
 for name, argv in (("help", ["--help"]), ("report", ["report", {str(tmp_path / "report")!r}]),
-                   ("export", ["export", "--checkpoint={tmp_path / "none"}", "--output={tmp_path / "hf"}"])):
+                   ("missing", ["export", "--checkpoint={tmp_path / "none"}", "--output={tmp_path / "hf0"}"]),
+                   ("export", ["export", "--checkpoint={tmp_path / "run"}", "--output={tmp_path / "hf"}",
+                               "--vocab={vocab_file}"])):
     code = None  # --help exits from argparse
     with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):
         code = cli.main(argv)
@@ -66,4 +81,8 @@ print(json.dumps(loaded))
     assert loaded["report"] == [0, []]
     rebuilt = (tmp_path / "report" / "results.md").read_text()
     assert rebuilt == (REPO / "results" / "objectives" / "results.md").read_text()
-    assert loaded["export"] == [2, ["torch"]]  # the missing checkpoint's one-line error, after loading torch alone
+    assert loaded["missing"] == [2, []]  # the missing checkpoint's one-line error
+    assert loaded["export"] == [0, []]
+    huggingface.export_hf(model, tmp_path / "in_memory")
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "hf" / name).read_bytes() == (tmp_path / "in_memory" / name).read_bytes(), name
