@@ -137,7 +137,7 @@ def section(stored: dict[str, dict]) -> str:
             continue
         run_ = stored[script]
         command = "`" + " ".join(["python", f"benchmarks/{script}.py", *run_["args"]]) + "`"
-        when = f"{run_['date']}, {run_['commit']}, bf16 hardware: {run_['bf16']}"
+        when = f"{run_['date']}, {run_['commit']}, {run_['machine']}"
         for figure in wanted:
             value = run_["figures"].get(figure.name)
             lines.append(f"| `{figure.name}` | {value or '-'} | {figure.target or '-'} | "
