@@ -10,18 +10,12 @@ The parent keeps the order a sequential run has: a stage is handed out once the 
 its `reference`) have finished for its seed, and otherwise the first waiting stage goes next. A stage process
 (`python -m mtplatform.parallel_stages`) parses the parent's gin files and overrides and imports its `--module`s
 once, then runs the stages it is handed exactly as the sequential loop does (`experiment.experiment(only=...)`,
-which checks that it built each stage as the parent did), each stage's output in `log.txt` in its stage directory.
-Finished stages are skipped in the parent.
-
-The cores are shared among the stages running: `cores // N` threads each while N run, and when fewer run (the last
-stages, or stages waiting for the one they start from) the running ones take the idle cores, and give them back when
-another starts. The parent writes each stage process's share to a file and signals it (SIGUSR1), and the process
-sets torch's threads between two operations; TensorFlow's input pipeline keeps the threads it started with.
+which checks that it built each stage as the parent did), on `cores // N` threads, each stage's output in
+`log.txt` in its stage directory. Finished stages are skipped in the parent.
 
 The weights are a sequential run's, bit for bit. The evaluation figures are too where the threads per stage are
 the same; a sequential run on 2 threads against stages on 1 can differ in the last bits of a float (a reduction
-split over another number of threads: 1e-7 relative once, on CoLA's target NLL, in `benchmarks/parallel_stages.py`;
-0 in its later runs).
+split over another number of threads: 1e-7 relative, on CoLA's target NLL, in `benchmarks/parallel_stages.py`).
 
 The parent passes SIGTERM and SIGINT on to the stage processes (each in its own session, so Ctrl-C reaches them
 once); the running stages checkpoint and stop, and the parent stops with the signal's exit code: a rerun continues
@@ -37,14 +31,12 @@ import select
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 LOG = "log.txt"
-THREADS_FILE = "MTP_STAGE_THREADS_FILE"  # environment: where the parent writes a stage process's share of the cores
 _gin_sources: dict | None = None
 
 
@@ -82,40 +74,21 @@ class Job:
 
 @dataclass(eq=False)
 class _Worker:
-    """A stage process, the job it runs (None: idle), and its share of the cores (in `threads_file`)."""
+    """A stage process and the job it runs (None: idle)."""
 
     process: subprocess.Popen
-    threads_file: Path
-    threads: int
     job: Job | None = None
-    spawned: float = field(default_factory=time.monotonic)
-
-    def set_threads(self, threads: int) -> None:
-        """Write its new share; a process running a stage is told at once (SIGUSR1), and every stage reads it as it
-        begins. Not signalled in its first seconds, before its handler may be in place (the signal's default action
-        ends a process): it cannot have begun a stage then (loading torch alone takes longer)."""
-        if threads == self.threads:
-            return
-        self.threads = threads
-        _write_atomically(self.threads_file, str(threads))
-        settled = time.monotonic() - self.spawned > 2.0
-        if self.job is not None and self.job.began and settled and self.process.poll() is None:
-            self.process.send_signal(signal.SIGUSR1)
 
 
 def run(jobs: Sequence[Job], parallel: int, finished: Callable[[Job], bool], modules: Sequence[str],
         verbose: bool = False) -> None:
     """Run `jobs` (in a sequential run's order), at most `parallel` at a time; `finished(job)` says whether a job's
     stage already finished (it is then not run; it raises where the stage changed). Returns when all finished."""
-    setup = {"gin": gin_sources(), "modules": list(modules), "threads": max(1, cores() // parallel),
-             "verbose": verbose}
-    with tempfile.TemporaryDirectory(prefix="mtp-stage-threads-") as shares:
-        _run_pool(_Pool(list(jobs), parallel, finished, setup, Path(shares)))
-
-
-def _run_pool(pool: _Pool) -> None:
     from mtplatform import interrupts
 
+    setup = {"gin": gin_sources(), "modules": list(modules), "threads": max(1, cores() // parallel),
+             "verbose": verbose}
+    pool = _Pool(list(jobs), parallel, finished, setup)
     with interrupts.StopRequests() as stops:
         try:
             while pool.fill():
@@ -138,7 +111,6 @@ class _Pool:
     parallel: int
     finished: Callable[[Job], bool]
     setup: dict
-    shares: Path  # the directory of the stage processes' thread files
     workers: list[_Worker] = field(default_factory=list)
     done: set[tuple[str, int]] = field(default_factory=set)
     to_run: set[tuple[str, int]] = field(default_factory=set)  # checked by `finished` once: not finished
@@ -161,27 +133,15 @@ class _Pool:
                 self.to_run.add((job.stage, job.seed))
                 if (worker := self._idle()) is not None:
                     self.waiting.remove(job)
-                    worker.job = job
+                    _hand(worker, job, self.setup["threads"])
         if self.waiting and not self.busy():  # the arms are checked before, so this is a defect
             raise ValueError(f"stages {[j.stage for j in self.waiting]} wait for stages that never run")
-        self._share_cores()
-        for worker in self.busy():
-            if not worker.job.began:
-                _hand(worker, worker.job)
         return bool(self.busy())
-
-    def _share_cores(self) -> None:
-        """Every core to the stages running, as evenly as whole threads go (the idle ones' cores too)."""
-        busy = self.busy()
-        for i, worker in enumerate(busy):
-            worker.set_threads(max(1, cores() // len(busy) + (i < cores() % len(busy))))
 
     def _idle(self) -> _Worker | None:
         idle = next((w for w in self.workers if w.job is None), None)
         if idle is None and len(self.workers) < self.parallel:
-            threads_file = self.shares / str(len(self.workers))
-            _write_atomically(threads_file, str(self.setup["threads"]))
-            idle = _Worker(_start_process(self.setup, threads_file), threads_file, self.setup["threads"])
+            idle = _Worker(_start_process(self.setup))
             self.workers.append(idle)
         return idle
 
@@ -213,11 +173,10 @@ class _Pool:
             worker.process.wait()
 
 
-def _start_process(setup: dict, threads_file: Path) -> subprocess.Popen:
+def _start_process(setup: dict) -> subprocess.Popen:
     """A stage process: its stdin takes the set-up, then one job per line; its stdout answers one exit code per
     job; its stderr (set-up errors) is the parent's."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(setup["threads"]), "MKL_NUM_THREADS": str(setup["threads"]),
-           THREADS_FILE: str(threads_file)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(setup["threads"]), "MKL_NUM_THREADS": str(setup["threads"])}
     process = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                env=env, start_new_session=True, text=True)
     process.stdin.write(json.dumps(setup) + "\n")
@@ -225,20 +184,15 @@ def _start_process(setup: dict, threads_file: Path) -> subprocess.Popen:
     return process
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    partial.replace(path)
-
-
-def _hand(worker: _Worker, job: Job) -> None:
+def _hand(worker: _Worker, job: Job, threads: int) -> None:
     job.stage_dir.mkdir(parents=True, exist_ok=True)
     job.began = time.monotonic()
+    worker.job = job
     worker.process.stdin.write(json.dumps({"stage": job.stage, "seed": job.seed, "definition": job.definition,
                                            "log": str(job.stage_dir / LOG)}) + "\n")
     worker.process.stdin.flush()
-    print(f"experiment: stage {job.stage} (seed {job.seed}) started in process {worker.process.pid}, "
-          f"{worker.threads} thread(s); log {job.stage_dir / LOG}", file=sys.stderr)
+    print(f"experiment: stage {job.stage} (seed {job.seed}) started in process {worker.process.pid}, {threads} "
+          f"thread(s); log {job.stage_dir / LOG}", file=sys.stderr)
 
 
 def _wait(busy: list[_Worker], stops) -> list[tuple[_Worker, int | None]]:
@@ -274,18 +228,9 @@ def _set_up(setup: dict) -> int:
     return 0
 
 
-def _take_share(*unused) -> None:
-    """Set torch's threads to the share the parent wrote (SIGUSR1's handler, and at the start of every stage)."""
-    if "torch" in sys.modules:  # before the set-up imports it, there is nothing to set
-        import torch
-
-        torch.set_num_threads(int(Path(os.environ[THREADS_FILE]).read_text()))
-
-
 def _run_job(job: dict) -> int:
     from mtplatform import experiment
 
-    _take_share()
     experiment.experiment(only=job)
     return 0
 
@@ -295,7 +240,6 @@ def main() -> int:
     exit code on the original stdout; stop at the first job that does not succeed."""
     from mtplatform import cli
 
-    signal.signal(signal.SIGUSR1, _take_share)  # first: the signal's default action would end the process
     answers = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # the stages' own prints go to the logs, never into the answers
     setup = json.loads(sys.stdin.readline())

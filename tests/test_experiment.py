@@ -180,55 +180,6 @@ def test_parallel_stages_match_a_sequential_run_through_a_signal_and_a_failure(t
         results[1]["arms"], parallel)
 
 
-class _StageProcess:
-    """What the pool reads of a stage process: alive, and the signals it was sent."""
-
-    def __init__(self, pid: int):
-        self.pid, self.signals = pid, []
-
-    def poll(self):
-        return None
-
-    def send_signal(self, signum: int) -> None:
-        self.signals.append(signum)
-
-
-def test_running_stages_share_every_core_and_are_told_when_it_changes(tmp_path, monkeypatch):
-    """On 4 cores with 3 stage processes: 1 or 2 threads each while three run, 2 each while two run, 4 for the last
-    one; a process running a stage is signalled (SIGUSR1) when its share changes, and each share is in its file."""
-    import signal
-    import time
-
-    from mtplatform import parallel_stages as ps
-
-    monkeypatch.setattr(ps, "cores", lambda: 4)
-    workers = []
-    for i in range(3):
-        (tmp_path / str(i)).write_text("1")
-        job = ps.Job(f"stage_{i}", 0, (), tmp_path / f"stage_{i}", {}, began=time.monotonic())
-        workers.append(ps._Worker(_StageProcess(i), tmp_path / str(i), 1, job, spawned=time.monotonic() - 60))
-    pool = ps._Pool([], 3, lambda job: False, {"threads": 1}, tmp_path, workers)
-    pool._share_cores()
-    assert [w.threads for w in workers] == [2, 1, 1]
-    assert [w.process.signals for w in workers] == [[signal.SIGUSR1], [], []]
-    workers[0].job = None  # its stage ended: the other two take its cores
-    pool._share_cores()
-    assert [w.threads for w in workers[1:]] == [2, 2]
-    assert [(tmp_path / str(i)).read_text() for i in (1, 2)] == ["2", "2"]
-    workers[1].job = None
-    pool._share_cores()
-    assert workers[2].threads == 4 and workers[2].process.signals == [signal.SIGUSR1] * 2
-    # A process in its first seconds (its handler perhaps not yet in place) gets the file only; so does one whose
-    # stage has not begun: each stage reads its share as it begins.
-    young = ps._Worker(_StageProcess(8), tmp_path / "8", 1, ps.Job("young", 0, (), tmp_path / "young", {},
-                                                                  began=time.monotonic()), spawned=time.monotonic())
-    handed = ps._Worker(_StageProcess(9), tmp_path / "9", 1, ps.Job("handed", 0, (), tmp_path / "handed", {}),
-                        spawned=time.monotonic() - 60)
-    for worker in (young, handed):
-        worker.set_threads(3)
-        assert worker.process.signals == [] and worker.threads_file.read_text() == "3"
-
-
 def test_training_and_mixing_strategies_make_the_papers_arms():
     gin.clear_config()
     try:
