@@ -4,7 +4,7 @@
 # one, the CLI from training to export, `mtp cache` over the whole corpus, a tiny mixture search with its validation,
 # online mixing's experiment, SIGKILLs and a SIGTERM, two torchrun processes and DoReMi's resume, the smoke
 # experiment and its stages run side by side, the compression experiment, a student learning its teacher's
-# distribution and `mtp distill`, and the CLI's task commands; about 27 minutes on 2 idle cores).
+# distribution and `mtp distill`, and the CLI's task commands; about 33 minutes on 2 idle cores).
 # Each step lists its ten slowest tests, to keep the default one under 15 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
