@@ -31,6 +31,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from mtplatform.model import T5
+    from mtplatform.model_config import T5Config
 
 _NAME = re.compile(r"checkpoint_(\d+)")
 TMP_PREFIX = ".tmp-checkpoint_"
@@ -159,7 +166,7 @@ def data_state_dir(checkpoint: Path, rank: int) -> Path:
 # --- a model's weights file -----------------------------------------------------------------------------------------
 
 
-def save_model(model, path: str | Path, state_dict: dict | None = None) -> None:
+def save_model(model: T5, path: str | Path, state_dict: dict | None = None) -> None:
     """A `model.T5`'s weights as safetensors with its config in the metadata (`state_dict`: a gathered one, under
     FSDP): the file every checkpoint holds, and what `mtp export`, `mtp eval` and fine-tuning read."""
     from dataclasses import asdict
@@ -171,7 +178,7 @@ def save_model(model, path: str | Path, state_dict: dict | None = None) -> None:
               metadata={"mtplatform_config": json.dumps(asdict(model.cfg))})
 
 
-def load_model(path: str | Path, map_location: str = "cpu"):
+def load_model(path: str | Path, map_location: str = "cpu") -> T5:
     """The `model.T5` that `save_model` wrote."""
     from safetensors.torch import load_file
 
@@ -182,14 +189,14 @@ def load_model(path: str | Path, map_location: str = "cpu"):
     return model
 
 
-def load_arrays(path: str | Path) -> tuple[dict, object]:
+def load_arrays(path: str | Path) -> tuple[dict[str, np.ndarray], T5Config]:
     """(weights as numpy arrays by name, `T5Config`) of a file `save_model` wrote, without torch: `mtp export`."""
     from safetensors.numpy import load_file
 
     return load_file(str(path)), _model_config(path)
 
 
-def _model_config(path: str | Path):
+def _model_config(path: str | Path) -> T5Config:
     from safetensors import safe_open
 
     from mtplatform.model_config import T5Config

@@ -123,13 +123,13 @@ class Scorer:
 
     def result(self) -> Scores:
         """The figures in seqio's example order (as its predictions have), each example scored exactly once."""
-        order = np.concatenate(self.order) if self.order else np.zeros(0, dtype=np.int64)
+        if not self.nll:
+            return Scores(np.zeros(0), np.zeros(0))
+        order = np.concatenate(self.order)
         if not np.array_equal(np.sort(order), np.arange(len(order))):
             raise RuntimeError(f"scoring saw examples {sorted(order.tolist())[:10]}...: not each of 0..{len(order) - 1}"
                                " once (was the evaluation's predict function called twice?)")
         ranked = np.argsort(order, kind="stable")
-        if not self.nll:
-            return Scores(np.zeros(0), np.zeros(0))
         out = Scores(torch.cat(self.nll).double().numpy()[ranked], torch.cat(self.tokens).double().numpy()[ranked])
         if self.labels is not None:
             out.label_logprobs = torch.cat(self.label_lp).double().numpy()[ranked]
