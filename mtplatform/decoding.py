@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mtplatform import prepack
 from mtplatform.model import mask_to_bias
 
 if TYPE_CHECKING:
@@ -25,6 +26,7 @@ Step = Callable[[Tensor, Tensor, dict], Tensor]
 
 
 @torch.no_grad()
+@prepack.inference()  # the weights hold still while decoding: on CPUs its steps read packed copies
 def generate(model: T5, encoder_input_tokens: Tensor, max_length: int = 64, num_beams: int = 1,
              length_penalty: float = 1.0, cuda_graph: bool = True, until_eos: bool = True,
              memory: Tensor | None = None, cross: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:

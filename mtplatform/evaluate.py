@@ -21,7 +21,7 @@ import seqio
 import tensorflow as tf
 import torch
 
-from mtplatform import cache, checkpoints, decoding, scoring, stats, validation
+from mtplatform import cache, checkpoints, decoding, prepack, scoring, stats, validation
 from mtplatform import precision as precision_lib
 from mtplatform.model import T5
 
@@ -85,6 +85,7 @@ def evaluate(model: T5, mixture_or_task_name: str, **settings) -> dict[str, dict
             for task, result in evaluate_tasks(model, mixture_or_task_name, replicates=False, **settings).items()}
 
 
+@prepack.inference()  # the weights hold still during an evaluation: on CPUs its layers read packed copies
 def evaluate_tasks(model: T5, mixture_or_task_name: str, *, split: str = "validation",
                    task_feature_lengths: Mapping[str, int] | None = None, num_examples: int | None = None,
                    batch_size: int = 32, max_decode_length: int = 64, num_beams: int = 1, precision: str = "fp32",

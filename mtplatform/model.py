@@ -13,7 +13,8 @@ Two architectures, as in the T5 papers and Hugging Face's `T5ForConditionalGener
 Both use RMSNorm without bias or mean, pre-norm residual blocks, attention without 1/sqrt(d) scaling (T5 folds it
 into the initialisation), and a bucketed relative position bias computed in the first layer of each stack and
 shared by the others. Attention goes through `F.scaled_dot_product_attention` with the position bias and the
-segment/padding mask folded into one additive mask.
+segment/padding mask folded into one additive mask. Linear layers are `prepack.Linear`: nn.Linear, except that
+inside `prepack.inference()` (decoding, evaluation) on a CPU they read weights reordered once for oneDNN.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from mtplatform import prepack
 from mtplatform.model_config import T5Config
+from mtplatform.prepack import Linear
 
 # --- building blocks --------------------------------------------------------------------------------------------
 
@@ -84,10 +87,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: T5Config):
         super().__init__()
         inner = cfg.num_heads * cfg.d_kv
-        self.q = nn.Linear(cfg.d_model, inner, bias=False)
-        self.k = nn.Linear(cfg.d_model, inner, bias=False)
-        self.v = nn.Linear(cfg.d_model, inner, bias=False)
-        self.o = nn.Linear(inner, cfg.d_model, bias=False)
+        self.q = Linear(cfg.d_model, inner)
+        self.k = Linear(cfg.d_model, inner)
+        self.v = Linear(cfg.d_model, inner)
+        self.o = Linear(inner, cfg.d_model)
         self.heads, self.d_kv, self.dropout = cfg.num_heads, cfg.d_kv, cfg.dropout_rate
 
     def split(self, x: Tensor) -> Tensor:
@@ -113,11 +116,11 @@ class FeedForward(nn.Module):
         super().__init__()
         self.gated = cfg.feed_forward == "gated-gelu"
         if self.gated:
-            self.wi_0 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
-            self.wi_1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+            self.wi_0 = Linear(cfg.d_model, cfg.d_ff)
+            self.wi_1 = Linear(cfg.d_model, cfg.d_ff)
         else:
-            self.wi = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
-        self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+            self.wi = Linear(cfg.d_model, cfg.d_ff)
+        self.wo = Linear(cfg.d_ff, cfg.d_model)
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -210,7 +213,7 @@ class T5(nn.Module):
         self.cfg = cfg
         width = cfg.embedding_dim or cfg.d_model  # of the vocabulary's vectors
         self.shared = nn.Embedding(cfg.vocab_size, width)
-        self.embed_proj = nn.Linear(width, cfg.d_model, bias=False) if cfg.embedding_dim else None
+        self.embed_proj = Linear(width, cfg.d_model) if cfg.embedding_dim else None
         self.encoder_bias = RelativePositionBias(cfg, bidirectional=True)
         self.encoder_blocks = cfg.blocks(cfg.num_layers)
         self.encoder = nn.ModuleList(EncoderBlock(cfg) for _ in range(max(self.encoder_blocks) + 1))
@@ -219,8 +222,8 @@ class T5(nn.Module):
         self.decoder_blocks = cfg.blocks(cfg.num_decoder_layers)
         self.decoder = nn.ModuleList(DecoderBlock(cfg) for _ in range(max(self.decoder_blocks) + 1))
         self.decoder_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
-        self.output_proj = nn.Linear(cfg.d_model, width, bias=False) if cfg.embedding_dim else None
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(width, cfg.vocab_size, bias=False)
+        self.output_proj = Linear(cfg.d_model, width) if cfg.embedding_dim else None
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(width, cfg.vocab_size)
         self.dropout = nn.Dropout(cfg.dropout_rate)
         self.apply(self._init_weights)
 
@@ -317,7 +320,7 @@ class T5(nn.Module):
         if self.output_proj is not None:
             x = self.output_proj(x)
         if self.lm_head is None:
-            return F.linear(x * self.cfg.d_model**-0.5, self.shared.weight)
+            return prepack.linear(x * self.cfg.d_model**-0.5, self.shared.weight)
         return self.lm_head(x)
 
     def forward(self, encoder_input_tokens: Tensor, decoder_input_tokens: Tensor,

@@ -10,10 +10,13 @@ tensor types will be removed in a later release (torchao is their successor); to
 
 from __future__ import annotations
 
+import copy
 import io
 
 import torch
 import torch.nn as nn
+
+from mtplatform import prepack
 
 CHOICES = ("int8",)
 
@@ -35,7 +38,11 @@ def int8(model: nn.Module) -> nn.Module:
     if device.type != "cpu":
         raise ValueError(f"int8 quantization: PyTorch's dynamic int8 kernels run on the CPU, and the model is on "
                          f"{device}; load it on the CPU (`mtp eval --quantize=int8` does)")
-    return torch.ao.quantization.quantize_dynamic(model.eval(), {nn.Linear}, dtype=torch.qint8)
+    model = copy.deepcopy(model).eval()
+    for m in model.modules():  # torch's quantizer maps exactly nn.Linear; prepack.Linear adds behaviour, no state
+        if type(m) is prepack.Linear:
+            m.__class__ = nn.Linear
+    return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
 def quantized_linears(model: nn.Module) -> int:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from transformers import T5Config as HFConfig
 from transformers import T5ForConditionalGeneration
 
-from mtplatform import checkpoints, decoding
+from mtplatform import checkpoints, decoding, prepack
 from mtplatform import huggingface as H
 from mtplatform import model as M
 from mtplatform.accounting import describe, training_flops
@@ -224,6 +224,62 @@ def test_one_beam_is_greedy():
         g = g[: g.index(1) + 1] if 1 in g else g
         b = b[: b.index(1) + 1] if 1 in b else b
         assert g == b
+
+
+def test_prepacked_linear_agrees_with_f_linear_only_where_weights_hold_still():
+    """Inside `prepack.inference()` (no gradients, fp32, CPU) a large layer times a few rows reads a packed copy:
+    equal to F.linear to float rounding, packed again when the weight changes in place, dropped when the scope
+    closes. Anywhere else (no scope, a small layer, many rows, gradients) it is F.linear bit for bit."""
+    if not prepack.available():
+        pytest.skip("this torch build has no oneDNN prepacking")
+    torch.manual_seed(11)
+    layer, small, x = prepack.Linear(128, 4096), prepack.Linear(128, 64), torch.randn(3, 5, 128)
+    many = torch.randn(prepack.FEW_ROWS + 1, 128)
+    with torch.no_grad():
+        plain = F.linear(x, layer.weight)
+        assert torch.equal(layer(x), plain)  # no scope: F.linear itself
+        with prepack.inference():
+            assert torch.equal(small(x), F.linear(x, small.weight))
+            assert torch.equal(layer(many), F.linear(many, layer.weight))
+            assert not prepack._PACKED
+            packed = layer(x)
+            assert [hit[0]() for hit in prepack._PACKED.values()] == [layer.weight]  # oneDNN's kernel ran
+            torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
+            layer.weight.mul_(-2)
+            torch.testing.assert_close(layer(x), -2 * plain, rtol=1e-5, atol=1e-5)
+        assert not prepack._PACKED
+    with prepack.inference():  # gradients: F.linear, and they flow
+        out = layer(x)
+        out.sum().backward()
+    assert torch.equal(out.detach(), F.linear(x, layer.weight.detach()))
+    assert torch.equal(layer.weight.grad, x.reshape(-1, 128).sum(0).expand(4096, 128))
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_decoding_real_inputs_with_packed_weights_equals_plain(version, vocab_file, monkeypatch):
+    """Greedy and beam decoding of RTE validation inputs read packed weights on CPUs; the tokens are the ones
+    F.linear's layers decode, and the scores of the chosen tokens agree to float rounding."""
+    if not prepack.available():
+        pytest.skip("this torch build has no oneDNN prepacking")
+    enc = _converted(_rte_examples(6), False, {"inputs": 96, "targets": 8})["encoder_input_tokens"]
+    proj, tie = VERSIONS[version]
+    torch.manual_seed(12)
+    model = M.T5(M.T5Config(vocab_size=32128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                            feed_forward=proj, tie_word_embeddings=tie)).eval()
+    reads, pack = [], prepack.packed
+    monkeypatch.setattr(prepack, "packed", lambda weight, rows: reads.append(rows) or pack(weight, rows))
+    packed = [model.generate(enc, max_length=8), model.generate(enc, max_length=8, num_beams=3)]
+    assert reads and max(reads) == 6 * 3  # the output layer, at each step's rows (beams x batch at most)
+    monkeypatch.setattr(prepack, "available", lambda: False)
+    plain = [model.generate(enc, max_length=8), model.generate(enc, max_length=8, num_beams=3)]
+    assert [t.tolist() for t in packed] == [t.tolist() for t in plain]
+    dec = F.pad(packed[0][:, :-1], (1, 0))
+    with torch.no_grad():
+        want = model(enc, dec)
+        monkeypatch.undo()
+        with prepack.inference():
+            got = model(enc, dec)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 # --- packing -----------------------------------------------------------------------------------------------------
