@@ -28,7 +28,6 @@ from torch import Tensor
 
 from mtplatform import prepack
 from mtplatform.model_config import T5Config
-from mtplatform.prepack import Linear
 
 # --- building blocks --------------------------------------------------------------------------------------------
 
@@ -87,10 +86,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: T5Config):
         super().__init__()
         inner = cfg.num_heads * cfg.d_kv
-        self.q = Linear(cfg.d_model, inner)
-        self.k = Linear(cfg.d_model, inner)
-        self.v = Linear(cfg.d_model, inner)
-        self.o = Linear(inner, cfg.d_model)
+        self.q = prepack.Linear(cfg.d_model, inner)
+        self.k = prepack.Linear(cfg.d_model, inner)
+        self.v = prepack.Linear(cfg.d_model, inner)
+        self.o = prepack.Linear(inner, cfg.d_model)
         self.heads, self.d_kv, self.dropout = cfg.num_heads, cfg.d_kv, cfg.dropout_rate
 
     def split(self, x: Tensor) -> Tensor:
@@ -116,11 +115,11 @@ class FeedForward(nn.Module):
         super().__init__()
         self.gated = cfg.feed_forward == "gated-gelu"
         if self.gated:
-            self.wi_0 = Linear(cfg.d_model, cfg.d_ff)
-            self.wi_1 = Linear(cfg.d_model, cfg.d_ff)
+            self.wi_0 = prepack.Linear(cfg.d_model, cfg.d_ff)
+            self.wi_1 = prepack.Linear(cfg.d_model, cfg.d_ff)
         else:
-            self.wi = Linear(cfg.d_model, cfg.d_ff)
-        self.wo = Linear(cfg.d_ff, cfg.d_model)
+            self.wi = prepack.Linear(cfg.d_model, cfg.d_ff)
+        self.wo = prepack.Linear(cfg.d_ff, cfg.d_model)
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -213,7 +212,7 @@ class T5(nn.Module):
         self.cfg = cfg
         width = cfg.embedding_dim or cfg.d_model  # of the vocabulary's vectors
         self.shared = nn.Embedding(cfg.vocab_size, width)
-        self.embed_proj = Linear(width, cfg.d_model) if cfg.embedding_dim else None
+        self.embed_proj = prepack.Linear(width, cfg.d_model) if cfg.embedding_dim else None
         self.encoder_bias = RelativePositionBias(cfg, bidirectional=True)
         self.encoder_blocks = cfg.blocks(cfg.num_layers)
         self.encoder = nn.ModuleList(EncoderBlock(cfg) for _ in range(max(self.encoder_blocks) + 1))
@@ -222,8 +221,8 @@ class T5(nn.Module):
         self.decoder_blocks = cfg.blocks(cfg.num_decoder_layers)
         self.decoder = nn.ModuleList(DecoderBlock(cfg) for _ in range(max(self.decoder_blocks) + 1))
         self.decoder_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
-        self.output_proj = Linear(cfg.d_model, width) if cfg.embedding_dim else None
-        self.lm_head = None if cfg.tie_word_embeddings else Linear(width, cfg.vocab_size)
+        self.output_proj = prepack.Linear(cfg.d_model, width) if cfg.embedding_dim else None
+        self.lm_head = None if cfg.tie_word_embeddings else prepack.Linear(width, cfg.vocab_size)
         self.dropout = nn.Dropout(cfg.dropout_rate)
         self.apply(self._init_weights)
 

@@ -17,6 +17,7 @@ optimizer step, a loaded checkpoint, FSDP gathering a parameter into reused memo
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 from collections.abc import Iterator
 
@@ -48,6 +49,7 @@ def inference() -> Iterator[None]:
             _PACKED.clear()
 
 
+@functools.cache  # asked at every layer of every step; the build does not change
 def available() -> bool:
     """Whether this torch build has oneDNN and the prepacking operators."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
