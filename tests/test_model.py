@@ -352,6 +352,48 @@ def test_packed_bias_from_token_indices_is_exact(vocab_file, monkeypatch):
     assert torch.equal(M._bias_positions(stretched, allowed, 256, positions.device), stretched)
 
 
+def test_training_attention_and_loss_equal_pytorchs_kernels_with_gradients(vocab_file, monkeypatch):
+    """In fp32 training on a CPU, attention with the learned bias runs in place (`M.attend`) and the loss goes
+    through log_softmax: on a packed RTE batch, with dropout, the loss (with z-loss) and every gradient equal those
+    of PyTorch's attention kernel and of the loss as logsumexp minus the target's logit."""
+    import tasks  # noqa: F401
+
+    torch.manual_seed(16)
+    model = M.T5(M.T5Config(vocab_size=4000, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                            dropout_rate=0.1)).train()
+    packed = _converted(_rte_examples(8), True, {"inputs": 256, "targets": 24})
+    assert packed["encoder_segment_ids"].max() > 1
+    in_place = []
+
+    def counted(q, k, v, bias, dropout=0.0):
+        in_place.append(q.dtype == torch.float32 and bias.requires_grad)
+        return attend(q, k, v, bias, dropout)
+
+    def loss_and_grads():
+        model.zero_grad()
+        torch.manual_seed(0)  # the same dropout masks on both sides
+        loss, weight = model.loss(packed, z_loss=1e-2)
+        (loss / weight).backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    def reference_losses(logits, batch, z_loss=0.0):
+        log_partition = torch.logsumexp(logits, dim=-1)
+        token = log_partition - logits.gather(-1, batch["decoder_target_tokens"].long()[..., None]).squeeze(-1)
+        return token + z_loss * log_partition.square(), batch["decoder_loss_weights"].to(logits.dtype)
+
+    attend = M.attend
+    monkeypatch.setattr(M, "attend", counted)
+    ours, ours_grads = loss_and_grads()
+    assert in_place.count(True) == 4 and in_place.count(False) == 2  # self-attention in place; cross: the kernel
+    monkeypatch.setattr(M, "attend", lambda q, k, v, bias, dropout=0.0: F.scaled_dot_product_attention(
+        q, k, v, attn_mask=bias, dropout_p=dropout, scale=1.0))
+    monkeypatch.setattr(model, "losses_of", reference_losses)
+    reference, reference_grads = loss_and_grads()
+    torch.testing.assert_close(ours, reference, atol=0, rtol=1e-6)
+    for a, b in zip(ours_grads, reference_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
 def test_attention_never_crosses_segments(vocab_file):
     import tasks  # noqa: F401
 
