@@ -61,6 +61,9 @@ BENCHMARKS: dict[str, tuple[list[str], list[Figure]]] = {
     "packed_throughput": (["--quick"], [
         Figure("ratio_useful", "useful (non-padding) tokens/s training on span_corruption_and_glue, 512/114, batch 8 "
                "rows, T5 1.1 small: ours packed", "HF on the same examples, padded to each batch's longest", ">= 3"),
+        Figure("ratio_useful_same_allocator", "the same, the peer's process keeping its freed memory as ours does "
+               "(`mtplatform.allocator`): what packing and the model give without that setting",
+               "HF as above, freed memory kept", ""),
     ]),
     "eval_throughput": (["--quick"], [
         Figure("ratio_eval", "evaluating SST-2's whole validation set (872): seqio pipeline, decoding, metrics; "

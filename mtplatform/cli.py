@@ -31,6 +31,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from mtplatform import allocator
 from mtplatform.tf_setup import configure_logs, configure_tensorflow
 
 
@@ -254,6 +255,7 @@ def _dispatch(argv: list[str]) -> int:
     if extra and args.command not in ACCEPTS_GIN:
         build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command not in WITHOUT_TENSORFLOW or args.module:
+        allocator.keep_freed_memory()  # before the first tensor: a step's memory is reused, not faulted in again
         configure_tensorflow()
         from mtplatform import catalog
 

@@ -218,9 +218,10 @@ def _set_up(setup: dict) -> int:
     """A stage process's one-time work: the parent's thread share, modules and gin configuration."""
     import torch
 
-    from mtplatform import catalog, cli
+    from mtplatform import allocator, catalog, cli
     from mtplatform.tf_setup import configure_tensorflow
 
+    allocator.keep_freed_memory()  # as `mtp` does for every command that computes
     configure_tensorflow(threads=setup["threads"])
     torch.set_num_threads(setup["threads"])
     catalog.import_modules(setup["modules"])
