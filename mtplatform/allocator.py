@@ -7,7 +7,7 @@ step's tensors then fault every page in again, zeroed by the kernel. On a 2-core
 training step (packed 512/114, batch 8: 6.9 against 6.1 s), and one 50 MB product of attention scores took 28 ms
 into fresh pages against 11 ms into reused ones. PyTorch's and Intel's CPU tuning guides preload jemalloc or
 tcmalloc for this; glibc's own `mallopt` does the same job from inside the process, with no library to install and
-nothing to set before the process starts. The cost: the process keeps the memory of its peak until it exits (4%
+nothing to set before the process starts. The cost: the process keeps the memory of its peak until it exits (4-9%
 more peak resident memory on that step).
 """
 

@@ -32,3 +32,14 @@ def test_kept_memory_is_reused_without_page_faults():
     # the memory kept, the steps after the first few write into pages the process already has.
     assert default >= 50, default
     assert kept * 100 <= default, (kept, default)
+
+
+def test_commands_that_compute_keep_freed_memory(monkeypatch, tmp_path):
+    from mtplatform import allocator, cli
+
+    calls = []
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append(True) or True)
+    assert cli.main(["report", str(tmp_path)]) == 2  # not an experiment; report reads files only
+    assert calls == []
+    assert cli.main(["tasks", "show", "--mixture_or_task=no_such_task"]) == 2  # reads data: set up as for training
+    assert calls == [True]
