@@ -86,13 +86,19 @@ def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, dropout: float = 0.0) 
     """softmax(q k^T + bias) v, per head (T5 does not scale by 1/sqrt(d_kv)).
 
     A bias that needs its gradient (the learned position bias, in training) sends PyTorch's CPU attention to its
-    unfused math path, which adds the bias out of place and guards the softmax against rows of -inf (extra passes
-    over every (B, heads, Lq, Lk) score). In fp32 on a CPU this does the same products in place instead: the same
-    bits forward and backward, 150 against 172 ms for T5-small's encoder attention at 8 x 512. Elsewhere (no
-    gradient for the bias, a GPU, bf16, whose math path computes in fp32) PyTorch's kernels stay.
+    unfused math path, which adds the bias out of place, guards the softmax against rows of -inf and, in bf16,
+    upcasts q, k and v to fp32 (an AMX CPU then multiplies about 12x slower). On a CPU this does the same products
+    in place instead, in q's dtype:
+    - fp32: the same bits as the math path forward and backward; 150 against 172 ms for T5-small's encoder
+      attention at 8 x 512 (AVX2).
+    - bf16: the products in bf16, the scores and the bias summed in bf16, the softmax computed in fp32 and rounded
+      to bf16 (PyTorch's CPU kernel): the forward numerics of Hugging Face's T5 under autocast (bf16 scores,
+      `softmax(scores.float()).type_as(scores)`); 29 against 80 ms forward and backward at 8 x 512 (AMX).
+      The mask must be finite (`_attention_bias`): a row masked entirely would give NaN weights.
+    Elsewhere (no gradient for the bias, a GPU) PyTorch's kernels stay.
     """
-    if q.device.type == "cpu" and q.dtype == torch.float32 and bias.requires_grad:
-        scores = torch.matmul(q, k.transpose(-1, -2)).add_(bias)
+    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and bias.requires_grad:
+        scores = torch.matmul(q, k.transpose(-1, -2)).add_(bias.to(q.dtype))
         weights = torch.softmax(scores, dim=-1)
         return torch.matmul(F.dropout(weights, dropout) if dropout else weights, v)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout, scale=1.0)
@@ -199,22 +205,22 @@ def _bias_positions(positions: Tensor | None, pairs: Tensor | None, length: int,
 def _attention_bias(allowed: Tensor, position_bias: Tensor | None = None) -> Tensor:
     """The additive mask of one stack's attention: position bias (if any) plus the mask of `allowed`, cast once to
     the dtype autocast computes in, so that the layers sharing it do not each cast (and, backwards, each cast its
-    gradient). float32's minimum becomes -inf in bf16, so a row masked entirely (a padding query) has no finite
-    entry there: PyTorch's CPU attention returns zeros for it (checked by hand, torch 2.13); the GPU's
-    memory-efficient kernel has not been checked for such rows. fp32 keeps `mask_to_bias`'s finite value."""
-    bias = mask_to_bias(allowed) if position_bias is None else position_bias + mask_to_bias(allowed)
-    device = bias.device.type
-    return bias.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else bias
+    gradient). The masked value is that dtype's lowest finite number (float32's would become -inf in bf16), so a
+    row masked entirely (a padding query) gets uniform weights, never NaN, in every attention path."""
+    device = allowed.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
+    mask = mask_to_bias(allowed, lowest=torch.finfo(dtype).min)
+    return (mask if position_bias is None else position_bias + mask).to(dtype)
 
 
-def mask_to_bias(allowed: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Boolean (B, Lq, Lk) -> additive (B, 1, Lq, Lk): 0 where allowed, a large negative number elsewhere.
+def mask_to_bias(allowed: Tensor, dtype: torch.dtype = torch.float32, lowest: float | None = None) -> Tensor:
+    """Boolean (B, Lq, Lk) -> additive (B, 1, Lq, Lk) of `dtype`: 0 where allowed, `lowest` (default: the dtype's
+    lowest finite number) elsewhere.
 
-    Not -inf: a fully masked row (a padding query) then gets uniform weights instead of NaNs (in fp32; cast to bf16
-    the value is -inf, see `_attention_bias`).
+    Not -inf: a fully masked row (a padding query) then gets uniform weights instead of NaNs.
     """
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-        ~allowed, torch.finfo(dtype).min)[:, None]
+    fill = torch.finfo(dtype).min if lowest is None else lowest
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, fill)[:, None]
 
 
 # --- the model --------------------------------------------------------------------------------------------------
