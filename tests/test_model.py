@@ -258,10 +258,30 @@ def test_prepacked_linear_agrees_with_f_linear_only_where_weights_hold_still():
     assert torch.equal(layer.weight.grad, x.reshape(-1, 128).sum(0).expand(4096, 128))
 
 
-@pytest.mark.parametrize("version", VERSIONS)
-def test_decoding_real_inputs_with_packed_weights_equals_plain(version, vocab_file, monkeypatch):
-    """Greedy and beam decoding of RTE validation inputs read packed weights on CPUs; the tokens are the ones
-    F.linear's layers decode, and the scores of the chosen tokens agree to float rounding."""
+def test_prepacked_linear_under_bf16_autocast_gives_autocasts_bits():
+    """Under bf16 autocast inside `prepack.inference()`, every layer (small ones too) times a few rows reads a
+    packed bf16 copy of its fp32 weight: the same bits as autocast's F.linear, in bf16; outside the scope, or with
+    many rows, F.linear under autocast."""
+    if not prepack.available():
+        pytest.skip("this torch build has no oneDNN prepacking")
+    torch.manual_seed(18)
+    layers, x = [prepack.Linear(128, 4096), prepack.Linear(64, 64)], [torch.randn(3, 5, 128), torch.randn(8, 64)]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = [F.linear(xi, layer.weight) for layer, xi in zip(layers, x, strict=True)]
+        with prepack.inference():
+            got = [layer(xi) for layer, xi in zip(layers, x, strict=True)]
+            assert {(hit[0](), hit[2].dtype) for hit in prepack._PACKED.values()} == {
+                (layer.weight, torch.bfloat16) for layer in layers}
+            many = torch.randn(prepack.FEW_ROWS + 1, 64)
+            assert torch.equal(layers[1](many), F.linear(many, layers[1].weight))
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == torch.bfloat16 and torch.equal(g, w)
+
+
+@pytest.mark.parametrize("version,precision", [(v, "fp32") for v in VERSIONS] + [("t5_1_1", "bf16")])
+def test_decoding_real_inputs_with_packed_weights_equals_plain(version, precision, vocab_file, monkeypatch):
+    """Greedy and beam decoding of RTE validation inputs read packed weights on CPUs, in fp32 and under bf16
+    autocast; the tokens are the ones F.linear's layers decode, and the logits agree to float rounding."""
     if not prepack.available():
         pytest.skip("this torch build has no oneDNN prepacking")
     enc = _converted(_rte_examples(6), False, {"inputs": 96, "targets": 8})["encoder_input_tokens"]
@@ -270,19 +290,23 @@ def test_decoding_real_inputs_with_packed_weights_equals_plain(version, vocab_fi
     model = M.T5(M.T5Config(vocab_size=32128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
                             feed_forward=proj, tie_word_embeddings=tie)).eval()
     reads, pack = [], prepack.packed
-    monkeypatch.setattr(prepack, "packed", lambda weight, rows: reads.append(rows) or pack(weight, rows))
-    packed = [model.generate(enc, max_length=8), model.generate(enc, max_length=8, num_beams=3)]
+    monkeypatch.setattr(prepack, "packed", lambda weight, rows, dtype=torch.float32: reads.append(rows) or pack(
+        weight, rows, dtype))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    with autocast:
+        packed = [model.generate(enc, max_length=8), model.generate(enc, max_length=8, num_beams=3)]
     assert reads and max(reads) == 6 * 3  # the output layer, at each step's rows (beams x batch at most)
     monkeypatch.setattr(prepack, "available", lambda: False)
-    plain = [model.generate(enc, max_length=8), model.generate(enc, max_length=8, num_beams=3)]
+    with autocast:
+        plain = [model.generate(enc, max_length=8), model.generate(enc, max_length=8, num_beams=3)]
     assert [t.tolist() for t in packed] == [t.tolist() for t in plain]
     dec = F.pad(packed[0][:, :-1], (1, 0))
-    with torch.no_grad():
+    with torch.no_grad(), autocast:
         want = model(enc, dec)
         monkeypatch.undo()
         with prepack.inference():
             got = model(enc, dec)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # bf16: the same bits
 
 
 # --- packing -----------------------------------------------------------------------------------------------------
