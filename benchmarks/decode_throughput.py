@@ -1,14 +1,19 @@
 """Greedy decoding throughput of our T5 (key/value cache) against transformers' `generate`, same weights and inputs.
 
-T5 1.1 small shape, batch 8, inputs 512, up to 64 new tokens, fp32, randomly initialised weights (seed 0) that both
-sides load. Each side runs in its own process, the sides alternating over rounds (`harness.py`); both must produce
+T5 1.1 small shape, batch 8, inputs 512, up to 64 new tokens, randomly initialised weights (seed 0) that both
+sides load, in the precision `mtp eval` picks here (`--precision auto`: bf16 autocast where bf16 is native, on both
+sides). Each side runs in its own process, the sides alternating over rounds (`harness.py`); both must produce
 the same tokens, so that they do the same work (where they do not, the ratio is printed as
-`ratio_greedy_tokens_differ=`).
+`ratio_greedy_tokens_differ=`). Our process keeps the memory it frees (`mtplatform.allocator`, as `mtp eval`
+does); the peer's runs as a transformers script does, and a third side, the peer with the same allocator setting,
+says how much of the ratio that setting is (`ratio_greedy_same_allocator`).
 
     python benchmarks/decode_throughput.py [--quick] [--rounds R] [--runs N] [--device auto|cpu|cuda] [--batch B]
+                                           [--precision auto|fp32|bf16]
 
-The last line is `ratio_greedy=<ours/HF, median decoded positions per second>`: batch x decoded length, what both
-sides compute (a position after a sequence's EOS is computed too, until every sequence has ended).
+The last lines are `ratio_greedy=<ours/HF, median decoded positions per second>` (batch x decoded length, what both
+sides compute: a position after a sequence's EOS is computed too, until every sequence has ended) and
+`ratio_greedy_same_allocator=`.
 """
 
 from __future__ import annotations
@@ -18,14 +23,18 @@ import argparse
 import harness  # benchmarks/harness.py: Python puts the script's directory first on the path
 import torch
 
+from mtplatform import allocator, precision
 from mtplatform.huggingface import from_hf_state_dict
 from mtplatform.model import T5Config
 
 CONFIG = T5Config(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6)
+SIDES = {"ours": "ours", "hf": "HF", "hf_kept": "HF, freed memory kept"}
 
 
 def side(args: argparse.Namespace) -> None:
     """One side's decoding, in this process: the shared weights, a warm-up run, timed runs."""
+    if args.side != "hf":
+        allocator.keep_freed_memory()
     cfg = CONFIG
     on = harness.device(args.device)
     torch.manual_seed(0)
@@ -45,7 +54,7 @@ def side(args: argparse.Namespace) -> None:
             return hf.generate(input_ids=enc, attention_mask=torch.ones_like(enc), max_new_tokens=args.new_tokens,
                                do_sample=False, num_beams=1)[:, 1:]
 
-    with torch.no_grad():
+    with torch.no_grad(), precision.autocast(args.precision, on):
         tokens = decode()
         seconds = harness.time_steps(decode, args.warmup, args.runs, on)
     harness.report_side(seconds, on, generated=tokens.numel(), tokens=tokens.tolist())
@@ -61,17 +70,20 @@ def main() -> None:
     p.add_argument("--inputs", type=int, default=512)
     p.add_argument("--new_tokens", type=int, default=64)
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (the GPU where there is one)")
-    p.add_argument("--side", choices=["ours", "hf"], help=argparse.SUPPRESS)  # a child measuring one side
+    p.add_argument("--precision", default="auto", help="fp32, bf16, or auto (bf16 where it is native)")
+    p.add_argument("--side", choices=list(SIDES), help=argparse.SUPPRESS)  # a child measuring one side
     args = p.parse_args()
     if args.side:
         return side(args)
     if args.quick:
         args.rounds, args.runs = 2, 2
-    print(f"machine: {harness.machine()}")
+    args.precision = precision.resolve(args.precision, harness.device(args.device))
+    print(f"machine: {harness.machine()}; {args.precision}")
     shape = ["--batch", str(args.batch), "--inputs", str(args.inputs), "--new_tokens", str(args.new_tokens),
-             "--runs", str(args.runs), "--warmup", str(args.warmup), "--device", args.device]
-    got = harness.run_sides(__file__, ["ours", "hf"], args.rounds, shape)
-    same = got["ours"]["tokens"] == got["hf"]["tokens"]
+             "--runs", str(args.runs), "--warmup", str(args.warmup), "--device", args.device,
+             "--precision", args.precision]
+    got = harness.run_sides(__file__, list(SIDES), args.rounds, shape)
+    same = got["ours"]["tokens"] == got["hf"]["tokens"] == got["hf_kept"]["tokens"]
     if same:
         print("same tokens: True")
     else:  # kernels differ on GPUs: a near-tie can flip one token and, after it, the rest of that sequence
@@ -80,14 +92,16 @@ def main() -> None:
               "sides did not do the same work, so the ratio below is marked as such")
     generated = got["ours"]["generated"]
     medians = {}
-    for name in ("ours", "hf"):
+    for name, label in SIDES.items():
         best, medians[name] = harness.rates(generated, got[name]["seconds"])
-        print(f"greedy {name:>4}: {medians[name]:6.0f} tokens/s median, {best:6.0f} best "
+        print(f"greedy {label:>21}: {medians[name]:6.0f} tokens/s median, {best:6.0f} best "
               f"({len(got[name]['seconds'])} runs), peak memory {got[name]['peak_mib']:,.0f} MiB")
     not_padding = sum(t != CONFIG.pad_id for row in got["ours"]["tokens"] for t in row)
     print(f"greedy, batch {args.batch}, inputs {args.inputs}, up to {args.new_tokens} new tokens ({generated} "
-          f"positions decoded, {not_padding} of them not padding)")
-    print(f"ratio_greedy{'' if same else '_tokens_differ'}={medians['ours'] / medians['hf']:.3f}")
+          f"positions decoded, {not_padding} of them not padding), {args.precision}")
+    differ = "" if same else "_tokens_differ"
+    print(f"ratio_greedy{differ}={medians['ours'] / medians['hf']:.3f}")
+    print(f"ratio_greedy_same_allocator{differ}={medians['ours'] / medians['hf_kept']:.3f}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Useful tokens per second on real data: our packed batches against Hugging Face on the same examples, padded.
 
 The mixture `span_corruption_and_glue` (span corruption over the shipped corpus with the GLUE tasks), inputs 512 and
-targets 114, batch 8 rows, T5 1.1 small shape, AdamW (fused), fp32. Our side trains on the batches `mtp train` reads
-(`data.train_dataset`, packed: several examples per row, attention kept within each). The peer trains
+targets 114, batch 8 rows, T5 1.1 small shape, AdamW (fused), in the precision `mtp train` picks here
+(`--precision auto`: bf16 autocast where bf16 is native, on every side). Our side trains on the batches
+`mtp train` reads (`data.train_dataset`, packed: several examples per row, attention kept within each). The peer trains
 `T5ForConditionalGeneration` on the same mixture's examples unpacked, each batch padded to its longest example (as
 transformers' `DataCollatorForSeq2Seq` pads), labels -100 on padding. A useful token is an input or target token that
 is not padding; each side counts its own. Each side runs in its own process, alternating over rounds (`harness.py`).
@@ -11,7 +12,7 @@ Our process keeps the memory it frees (`mtplatform.allocator`, as every `mtp` co
 runs as a transformers script does. A third side, the peer with the same allocator setting, says how much of the
 ratio that setting is: `ratio_useful_same_allocator`.
 
-    python benchmarks/packed_throughput.py [--quick] [--rounds R] [--steps N] [--batch B]
+    python benchmarks/packed_throughput.py [--quick] [--rounds R] [--steps N] [--batch B] [--precision P]
 
 Needs MTP_DATA_DIR and MTP_VOCAB. The last lines are `ratio_useful=<ours/HF, useful tokens per second>` and
 `ratio_useful_same_allocator=<ours/HF keeping its freed memory too>`.
@@ -59,7 +60,7 @@ SIDES = {"ours": "ours", "hf": "HF", "hf_kept": "HF, freed memory kept"}
 
 def side(args: argparse.Namespace) -> None:
     """One side: warm-up steps, then timed steps on the next batches; seconds and useful tokens per step."""
-    from mtplatform import allocator
+    from mtplatform import allocator, precision
     from mtplatform.model import T5
 
     if args.side != "hf":
@@ -88,7 +89,9 @@ def side(args: argparse.Namespace) -> None:
         batch = batch if args.side == "ours" else trimmed(batch)
         counts.append(useful(batch))
         widths.append(batch["encoder_input_tokens"].shape[1])
-        loss(batch).backward()
+        with precision.autocast(args.precision):
+            value = loss(batch)
+        value.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -107,17 +110,23 @@ def main() -> None:
     # 180k, 57k, 57k, then no faults per step), and a run's thousands of steps are that steady state.
     p.add_argument("--warmup", type=int, default=4, help="untimed steps per side and round")
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--precision", default="auto", help="fp32, bf16, or auto (bf16 where it is native)")
     p.add_argument("--side", choices=list(SIDES), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.side:
         return side(args)
     if args.quick:
         args.rounds, args.steps = 1, 3
+    from mtplatform import precision
+
+    args.precision = precision.resolve(args.precision)
     print(f"machine: {harness.machine()}")
-    print(f"span_corruption_and_glue, 512/114, batch {args.batch} rows, T5 1.1 small shape, fp32; ours packed, HF "
-          f"padded to each batch's longest example; {args.rounds} rounds of {args.steps} timed steps", flush=True)
+    print(f"span_corruption_and_glue, 512/114, batch {args.batch} rows, T5 1.1 small shape, {args.precision}; "
+          f"ours packed, HF padded to each batch's longest example; {args.rounds} rounds of {args.steps} timed "
+          "steps", flush=True)
     got = harness.run_sides(__file__, list(SIDES), args.rounds,
-                            ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch)],
+                            ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
+                             "--precision", args.precision],
                             unit="per useful token (last step)")
     rates = {}
     capacity = args.batch * (LENGTHS["inputs"] + LENGTHS["targets"])
