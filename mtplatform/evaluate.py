@@ -255,7 +255,7 @@ def evaluate_checkpoint(
     check_settings("evaluate_checkpoint", mixture_or_task_name, split, num_examples, batch_size, max_decode_length,
                    num_beams, task_feature_lengths, quantize=quantize, precision=precision)
     model, step, ckpt, device = model_from(checkpoint_path, quantize)
-    precision = precision_lib.resolve(precision, device)
+    precision = _resolved_precision(model, precision, device)
     results = evaluate_tasks(model, mixture_or_task_name, split=split, task_feature_lengths=task_feature_lengths,
                              num_examples=num_examples, batch_size=batch_size, max_decode_length=max_decode_length,
                              num_beams=num_beams, precision=precision, device=device, step=step,
@@ -299,7 +299,7 @@ def infer(
     check_settings("infer", mixture_or_task_name, split, num_examples, batch_size, max_decode_length, num_beams,
                    task_feature_lengths, needs_split=not input_file, quantize=quantize, precision=precision)
     model, _, _, device = model_from(checkpoint_path, quantize)
-    precision = precision_lib.resolve(precision, device)
+    precision = _resolved_precision(model, precision, device)
     rows: list[dict] = []
     for name, items in _inference_inputs(mixture_or_task_name, input_file, split, task_feature_lengths,
                                          num_examples):
@@ -332,6 +332,14 @@ def _padded(inputs: list[list[int]]) -> torch.Tensor:
     return enc
 
 
+def _resolved_precision(model: T5, precision: str, device: torch.device) -> str:
+    """`precision` resolved for `model` on `device`: fp32 for an int8 model, whose dynamic int8 layers take and give
+    fp32 (under bf16 autocast, where `auto` would pick it, they would be handed bf16 and fail)."""
+    from mtplatform import quantize as quantize_lib
+
+    return "fp32" if quantize_lib.quantized_linears(model) else precision_lib.resolve(precision, device)
+
+
 def decoding_speed(model: T5, task: str, num_examples: int = 128, batch_size: int = 32, positions: int = 32,
                    precision: str = "auto", device: torch.device | None = None, repeats: int = 3) -> float:
     """Greedy decoding's tokens per second, encoder included, on the first `num_examples` validation inputs of
@@ -339,7 +347,7 @@ def decoding_speed(model: T5, task: str, num_examples: int = 128, batch_size: in
     best of `repeats` passes: what a model costs per generated token, comparable between models measured alike on
     one machine (the experiment's model table; benchmarks/ compare against a peer in the same run)."""
     device = device or next(model.parameters(), torch.empty(0)).device
-    precision = precision_lib.resolve(precision, device)
+    precision = _resolved_precision(model, precision, device)
     inputs = [ids for _, items in _inference_inputs(task, None, "validation", None, num_examples)
               for _, ids, _ in items]
     batches = [_padded(inputs[start:start + batch_size]).to(device) for start in range(0, len(inputs), batch_size)]

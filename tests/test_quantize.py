@@ -74,3 +74,16 @@ def test_cli_eval_and_infer_take_quantize(tmp_path, vocab_file):
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all("prediction" in row for row in rows)
+
+
+def test_an_int8_model_decodes_in_fp32_where_auto_picks_bf16(tmp_path, vocab_file, monkeypatch):
+    """Where bf16 is native `precision="auto"` is bf16, but an int8 model's layers take and give fp32: evaluation,
+    inference and the experiments' decoding speed run it in fp32 (under bf16 autocast it would fail)."""
+    from mtplatform import precision
+
+    monkeypatch.setenv(precision.NATIVE_BF16_ENV, "native")
+    _checkpoint(tmp_path / "run", "glue_rte")
+    model, _, _, device = evaluate.model_from(str(tmp_path / "run"), "int8")
+    assert precision.resolve("auto", device) == "bf16"
+    assert evaluate._resolved_precision(model, "auto", device) == "fp32"
+    assert evaluate.decoding_speed(model, "glue_rte", num_examples=4, batch_size=4, positions=2, repeats=1) > 0
