@@ -53,8 +53,8 @@ BENCHMARKS: dict[str, tuple[list[str], list[Figure]]] = {
                "the peak measured in the same run", ">= 0.40"),
     ]),
     "decode_throughput": (["--quick"], [
-        Figure("ratio_greedy", "greedy decoding tokens/s, batch 8, inputs 512, 64 new tokens, same tokens, in the "
-               "precision `auto` picks (bf16 where native)", "HF generate", ">= 2"),
+        Figure("ratio_greedy", "greedy decoding tokens/s, batch 8, inputs 512, 64 new tokens, as many positions "
+               "decoded, in the precision `auto` picks (bf16 where native)", "HF generate", ">= 2"),
         Figure("ratio_greedy_same_allocator", "the same, the peer's process keeping its freed memory too",
                "HF generate, freed memory kept", ""),
     ]),
