@@ -54,15 +54,24 @@ def device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def hf_t5(cfg) -> torch.nn.Module:
-    """The peer: a freshly initialised transformers `T5ForConditionalGeneration` of our `T5Config`'s shape."""
+def hf_t5(cfg, like: torch.nn.Module | None = None) -> torch.nn.Module:
+    """The peer: a transformers `T5ForConditionalGeneration` of our `T5Config`'s shape, initialised by transformers,
+    or holding the weights of `like` (our T5). Training benchmarks start both sides from the same weights: at
+    transformers' initialisation (output layer std 1.0, a first loss of about 33) the softmax's gradient falls into
+    fp32's denormal range, which Intel CPUs compute many times slower (the peer's fp32 step took 13.6-16.9 s against
+    4.0-5.6 s with denormals flushed), so the comparison would be of the two initialisations, not the two models."""
     from transformers import T5Config as HFConfig
     from transformers import T5ForConditionalGeneration
 
-    from mtplatform.huggingface import config_to_hf
+    from mtplatform.huggingface import config_to_hf, to_hf_state_dict
 
-    return T5ForConditionalGeneration(HFConfig(**{k: v for k, v in config_to_hf(cfg).items()
-                                                  if k != "architectures"}))
+    model = T5ForConditionalGeneration(HFConfig(**{k: v for k, v in config_to_hf(cfg).items()
+                                                   if k != "architectures"}))
+    if like is not None:
+        missing, unexpected = model.load_state_dict(to_hf_state_dict(like), strict=False)
+        if unexpected or any("embed_tokens" not in name for name in missing):  # the stacks' views of `shared`
+            raise ValueError(f"hf_t5: weights not mapped: missing {missing}, unexpected {unexpected}")
+    return model
 
 
 def peak_mib(on: torch.device | None = None) -> float:

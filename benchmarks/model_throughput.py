@@ -1,4 +1,5 @@
-"""Training throughput of our T5 against Hugging Face's T5ForConditionalGeneration: same config, optimizer, batch.
+"""Training throughput of our T5 against Hugging Face's T5ForConditionalGeneration: same config, starting weights
+(`harness.hf_t5`), optimizer, batch.
 
 T5 1.1 small shape (d_model 512, 8+8 layers, 6 heads, d_kv 64, d_ff 1024, vocab 32128), batch 8, inputs 512,
 targets 114; one step = forward, backward, AdamW update (fused: as `mtp train` builds it, and as transformers'
@@ -59,7 +60,7 @@ def side(args: argparse.Namespace) -> None:
             loss, weight = model.loss(batch, forward=forward)
             (loss / weight).backward()
     else:
-        model = harness.hf_t5(cfg).train().to(on)
+        model = harness.hf_t5(cfg, like=T5(cfg)).train().to(on)
         forward = torch.compile(model) if args.compile else model
 
         def loss_step(batch):

@@ -3,9 +3,10 @@
 The mixture `span_corruption_and_glue` (span corruption over the shipped corpus with the GLUE tasks), inputs 512 and
 targets 114, batch 8 rows, T5 1.1 small shape, AdamW (fused), in the precision `mtp train` picks here
 (`--precision auto`: bf16 autocast where bf16 is native, on every side). Our side trains on the batches
-`mtp train` reads (`data.train_dataset`, packed: several examples per row, attention kept within each). The peer trains
-`T5ForConditionalGeneration` on the same mixture's examples unpacked, each batch padded to its longest example (as
-transformers' `DataCollatorForSeq2Seq` pads), labels -100 on padding. A useful token is an input or target token that
+`mtp train` reads (`data.train_dataset`, packed: several examples per row, attention kept within each). The peer
+trains `T5ForConditionalGeneration`, from the same starting weights (`harness.hf_t5`), on the same mixture's
+examples unpacked, each batch padded to its longest example (as transformers' `DataCollatorForSeq2Seq` pads),
+labels -100 on padding. A useful token is an input or target token that
 is not padding; each side counts its own. Each side runs in its own process, alternating over rounds (`harness.py`).
 
 Our process keeps the memory it frees (`mtplatform.allocator`, as every `mtp` command that computes does); the peer's
@@ -75,7 +76,7 @@ def side(args: argparse.Namespace) -> None:
             total, weight = model.loss(batch)
             return total / weight
     else:
-        model = harness.hf_t5(cfg).train()
+        model = harness.hf_t5(cfg, like=T5(cfg)).train()
 
         def loss(batch):
             labels = batch["decoder_target_tokens"].masked_fill(batch["decoder_target_tokens"] == 0, -100)

@@ -51,7 +51,7 @@ def side(args: argparse.Namespace) -> None:
             total, weight = model.loss(batch)
             return total / weight
     else:
-        model = harness.hf_t5(cfg).train().to(on)
+        model = harness.hf_t5(cfg, like=T5(cfg)).train().to(on)
 
         def loss():
             return model(input_ids=batch["encoder_input_tokens"], decoder_input_ids=batch["decoder_input_tokens"],
