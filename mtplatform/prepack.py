@@ -59,15 +59,22 @@ def available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
+@functools.cache
+def available_bf16() -> bool:
+    """Whether oneDNN packs bf16 weights on this CPU (it needs AVX512BW/VL/DQ or AVX-NE-CONVERT; bf16 autocast on
+    an AVX2-only CPU, emulated and slow, keeps F.linear)."""
+    return available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def applies(x: Tensor, weight: Tensor) -> bool:
     """Whether `linear(x, weight)` reads a packed weight: inside `inference()`, at most `FEW_ROWS` rows, on the
-    CPU, an fp32 weight, no gradients; and either bf16 autocast (any weight) or no autocast, an fp32 `x` and a
-    `LARGE` weight."""
+    CPU, an fp32 weight, no gradients; and either bf16 autocast where oneDNN packs bf16 (any weight) or no
+    autocast, an fp32 `x` and a `LARGE` weight."""
     if not (_open > 0 and x.numel() <= FEW_ROWS * x.shape[-1] and x.device.type == "cpu"
             and weight.dtype == torch.float32 and not torch.is_grad_enabled() and available()):
         return False
     if torch.is_autocast_enabled("cpu"):
-        return torch.get_autocast_dtype("cpu") == torch.bfloat16
+        return torch.get_autocast_dtype("cpu") == torch.bfloat16 and available_bf16()
     return x.dtype == torch.float32 and weight.numel() >= LARGE
 
 

@@ -262,8 +262,8 @@ def test_prepacked_linear_under_bf16_autocast_gives_autocasts_bits():
     """Under bf16 autocast inside `prepack.inference()`, every layer (small ones too) times a few rows reads a
     packed bf16 copy of its fp32 weight: the same bits as autocast's F.linear, in bf16; outside the scope, or with
     many rows, F.linear under autocast."""
-    if not prepack.available():
-        pytest.skip("this torch build has no oneDNN prepacking")
+    if not prepack.available_bf16():
+        pytest.skip("oneDNN does not pack bf16 weights on this CPU (AVX2 only): layers stay F.linear")
     torch.manual_seed(18)
     layers, x = [prepack.Linear(128, 4096), prepack.Linear(64, 64)], [torch.randn(3, 5, 128), torch.randn(8, 64)]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -282,8 +282,8 @@ def test_prepacked_linear_under_bf16_autocast_gives_autocasts_bits():
 def test_decoding_real_inputs_with_packed_weights_equals_plain(version, precision, vocab_file, monkeypatch):
     """Greedy and beam decoding of RTE validation inputs read packed weights on CPUs, in fp32 and under bf16
     autocast; the tokens are the ones F.linear's layers decode, and the logits agree to float rounding."""
-    if not prepack.available():
-        pytest.skip("this torch build has no oneDNN prepacking")
+    if not (prepack.available_bf16() if precision == "bf16" else prepack.available()):
+        pytest.skip(f"oneDNN does not pack {precision} weights on this CPU")
     enc = _converted(_rte_examples(6), False, {"inputs": 96, "targets": 8})["encoder_input_tokens"]
     proj, tie = VERSIONS[version]
     torch.manual_seed(12)
