@@ -25,18 +25,14 @@ import argparse
 import harness  # benchmarks/harness.py: Python puts the script's directory first on the path
 import torch
 
-from mtplatform import allocator, precision
+from mtplatform import precision
 from mtplatform.huggingface import from_hf_state_dict
 from mtplatform.model import T5Config
 
 CONFIG = T5Config(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6)
-SIDES = {"ours": "ours", "hf": "HF", "hf_kept": "HF, freed memory kept"}
-
-
 def side(args: argparse.Namespace) -> None:
     """One side's decoding, in this process: the shared weights, a warm-up run, timed runs."""
-    if args.side != "hf":
-        allocator.keep_freed_memory()
+    harness.set_allocator(args.side)
     cfg = CONFIG
     on = harness.device(args.device)
     torch.manual_seed(0)
@@ -73,7 +69,7 @@ def main() -> None:
     p.add_argument("--new_tokens", type=int, default=64)
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (the GPU where there is one)")
     p.add_argument("--precision", default="auto", help="fp32, bf16, or auto (bf16 where it is native)")
-    p.add_argument("--side", choices=list(SIDES), help=argparse.SUPPRESS)  # a child measuring one side
+    p.add_argument("--side", choices=list(harness.SIDES), help=argparse.SUPPRESS)  # a child measuring one side
     args = p.parse_args()
     if args.side:
         return side(args)
@@ -84,7 +80,7 @@ def main() -> None:
     shape = ["--batch", str(args.batch), "--inputs", str(args.inputs), "--new_tokens", str(args.new_tokens),
              "--runs", str(args.runs), "--warmup", str(args.warmup), "--device", args.device,
              "--precision", args.precision]
-    got = harness.run_sides(__file__, list(SIDES), args.rounds, shape)
+    got = harness.run_sides(__file__, list(harness.SIDES), args.rounds, shape)
     same = got["ours"]["tokens"] == got["hf"]["tokens"] == got["hf_kept"]["tokens"]
     same_work = got["ours"]["generated"] == got["hf"]["generated"] == got["hf_kept"]["generated"]
     if same:
@@ -95,7 +91,7 @@ def main() -> None:
               f"{same_work}{'' if same_work else ': the sides did not do the same work, the ratio is marked'}")
     generated = got["ours"]["generated"]
     medians = {}
-    for name, label in SIDES.items():
+    for name, label in harness.SIDES.items():
         best, medians[name] = harness.rates(generated, got[name]["seconds"])
         print(f"greedy {label:>21}: {medians[name]:6.0f} tokens/s median, {best:6.0f} best "
               f"({len(got[name]['seconds'])} runs), peak memory {got[name]['peak_mib']:,.0f} MiB")

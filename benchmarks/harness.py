@@ -54,6 +54,20 @@ def device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# The sides of a benchmark against transformers: ours, the peer as a transformers script runs, and the peer keeping
+# its freed memory as every `mtp` command that computes does (`mtplatform.allocator`), which says how much of a
+# ratio that setting is.
+SIDES = {"ours": "ours", "hf": "HF", "hf_kept": "HF, freed memory kept"}
+
+
+def set_allocator(side: str) -> None:
+    """Keep freed memory in this side's process, as `mtp` does, except on the plain peer's side ("hf")."""
+    from mtplatform import allocator
+
+    if side != "hf":
+        allocator.keep_freed_memory()
+
+
 def hf_t5(cfg, like: torch.nn.Module | None = None) -> torch.nn.Module:
     """The peer: a transformers `T5ForConditionalGeneration` of our `T5Config`'s shape, initialised by transformers,
     or holding the weights of `like` (our T5). Training benchmarks start both sides from the same weights: at

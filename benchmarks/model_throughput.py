@@ -40,16 +40,10 @@ def make_batch(cfg: T5Config, batch: int, inputs: int, targets: int, seed: int =
             "decoder_loss_weights": torch.ones(batch, targets)}
 
 
-SIDES = {"ours": "ours", "hf": "HF", "hf_kept": "HF, freed memory kept"}
-
-
 def side(args: argparse.Namespace) -> None:
     """One side's measurement, in this process: a fresh model, warm-up steps, timed steps. With `--compile`, the
     first warm-up step compiles; its time is reported apart."""
-    from mtplatform import allocator
-
-    if args.side != "hf":
-        allocator.keep_freed_memory()
+    harness.set_allocator(args.side)
     cfg, on = model_config(), harness.device(args.device)
     torch.manual_seed(0)
     if args.side == "ours":
@@ -92,13 +86,13 @@ def compare(args: argparse.Namespace, dtype: str) -> tuple[float, float, float]:
     shape = ["--batch", str(args.batch), "--inputs", str(args.inputs), "--targets", str(args.targets),
              "--steps", str(args.steps), "--warmup", str(args.warmup), "--dtype", dtype, "--device", args.device,
              *(["--compile"] if args.compile else [])]
-    got = harness.run_sides(__file__, list(SIDES), args.rounds, shape)
+    got = harness.run_sides(__file__, list(harness.SIDES), args.rounds, shape)
     tokens = args.batch * (args.inputs + args.targets)
     flops = args.batch * training_flops(model_config(), args.inputs, args.targets)
     on = harness.device(args.device)
     peak = harness.matmul_peak(torch.bfloat16 if dtype == "bf16" else torch.float32, on)
     medians = {}
-    for name, label in SIDES.items():
+    for name, label in harness.SIDES.items():
         best, medians[name] = harness.rates(tokens, got[name]["seconds"])
         compiled = f", first (compiling) step {got[name]['first_step_s']:.1f} s" if args.compile else ""
         print(f"{dtype} {label:>21}: {medians[name]:8.0f} tokens/s median, {best:8.0f} best "
@@ -125,7 +119,7 @@ def main() -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (the GPU where there is one)")
     p.add_argument("--compile", action="store_true", help="torch.compile both models (the first step compiles; "
                    "its time is printed apart)")
-    p.add_argument("--side", choices=list(SIDES), help=argparse.SUPPRESS)  # a child measuring one side
+    p.add_argument("--side", choices=list(harness.SIDES), help=argparse.SUPPRESS)  # a child measuring one side
     p.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.side:

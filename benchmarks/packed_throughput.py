@@ -27,6 +27,8 @@ import harness  # benchmarks/harness.py: Python puts the script's directory firs
 import model_throughput
 import torch
 
+from mtplatform import precision
+
 LENGTHS = {"inputs": 512, "targets": 114}
 
 
@@ -56,16 +58,11 @@ def useful(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["encoder_input_tokens"] != 0).sum() + (batch["decoder_target_tokens"] != 0).sum())
 
 
-SIDES = {"ours": "ours", "hf": "HF", "hf_kept": "HF, freed memory kept"}
-
-
 def side(args: argparse.Namespace) -> None:
     """One side: warm-up steps, then timed steps on the next batches; seconds and useful tokens per step."""
-    from mtplatform import allocator, precision
     from mtplatform.model import T5
 
-    if args.side != "hf":
-        allocator.keep_freed_memory()
+    harness.set_allocator(args.side)
     cfg = model_throughput.model_config()
     torch.manual_seed(0)
     stream = batches(pack=args.side == "ours", batch=args.batch)
@@ -112,26 +109,24 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=4, help="untimed steps per side and round")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--precision", default="auto", help="fp32, bf16, or auto (bf16 where it is native)")
-    p.add_argument("--side", choices=list(SIDES), help=argparse.SUPPRESS)
+    p.add_argument("--side", choices=list(harness.SIDES), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.side:
         return side(args)
     if args.quick:
         args.rounds, args.steps = 1, 3
-    from mtplatform import precision
-
     args.precision = precision.resolve(args.precision)
     print(f"machine: {harness.machine()}")
     print(f"span_corruption_and_glue, 512/114, batch {args.batch} rows, T5 1.1 small shape, {args.precision}; "
           f"ours packed, HF padded to each batch's longest example; {args.rounds} rounds of {args.steps} timed "
           "steps", flush=True)
-    got = harness.run_sides(__file__, list(SIDES), args.rounds,
+    got = harness.run_sides(__file__, list(harness.SIDES), args.rounds,
                             ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
                              "--precision", args.precision],
                             unit="per useful token (last step)")
     rates = {}
     capacity = args.batch * (LENGTHS["inputs"] + LENGTHS["targets"])
-    for name, label in SIDES.items():
+    for name, label in harness.SIDES.items():
         best, rates[name] = harness.rates(1.0, got[name]["seconds"])
         tokens, seconds = got[name]["useful"], got[name]["step_seconds"]  # the last round's
         print(f"{label:>21}: {rates[name]:6.0f} useful tokens/s median, {best:6.0f} best; last round: "

@@ -32,6 +32,11 @@ from mtplatform.model_config import T5Config
 # --- building blocks --------------------------------------------------------------------------------------------
 
 
+def _computed_dtype(device: torch.device, default: torch.dtype) -> torch.dtype:
+    """The dtype autocast computes in on `device` where it is on, else `default`."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else default
+
+
 class RMSNorm(nn.Module):
     """T5's layer norm: scale only, no mean subtraction, no bias; computed in float32.
 
@@ -46,9 +51,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.weight.dtype
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(dtype)
+        out = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
+        return out.to(_computed_dtype(x.device, self.weight.dtype))
 
 
 def relative_position_bucket(relative_position: Tensor, bidirectional: bool, num_buckets: int,
@@ -214,8 +218,7 @@ def _attention_bias(allowed: Tensor, position_bias: Tensor | None = None) -> Ten
     the dtype autocast computes in, so that the layers sharing it do not each cast (and, backwards, each cast its
     gradient). The masked value is that dtype's lowest finite number (float32's would become -inf in bf16), so a
     row masked entirely (a padding query) gets uniform weights, never NaN, in every attention path."""
-    device = allowed.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
+    dtype = _computed_dtype(allowed.device, torch.float32)
     mask = mask_to_bias(allowed, lowest=torch.finfo(dtype).min)
     return (mask if position_bias is None else position_bias + mask).to(dtype)
 
