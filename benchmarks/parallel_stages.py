@@ -8,8 +8,9 @@ mini model, one seed) at a small budget; each side is `mtp experiment` from star
 sequential one first (a stage process loads TensorFlow as the sequential run does, so neither side has it warm).
 Prints both wall times, `parallel_speedup` (sequential over parallel: target at least 1.3 on 2 cores),
 `weights_identical` (1 where every checkpoint is the same bytes) and `figures_largest_relative_difference` (over every
-figure, interval and p-value of results.json; the sequential side runs on 2 threads and each stage process on 1, so
-a reduction may round differently: tiny, not zero).
+figure, interval and p-value of results.json: 0 where they agree, inf where a non-number differs, such as which arm
+is best). Each stage process has the sequential side's threads (`mtplatform/parallel_stages.py` says why), so both
+must be identical.
 Needs MTP_DATA_DIR and MTP_VOCAB.
 """
 

@@ -15,7 +15,7 @@ import json
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -243,8 +243,8 @@ def experiment(
     """Run every stage of every arm for every seed (each shared stage once), write the report; return the
     experiment directory. `decode_intermediate=False`: the evaluations before a stage's last are teacher-forced
     only (target NLL and label figures, no decoding: a learning curve at a fraction of the cost). `parallel` > 1:
-    that many stages at a time, each in its own process on its share of the cores (`parallel_stages`), with the
-    weights of a sequential run. `measure_models`: each stage's parameters, size and decoding speed after its
+    that many stages at a time, each in its own process with a sequential run's threads, the processes sharing the
+    cores (`parallel_stages`), with the weights and figures of a sequential run. `measure_models`: each stage's parameters, size and decoding speed after its
     evaluation (stage.json `model`; the report's model table), timed on whatever else the machine runs (best of
     three). `only` (not a gin setting): the one stage a stage process runs, {"stage": name,
     "seed": seed, "definition": the stage as the parent built it}."""
@@ -277,22 +277,23 @@ def experiment(
                                            "eval_num_examples": eval_num_examples,
                                            "arms": [asdict(arm) for arm in arms]})
     tasks = sorted({task for arm in arms for stage in arm.stages for task in stage.evaluate})
-    write_baselines(root, tasks, eval_num_examples)
     if parallel == 1:
+        write_baselines(root, tasks, eval_num_examples)
         for seed in seeds:
             done: dict[str, dict] = {}
             for name in stages:
                 done[name] = run(name, seed, done)
-    else:
-        _run_in_parallel(root, stages, seeds, parallel, measure_models)
+    else:  # the baselines while the first stage processes load
+        _run_in_parallel(root, stages, seeds, parallel, measure_models,
+                         meanwhile=lambda: write_baselines(root, tasks, eval_num_examples))
     report.build(root)
     return root
 
 
 def _run_in_parallel(root: Path, stages: dict[str, strategies.Stage], seeds: Sequence[int], parallel: int,
-                     measure_models: bool) -> None:
+                     measure_models: bool, meanwhile: Callable[[], None]) -> None:
     """Every stage of every seed through `parallel_stages`; a finished stage is checked (unchanged) and skipped
-    (unless its model is yet to be measured)."""
+    (unless its model is yet to be measured). `meanwhile()` runs here once the first stages are handed out."""
     from mtplatform import catalog, parallel_stages, tf_setup
 
     def finished(job: parallel_stages.Job) -> bool:
@@ -308,7 +309,8 @@ def _run_in_parallel(root: Path, stages: dict[str, strategies.Stage], seeds: Seq
     jobs = [parallel_stages.Job(name, seed, stage.depends_on(),
                                 stage_directory(root, name, seed), _definition(stage))
             for seed in seeds for name, stage in stages.items()]
-    parallel_stages.run(jobs, parallel, finished, catalog.user_modules, verbose=tf_setup.verbose_logs)
+    parallel_stages.run(jobs, parallel, finished, catalog.user_modules, verbose=tf_setup.verbose_logs,
+                        meanwhile=meanwhile)
 
 
 def _definition(stage: strategies.Stage | None) -> dict | None:

@@ -1,21 +1,30 @@
 """An experiment's independent stages side by side (`experiment.parallel = N`): N stage processes, each running one
-stage at a time on its share of the cores.
+stage at a time, sharing the cores.
 
 Why processes: a stage's training sets process-wide state (torch's and TensorFlow's thread pools, gin's scope, the
-signal handlers), and on a CPU one thread per stage does more work per core than two threads on one stage (the
-mini model: 3,835 tokens/s on one thread, 5,487 on two). Why long-lived ones: loading TensorFlow, seqio and the
-catalogue takes a stage process 15 to 20 s, paid once per process as a sequential run pays it once, not per stage.
+signal handlers), and on a CPU two stages side by side do more work per core than one stage on all of them (the mini
+model in bf16 on an AMX CPU: 161 ms per step over two processes against 201 ms for one process on two threads). Why
+long-lived ones: loading TensorFlow, seqio and the catalogue takes a stage process 15 to 20 s, paid once per
+process, and while the first ones load the parent computes the experiment's baselines (`run`'s `meanwhile`).
+
+Why each stage process has as many threads as a sequential run, not its share of the cores: the matrix products
+split a long reduction (a weight's gradient over the batch's tokens, the output layer's over the vocabulary) over
+the threads there are, so the thread count changes the last bits of a gradient. In bf16 that changed the mixing
+arms' figures by up to 11% after 96 steps (CoLA's target NLL 0.93 against 0.83, and which arm was best); fp32
+products differ too on an Intel CPU (on the AMD EPYC they happened not to). A rerun with another `parallel` must not
+change an experiment's conclusions. So the N processes run on the
+sequential run's threads, and their threads wait passively (`OMP_WAIT_POLICY=PASSIVE`): a thread at a barrier sleeps
+and gives its core to the other process (spinning, two 2-thread processes on 2 cores took 3.7 s per step, not
+0.35). Measured on the mini model: 175 ms per step over two such processes, 161 ms over two of one thread each, and
+201 ms sequentially; a stage running alone (the last one) has every core. The weights and figures are a sequential
+run's, bit for bit (`benchmarks/parallel_stages.py` checks both).
 
 The parent keeps the order a sequential run has: a stage is handed out once the stages it starts from (its `init`,
 its `reference`) have finished for its seed, and otherwise the first waiting stage goes next. A stage process
 (`python -m mtplatform.parallel_stages`) parses the parent's gin files and overrides and imports its `--module`s
 once, then runs the stages it is handed exactly as the sequential loop does (`experiment.experiment(only=...)`,
-which checks that it built each stage as the parent did), on `cores // N` threads, each stage's output in
-`log.txt` in its stage directory. Finished stages are skipped in the parent.
-
-The weights are a sequential run's, bit for bit. The evaluation figures are too where the threads per stage are
-the same; a sequential run on 2 threads against stages on 1 can differ in the last bits of a float (a reduction
-split over another number of threads: 1e-7 relative, on CoLA's target NLL, in `benchmarks/parallel_stages.py`).
+which checks that it built each stage as the parent did), each stage's output in `log.txt` in its stage directory.
+Finished stages are skipped in the parent.
 
 The parent passes SIGTERM and SIGINT on to the stage processes (each in its own session, so Ctrl-C reaches them
 once); the running stages checkpoint and stop, and the parent stops with the signal's exit code: a rerun continues
@@ -55,11 +64,6 @@ def gin_sources() -> dict:
     return _gin_sources
 
 
-def cores() -> int:
-    """CPU cores this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 @dataclass(eq=False)
 class Job:
     """One stage for one seed, and the stages (by name) it must wait for."""
@@ -81,16 +85,20 @@ class _Worker:
 
 
 def run(jobs: Sequence[Job], parallel: int, finished: Callable[[Job], bool], modules: Sequence[str],
-        verbose: bool = False) -> None:
+        verbose: bool = False, meanwhile: Callable[[], None] = lambda: None) -> None:
     """Run `jobs` (in a sequential run's order), at most `parallel` at a time; `finished(job)` says whether a job's
-    stage already finished (it is then not run; it raises where the stage changed). Returns when all finished."""
+    stage already finished (it is then not run; it raises where the stage changed). `meanwhile()` runs in this
+    process once the first stages are handed out, while their processes load. Returns when all finished."""
+    import torch
+
     from mtplatform import interrupts
 
-    setup = {"gin": gin_sources(), "modules": list(modules), "threads": max(1, cores() // parallel),
-             "verbose": verbose}
+    setup = {"gin": gin_sources(), "modules": list(modules), "threads": torch.get_num_threads(), "verbose": verbose}
     pool = _Pool(list(jobs), parallel, finished, setup)
     with interrupts.StopRequests() as stops:
         try:
+            pool.fill()
+            meanwhile()
             while pool.fill():
                 ended = _wait(pool.busy(), stops)
                 if stops.signum:
@@ -176,7 +184,8 @@ class _Pool:
 def _start_process(setup: dict) -> subprocess.Popen:
     """A stage process: its stdin takes the set-up, then one job per line; its stdout answers one exit code per
     job; its stderr (set-up errors) is the parent's."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(setup["threads"]), "MKL_NUM_THREADS": str(setup["threads"])}
+    threads = str(setup["threads"])
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OMP_WAIT_POLICY": "PASSIVE"}
     process = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                env=env, start_new_session=True, text=True)
     process.stdin.write(json.dumps(setup) + "\n")
@@ -215,14 +224,14 @@ def _last_line(path: Path) -> str:
 
 
 def _set_up(setup: dict) -> int:
-    """A stage process's one-time work: the parent's thread share, modules and gin configuration."""
+    """A stage process's one-time work: the parent's threads, modules and gin configuration."""
     import torch
 
     from mtplatform import allocator, catalog, cli
     from mtplatform.tf_setup import configure_tensorflow
 
     allocator.keep_freed_memory()  # as `mtp` does for every command that computes
-    configure_tensorflow(threads=setup["threads"])
+    configure_tensorflow()  # the input pipeline's threads, as in a sequential run
     torch.set_num_threads(setup["threads"])
     catalog.import_modules(setup["modules"])
     cli.parse_gin(setup["gin"]["files"], setup["gin"]["overrides"], setup["gin"]["search_paths"])
