@@ -244,10 +244,10 @@ def experiment(
     experiment directory. `decode_intermediate=False`: the evaluations before a stage's last are teacher-forced
     only (target NLL and label figures, no decoding: a learning curve at a fraction of the cost). `parallel` > 1:
     that many stages at a time, each in its own process with a sequential run's threads, the processes sharing the
-    cores (`parallel_stages`), with the weights and figures of a sequential run. `measure_models`: each stage's parameters, size and decoding speed after its
-    evaluation (stage.json `model`; the report's model table), timed on whatever else the machine runs (best of
-    three). `only` (not a gin setting): the one stage a stage process runs, {"stage": name,
-    "seed": seed, "definition": the stage as the parent built it}."""
+    cores (`parallel_stages`), with the weights and figures of a sequential run. `measure_models`: each stage's
+    parameters, size and decoding speed after its evaluation (stage.json `model`; the report's model table), timed
+    on whatever else the machine runs (best of three). `only` (not a gin setting): the one stage a stage process
+    runs, {"stage": name, "seed": seed, "definition": the stage as the parent built it}."""
     validation.path_setting("EXPERIMENT_DIR (experiment.experiment_dir)", experiment_dir)
     validation.positive_int("experiment.eval_num_examples", eval_num_examples, allow_none=True)
     validation.positive_int("experiment.evals_per_stage", evals_per_stage)
