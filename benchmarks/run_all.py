@@ -72,6 +72,14 @@ BENCHMARKS: dict[str, tuple[list[str], list[Figure]]] = {
                "(`mtplatform.allocator`): what packing and the model give without that setting",
                "HF as above, freed memory kept", ""),
     ]),
+    "compile_payoff": ([], [
+        Figure("compile_speedup", "training step of the experiments' mini model (batch 16 x 128/32, precision "
+               "`auto`), eager over `torch.compile`d", "our eager step", ""),
+        Figure("break_even_steps_cold", "steps after which a compiled run has earned back its first step, compile "
+               "cache empty", "our eager steps", ""),
+        Figure("break_even_steps_warm", "the same with the compile cache an earlier stage of the same shapes left",
+               "our eager steps", ""),
+    ]),
     "eval_throughput": (["--quick"], [
         Figure("ratio_eval", "evaluating SST-2's whole validation set (872): seqio pipeline, decoding, metrics; "
                "mini model, random weights, 8 positions", "the same seqio Evaluator decoding with HF generate", ""),
