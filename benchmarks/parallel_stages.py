@@ -2,10 +2,13 @@
 experiment run one stage at a time, and whether their figures agree.
 
     python benchmarks/parallel_stages.py [--budget 0.0001220703125] [--parallel 2] [--eval_num_examples 100]
+                                         [--rounds 2]
 
 The experiment is `gin/experiments/mixing_strategies.gin` (T5 Table 11's fixed arms and the three online arms, the
-mini model, one seed) at a small budget; each side is `mtp experiment` from start to end in its own directory, the
-sequential one first (a stage process loads TensorFlow as the sequential run does, so neither side has it warm).
+mini model, one seed) at a small budget; each side is `mtp experiment` from start to end in its own directory (a stage
+process loads TensorFlow as the sequential run does, so neither side has it warm), the sides alternating which goes
+first over rounds, so that a slow spell of a shared machine falls on both. The wall times are means over the rounds;
+every run's weights and figures are compared with the first sequential run's.
 Prints both wall times, `parallel_speedup` (sequential over parallel: target at least 1.3 on 2 cores),
 `weights_identical` (1 where every checkpoint is the same bytes) and `figures_largest_relative_difference` (over every
 figure, interval and p-value of results.json: 0 where they agree, inf where a non-number differs, such as which arm
@@ -83,20 +86,24 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--eval_num_examples", type=int, default=100)
     parser.add_argument("--parallel", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of both sides, alternating which goes first")
     args = parser.parse_args()
     print(harness.machine())
+    seconds: dict[int, list[float]] = {1: [], args.parallel: []}
     with tempfile.TemporaryDirectory() as tmp:
-        sequential = experiment(Path(tmp) / "sequential", args, 1)
-        parallel = experiment(Path(tmp) / "parallel", args, args.parallel)
-        a, b = Path(tmp) / "sequential", Path(tmp) / "parallel"
-        same_weights = weights_identical(a, b)
-        difference = largest_difference(figures(a), figures(b))
-    print(f"sequential_s={sequential:.1f}")
-    print(f"parallel_s={parallel:.1f}")
+        for r in range(args.rounds):
+            for parallel in (1, args.parallel) if r % 2 == 0 else (args.parallel, 1):
+                directory = Path(tmp) / f"parallel_{parallel}_round_{r}"
+                seconds[parallel].append(experiment(directory, args, parallel))
+        first, *others = sorted(Path(tmp).iterdir(), key=lambda d: (d.name != "parallel_1_round_0", d.name))
+        same_weights = all(weights_identical(first, d) for d in others)
+        difference = max(largest_difference(figures(first), figures(d)) for d in others)
+    sequential, parallel = sum(seconds[1]), sum(seconds[args.parallel])
+    print(f"sequential_s={sequential / args.rounds:.1f}")
+    print(f"parallel_s={parallel / args.rounds:.1f}")
     print(f"weights_identical={int(same_weights)}")
     print(f"figures_largest_relative_difference={difference:.3g}")
     print(f"parallel_speedup={sequential / parallel:.3f}")
-
 
 if __name__ == "__main__":
     main()
