@@ -89,8 +89,9 @@ BENCHMARKS: dict[str, tuple[list[str], list[Figure]]] = {
     ]),
     "parallel_stages": ([], [
         Figure("parallel_speedup", "wall time of mixing_strategies.gin (12 arms, BUDGET 2**-13, mini, 1 seed), one "
-               "stage at a time over two side by side (`experiment.parallel = 2`)", "the sequential run", ">= 1.3"),
-        Figure("weights_identical", "1 where every checkpoint of both runs is the same bytes", "the sequential run",
+               "stage at a time over two side by side (`experiment.parallel = 2`), two rounds alternating",
+               "the sequential run", ">= 1.3"),
+        Figure("weights_identical", "1 where every checkpoint of every run is the same bytes", "the sequential run",
                "== 1"),
         Figure("figures_largest_relative_difference", "the largest relative difference of any figure, interval or "
                "p-value between the runs (each stage process on the sequential run's threads)", "the sequential run",
