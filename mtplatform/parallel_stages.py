@@ -2,22 +2,23 @@
 stage at a time, sharing the cores.
 
 Why processes: a stage's training sets process-wide state (torch's and TensorFlow's thread pools, gin's scope, the
-signal handlers), and on a CPU two stages side by side do more work per core than one stage on all of them (the mini
-model in bf16 on an AMX CPU: 161 ms per step over two processes against 201 ms for one process on two threads). Why
+signal handlers), and on a CPU two stages side by side do more work per core than one stage on all of them. Why
 long-lived ones: loading TensorFlow, seqio and the catalogue takes a stage process 15 to 20 s, paid once per
 process, and while the first ones load the parent computes the experiment's baselines (`run`'s `meanwhile`).
 
 Why each stage process has as many threads as a sequential run, not its share of the cores: the matrix products
 split a long reduction (a weight's gradient over the batch's tokens, the output layer's over the vocabulary) over
-the threads there are, so the thread count changes the last bits of a gradient. In bf16 that changed the mixing
-arms' figures by up to 11% after 96 steps (CoLA's target NLL 0.93 against 0.83, and which arm was best); fp32
-products differ too on an Intel CPU (on the AMD EPYC they happened not to). A rerun with another `parallel` must not
-change an experiment's conclusions. So the N processes run on the
-sequential run's threads, and their threads wait passively (`OMP_WAIT_POLICY=PASSIVE`): a thread at a barrier sleeps
-and gives its core to the other process (spinning, two 2-thread processes on 2 cores took 3.7 s per step, not
-0.35). Measured on the mini model: 175 ms per step over two such processes, 161 ms over two of one thread each, and
-201 ms sequentially; a stage running alone (the last one) has every core. The weights and figures are a sequential
-run's, bit for bit (`benchmarks/parallel_stages.py` checks both).
+the threads there are, so the thread count changes the last bits of a gradient. In bf16 one thread per stage
+against two changed the mixing arms' figures by up to 11% after 96 steps (CoLA's target NLL 0.93 against 0.83, and
+which arm was best); fp32 products differ too on an Intel CPU (on the AMD EPYC they happened not to). A rerun with
+another `parallel` must not change an experiment's conclusions. So the N processes run on the sequential run's
+threads, and their threads wait passively (`OMP_WAIT_POLICY=PASSIVE`): a thread at a barrier sleeps and gives its
+core to the other process. Measured on 2 cores with a model of the mini's kind in bf16 (d_model 256, 4+4 layers,
+batch 16 x 128/32), ms per step over all processes: one process on 2 threads 191-214; two on 1 thread each 161; two
+on 2 threads, passive, 175; the same spinning (OpenMP's default) 1,880. The price is a process running alone (the
+last stage, or while the other loads): its sleeping threads are woken at every parallel region, 300-322 ms, no
+faster than one thread. The weights and figures are a sequential run's, bit for bit (`benchmarks/parallel_stages.py`
+checks both, and measures the speed-up).
 
 The parent keeps the order a sequential run has: a stage is handed out once the stages it starts from (its `init`,
 its `reference`) have finished for its seed, and otherwise the first waiting stage goes next. A stage process
