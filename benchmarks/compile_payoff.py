@@ -23,6 +23,7 @@ from pathlib import Path
 
 import harness
 import torch
+from model_throughput import make_batch  # the same random batch as the training benchmark's
 
 from mtplatform import precision
 from mtplatform.model import T5, T5Config
@@ -41,15 +42,6 @@ def model_config(model: str) -> T5Config:
     gin.add_config_file_search_path(str(ROOT))
     gin.parse_config_file(str(ROOT / "gin" / "models" / f"{model}.gin"))
     return T5Config()
-
-
-def make_batch(cfg: T5Config, batch: int, inputs: int, targets: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    enc = torch.randint(2, cfg.vocab_size, (batch, inputs), generator=g)
-    tgt = torch.randint(2, cfg.vocab_size, (batch, targets), generator=g)
-    dec = torch.cat([torch.zeros(batch, 1, dtype=torch.long), tgt[:, :-1]], 1)
-    return {"encoder_input_tokens": enc, "decoder_input_tokens": dec, "decoder_target_tokens": tgt,
-            "decoder_loss_weights": torch.ones(batch, targets)}
 
 
 def side(args: argparse.Namespace) -> None:
