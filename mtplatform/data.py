@@ -21,9 +21,10 @@ import tensorflow as tf
 import torch
 
 from mtplatform import cache, mixing, packing
+from mtplatform.tf_setup import without_autotune
 
 PACKINGS = ("first_fit", "seqio")  # mtplatform.packing's dense packer, or seqio's own (next fit)
-PIPELINE_FILE = "pipeline.json"  # beside a saved data position: how its rows were packed
+PIPELINE_FILE = "pipeline.json"  # beside a saved data position: how its rows were packed, whether it autotuned
 UNPACKED = "none"  # the packing a data position records for unpacked rows (train.pack = False)
 LEGACY_PACKINGS = ("seqio", UNPACKED)  # what a position saved before PIPELINE_FILE existed may have used
 TASK_IDS = "decoder_task_ids"  # per target token: 1 + the index of its example's task in `task_names`; 0 = padding
@@ -210,48 +211,67 @@ class BatchIterator(Iterator[dict[str, torch.Tensor]]):
 
     `packing` names how the rows were packed (UNPACKED for unpacked rows); it is saved with the position, because a
     position restores without complaint into a pipeline that packs differently, and would then not be exact.
+    The pipeline runs without tf.data's autotuning (`tf_setup.without_autotune`), which changes the iterator's
+    structure: a position records it, and one saved before (autotuned) resumes into an autotuned iterator.
     """
 
     def __init__(self, dataset: tf.data.Dataset, packing: str | None = None):
-        self._iterator = iter(dataset)
+        self._dataset, self._packing = dataset, packing
+        self._start(autotune=False)
+
+    def _start(self, autotune: bool) -> None:
+        self._autotune = autotune
+        self._iterator = iter(self._dataset if autotune else without_autotune(self._dataset))
         self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
-        self._packing = packing
 
     def __next__(self) -> dict[str, torch.Tensor]:
         batch = next(self._iterator)
         return {k: torch.from_numpy(v.numpy()) for k, v in batch.items()}
 
     def save(self, directory: Path) -> None:
-        """Write the iterator state (and the packing, when known) under `directory` (created)."""
+        """Write the iterator state, whether it autotunes, and the packing (when known) under `directory` (created)."""
         directory.mkdir(parents=True, exist_ok=True)
         self._checkpoint.write(str(directory / "iterator"))
-        if self._packing is not None:
-            (directory / PIPELINE_FILE).write_text(json.dumps({"packing": self._packing}) + "\n")
+        recorded = {"packing": self._packing} if self._packing is not None else {}
+        (directory / PIPELINE_FILE).write_text(json.dumps({**recorded, "autotune": self._autotune}) + "\n")
 
     def restore(self, directory: Path) -> None:
         """Continue from a state written by `save` for the same pipeline."""
         prefix = directory / "iterator"
         if not Path(str(prefix) + ".index").is_file():
             raise FileNotFoundError(f"{directory}: no saved data iterator (expected {prefix}.index)")
+        recorded = _recorded_pipeline(directory)
         if self._packing is not None:
-            self._check_packing(directory)
+            self._check_packing(directory, recorded.get("packing"))
+        if recorded.get("autotune", True) != self._autotune:  # saved before autotuning was turned off
+            self._start(autotune=recorded.get("autotune", True))
         self._checkpoint.read(str(prefix)).assert_consumed()
 
-    def _check_packing(self, directory: Path) -> None:
-        """Refuse a position saved under another packing, naming the setting that resumes it."""
-        saved_file = directory / PIPELINE_FILE
-        if not saved_file.is_file():
-            # Saved before the file existed, with rows packed by seqio or not packed: the position cannot tell
+    def _check_packing(self, directory: Path, saved: str | None) -> None:
+        """Refuse a position saved under another packing (`saved`), naming the setting that resumes it."""
+        if saved is None:
+            # Saved before packings were recorded, with rows packed by seqio or not packed: the position cannot tell
             # which, so both resume (a run that switches `pack` on such a position is not caught).
             if self._packing not in LEGACY_PACKINGS:
                 raise ValueError(f"{directory}: this data position was saved before packings were recorded (seqio's "
                                  f"packer or none), and this run packs {self._packing!r}; resume it with "
                                  f"{_packing_setting('seqio')} (or {_packing_setting(UNPACKED)} if it was unpacked)")
             return
-        saved = json.loads(saved_file.read_text())["packing"]
         if saved != self._packing:
             raise ValueError(f"{directory}: this data position was saved by a run that packed {saved!r}, and this "
                              f"run packs {self._packing!r}; resume it with {_packing_setting(saved)}")
+
+
+def _recorded_pipeline(directory: Path) -> dict:
+    """What a saved data position records of its pipeline (PIPELINE_FILE; {} where it was saved before the file
+    existed)."""
+    saved_file = directory / PIPELINE_FILE
+    if not saved_file.is_file():
+        return {}
+    try:
+        return json.loads(saved_file.read_text())
+    except ValueError as e:
+        raise ValueError(f"{saved_file}: not JSON ({e}); it records how the saved rows were packed") from None
 
 
 def _packing_setting(packing: str) -> str:

@@ -24,6 +24,7 @@ import torch
 from mtplatform import cache, checkpoints, decoding, prepack, scoring, stats, validation
 from mtplatform import precision as precision_lib
 from mtplatform.model import T5
+from mtplatform.tf_setup import without_autotune
 
 Generate = Callable[..., torch.Tensor]  # (encoder tokens, max_length=, num_beams=) -> generated ids, as T5.generate
 
@@ -42,7 +43,7 @@ def make_predict_fn(model: T5, batch_size: int, max_decode_length: int, num_beam
         model.eval()
         out: list[tuple[int, list[int]]] = []
         try:
-            for indices, features in ds.batch(batch_size).as_numpy_iterator():
+            for indices, features in without_autotune(ds.batch(batch_size)).as_numpy_iterator():
                 enc = torch.tensor(features["encoder_input_tokens"]).to(device)
                 with precision_lib.autocast(precision, device):
                     tokens, memory, cross = _decode_batch(model, enc, max_decode_length, num_beams, generate)
@@ -113,7 +114,7 @@ def evaluate_tasks(model: T5, mixture_or_task_name: str, *, split: str = "valida
             num_examples=num_examples,
             async_compute_metrics=False,
         )
-        examples = list(evaluator.cached_task_datasets[task.name].as_numpy_iterator())
+        examples = list(without_autotune(evaluator.cached_task_datasets[task.name]).as_numpy_iterator())
         texts = [ex["targets_pretokenized"].decode("utf-8") for ex in examples]
         vocab = task.output_features["targets"].vocabulary
         labels = _label_set(task, texts)

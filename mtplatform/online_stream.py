@@ -33,6 +33,7 @@ import tensorflow as tf
 import torch
 
 from mtplatform import data
+from mtplatform.tf_setup import without_autotune
 
 CHUNK = 32  # examples fetched from a task's iterator at a time
 READY = 2 * CHUNK  # examples per task the background thread keeps fetched ahead
@@ -145,7 +146,7 @@ class _Fetcher:
     """
 
     def __init__(self, datasets: Sequence[tf.data.Dataset]):
-        self._iterators = [iter(ds) for ds in datasets]
+        self._iterators = [iter(without_autotune(ds)) for ds in datasets]  # the same structure as autotuned ones
         self._checkpoint = tf.train.Checkpoint(**{f"task_{i}": it for i, it in enumerate(self._iterators)})
         self._pending: list[deque] = [deque() for _ in datasets]  # (inputs, targets), trimmed to their lengths
         self._lock = threading.Lock()  # held while fetching, saving or restoring

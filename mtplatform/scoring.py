@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from mtplatform import precision as precision_lib
+from mtplatform.tf_setup import without_autotune
 
 LABELS: dict[str, tuple[str, ...]] = {}
 """Task name -> its closed label set (the target texts a prediction can be), for rank classification."""
@@ -147,7 +148,7 @@ def score(model, dataset, batch_size: int, label_ids: Sequence[Sequence[int]] | 
     was_training = model.training
     model.eval()
     try:
-        for indices, features in dataset.batch(batch_size).as_numpy_iterator():
+        for indices, features in without_autotune(dataset.batch(batch_size)).as_numpy_iterator():
             with precision_lib.autocast(precision, device):
                 scorer.add(indices, features)
     finally:

@@ -97,6 +97,26 @@ def test_the_stream_draws_by_the_shares_in_force_and_resumes_exactly(tmp_path, v
         assert all(torch.equal(got[k], want[k]) for k in want)
 
 
+def test_a_position_saved_while_the_iterators_autotuned_resumes_exactly(tmp_path, vocab_file, monkeypatch):
+    # Runs before `tf_setup.without_autotune` saved autotuned iterators: each task's pipeline keeps its structure
+    # without autotuning (it ends in a prefetch), so their positions resume as they are.
+    _register()
+    with monkeypatch.context() as before_the_change:
+        before_the_change.setattr(online_stream, "without_autotune", lambda ds: ds)
+        before = _stream([0.3, 0.3, 0.4])
+    assert [it._dataset.options().autotune.enabled for it in before._fetcher._iterators] == [None] * len(TASKS)
+    for _ in range(4):
+        next(before)
+    before.save(tmp_path / "position")
+    after = [next(before) for _ in range(6)]
+    resumed = _stream([0.3, 0.3, 0.4])
+    assert [it._dataset.options().autotune.enabled for it in resumed._fetcher._iterators] == [False] * len(TASKS)
+    resumed.restore(tmp_path / "position")
+    for want in after:
+        got = next(resumed)
+        assert all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_odm_raises_the_share_of_the_task_with_the_highest_loss_and_explores():
     mixer = online_mixing.OnlineMixer(online_mixing.OnlineSettings(algorithm="odm"), ["a", "b", "c"],
                                       {"a": 1.0, "b": 1.0, "c": 1.0})

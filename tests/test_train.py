@@ -59,7 +59,7 @@ def test_resume_keeps_the_packing_it_was_saved_with(tmp_path, vocab_file):
     # A data position restores silently into a pipeline that packs differently; the checkpoint records its packing.
     _train(tmp_path / "run", 4, packing="seqio")
     data_dir = tmp_path / "run" / "checkpoint_4" / "data_rank0"
-    assert json.loads((data_dir / data.PIPELINE_FILE).read_text()) == {"packing": "seqio"}
+    assert json.loads((data_dir / data.PIPELINE_FILE).read_text()) == {"packing": "seqio", "autotune": False}
     with pytest.raises(ValueError, match=r"packed 'seqio', and this run packs 'first_fit'; resume it with "
                                          r"--gin.train.pack=True --gin.train.packing=\"'seqio'\"") as refused:
         _train(tmp_path / "run", 8)
@@ -70,21 +70,30 @@ def test_resume_keeps_the_packing_it_was_saved_with(tmp_path, vocab_file):
     assert checkpoints.all_steps(tmp_path / "run") == [4, 8]
 
 
+def _position_saved_as_before(dataset, directory: Path, batches: int) -> list[dict]:
+    """A data position as runs before pipeline.json wrote it (an autotuned iterator, no record of its pipeline)
+    after `batches` batches; the three batches that follow it."""
+    import tensorflow as tf
+
+    before = iter(dataset)
+    for _ in range(batches):
+        next(before)
+    tf.train.Checkpoint(iterator=before).write(str(directory / "iterator"))
+    return [{k: v.numpy() for k, v in next(before).items()} for _ in range(3)]
+
+
 def test_a_position_saved_before_packings_were_recorded_resumes_unpacked_or_seqio_packed(tmp_path, vocab_file):
     # Such positions came from seqio's packer or from unpacked rows: both resume; the first-fit packer refuses.
     # The check comes before the position is read, so one unpacked dataset serves every iterator here.
     dataset = data.train_dataset(mixture_or_task_name=MIXTURE, task_feature_lengths=LENGTHS, batch_size=4,
                                  pack=False)[0]
-    saved = data.BatchIterator(dataset, packing="none")
-    next(saved)
-    saved.save(tmp_path / "legacy")
-    (tmp_path / "legacy" / data.PIPELINE_FILE).unlink()
+    expected = _position_saved_as_before(dataset, tmp_path / "legacy", 1)
     with pytest.raises(ValueError, match=r"saved before packings were recorded .* this run packs 'first_fit'; resume "
                                          r"it with .*'seqio'.* \(or --gin.train.pack=False if it was unpacked\)"):
         data.BatchIterator(dataset, packing="first_fit").restore(tmp_path / "legacy")
     resumed = data.BatchIterator(dataset, packing="none")
     resumed.restore(tmp_path / "legacy")
-    assert all((a == b).all() for a, b in zip(next(resumed).values(), next(saved).values(), strict=True))
+    assert all((a.numpy() == b).all() for a, b in zip(next(resumed).values(), expected[0].values(), strict=True))
 
 
 def test_rates_are_resolved_once_and_read_back_on_resume(tmp_path, vocab_file, monkeypatch):
@@ -180,6 +189,36 @@ def test_saved_data_position_does_not_grow_with_steps(tmp_path, vocab_file):
     for want in expected:
         got = next(again)
         assert all((got[k] == want[k]).all() for k in want)
+
+
+def test_training_streams_run_without_the_autotuning_thread_and_resume_positions_saved_with_it(tmp_path, vocab_file):
+    # Deleting an iterator waits for tf.data's autotuning thread, which can sleep through the wake-up for up to a
+    # minute (`tf_setup.without_autotune`): the fixed pipeline's and every online task's iterator run without it.
+    from mtplatform import mixing, online_stream
+
+    def fresh():
+        return data.train_dataset(mixture_or_task_name=MIXTURE, task_feature_lengths=LENGTHS, batch_size=4)[0]
+
+    batches = data.BatchIterator(fresh(), packing="first_fit")
+    assert batches._iterator._dataset.options().autotune.enabled is False
+    next(batches)
+    batches.save(tmp_path / "now")
+    assert json.loads((tmp_path / "now" / data.PIPELINE_FILE).read_text())["autotune"] is False
+    mixing.register("test_online_rte_span", ["glue_rte", "span_corruption"], replace_existing=True, strategy="online")
+    stream = online_stream.OnlineStream(["glue_rte", "span_corruption"], "test_online_rte_span", LENGTHS, 4,
+                                        pack=True, seed=0)
+    assert [it._dataset.options().autotune.enabled for it in stream._fetcher._iterators] == [False, False]
+    # A position saved before (its iterator autotuned, which changes the iterator's structure) resumes exactly:
+    # into an autotuned iterator, which its next position records.
+    expected = _position_saved_as_before(fresh(), tmp_path / "before", 5)
+    (tmp_path / "before" / data.PIPELINE_FILE).write_text(json.dumps({"packing": "first_fit"}))
+    resumed = data.BatchIterator(fresh(), packing="first_fit")
+    resumed.restore(tmp_path / "before")
+    for want in expected:
+        got = next(resumed)
+        assert all((got[k].numpy() == want[k]).all() for k in want)
+    resumed.save(tmp_path / "after")
+    assert json.loads((tmp_path / "after" / data.PIPELINE_FILE).read_text())["autotune"] is True
 
 
 def test_bad_batch_size_is_explained(tmp_path, vocab_file):
