@@ -146,7 +146,8 @@ class _Fetcher:
     """
 
     def __init__(self, datasets: Sequence[tf.data.Dataset]):
-        self._iterators = [iter(without_autotune(ds)) for ds in datasets]  # the same structure as autotuned ones
+        # Without autotuning (`tf_setup.without_autotune`); a position saved by autotuned iterators restores alike.
+        self._iterators = [iter(without_autotune(ds)) for ds in datasets]
         self._checkpoint = tf.train.Checkpoint(**{f"task_{i}": it for i, it in enumerate(self._iterators)})
         self._pending: list[deque] = [deque() for _ in datasets]  # (inputs, targets), trimmed to their lengths
         self._lock = threading.Lock()  # held while fetching, saving or restoring

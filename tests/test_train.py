@@ -219,6 +219,9 @@ def test_training_streams_run_without_the_autotuning_thread_and_resume_positions
         assert all((got[k].numpy() == want[k]).all() for k in want)
     resumed.save(tmp_path / "after")
     assert json.loads((tmp_path / "after" / data.PIPELINE_FILE).read_text())["autotune"] is True
+    (tmp_path / "after" / data.PIPELINE_FILE).write_text('{"packing": "first_fit", ')  # cut short
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'after' / data.PIPELINE_FILE}: not JSON \("):
+        data.BatchIterator(fresh(), packing="first_fit").restore(tmp_path / "after")
 
 
 def test_bad_batch_size_is_explained(tmp_path, vocab_file):
