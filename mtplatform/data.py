@@ -186,7 +186,7 @@ def examples_per_row(mixture_or_task_name: str, task_feature_lengths: Mapping[st
     ds, resolved = mixed_examples(mixture_or_task_name, task_feature_lengths, "train", seed, None, budget)
     ds = TaskIdFeatureConverter(pack=True, packing=packing)(ds, dict(task_feature_lengths))
     return np.array([count_by_task(row[TASK_IDS][None], row["decoder_positions"][None], len(resolved.rates))[0].sum()
-                     for row in ds.take(rows).as_numpy_iterator()], dtype=np.float64)
+                     for row in without_autotune(ds.take(rows)).as_numpy_iterator()], dtype=np.float64)
 
 
 def count_by_task(task_ids: np.ndarray, positions: np.ndarray | None, num_tasks: int) -> tuple[np.ndarray, np.ndarray]:
