@@ -62,7 +62,7 @@ def without_autotune(dataset):
 
     Why: deleting an iterator waits for that thread to end, and TensorFlow 2.20's thread can sleep through the
     wake-up (the cancellation notifies it before it counts as cancelled, `CancellationManager::StartCancel`) until
-    its next optimization, which comes ever later: the period doubles from 1 ms to 60 s. So the end of a training
+    its next optimization, which comes ever later: the period doubles from 10 ms to 60 s. So the end of a training
     run, which deletes its iterators, could sleep a minute per iterator: in mixing_strategies.gin side by side, an
     online-mixing stage (8 task iterators) took 71, 111 and 170 s instead of about 50 in 3 of 8 runs (0 of 6 without
     the thread), and a loop that deleted an iterator after 6 s slept 4.2 s once in 6 on an idle machine.
