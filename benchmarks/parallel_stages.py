@@ -105,5 +105,6 @@ def main() -> None:
     print(f"figures_largest_relative_difference={difference:.3g}")
     print(f"parallel_speedup={sequential / parallel:.3f}")
 
+
 if __name__ == "__main__":
     main()

@@ -243,8 +243,9 @@ class BatchIterator(Iterator[dict[str, torch.Tensor]]):
         recorded = _recorded_pipeline(directory)
         if self._packing is not None:
             self._check_packing(directory, recorded.get("packing"))
-        if recorded.get("autotune", True) != self._autotune:  # saved before autotuning was turned off
-            self._start(autotune=recorded.get("autotune", True))
+        autotune = recorded.get("autotune", True)  # a position saved before autotuning was turned off: True
+        if autotune != self._autotune:
+            self._start(autotune)
         self._checkpoint.read(str(prefix)).assert_consumed()
 
     def _check_packing(self, directory: Path, saved: str | None) -> None:
