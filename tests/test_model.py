@@ -344,6 +344,29 @@ def test_packed_loss_equals_unpacked(version, vocab_file):
     assert abs(loss_p.item() / w_p.item() - loss_u.item() / w_u.item()) < 1e-5
 
 
+def test_position_bias_on_a_cpu_has_the_embedding_lookups_values_and_gradient():
+    """On a CPU the position bias reads its table with `index_select` (its backward adds rows in place, where the
+    embedding's sorts the indices first): the same bias bit for bit and the same gradient (the same sums; bit for
+    bit here, allowed fp32 rounding of a different order), both directions."""
+    torch.manual_seed(18)
+    cfg = M.T5Config(vocab_size=100, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=6)
+    positions = torch.arange(300)[None]
+    relative = positions[:, None, :] - positions[:, :, None]
+    for bidirectional in (True, False):
+        bias = M.RelativePositionBias(cfg, bidirectional)
+        grad = torch.randn(1, cfg.num_heads, 300, 300)
+        got = bias(positions, positions)
+        got.backward(grad)
+        buckets = M.relative_position_bucket(relative, bidirectional, cfg.relative_attention_num_buckets,
+                                             cfg.relative_attention_max_distance)
+        table = bias.embedding.weight.detach().clone().requires_grad_()
+        want = F.embedding(buckets, table).permute(0, 3, 1, 2)
+        want.backward(grad)
+        assert torch.equal(got, want)
+        torch.testing.assert_close(bias.embedding.weight.grad, table.grad, rtol=1e-5, atol=1e-4)
+        assert (table.grad != 0).sum() > 20 * cfg.num_heads  # most buckets occur among 300 positions
+
+
 def test_packed_bias_from_token_indices_is_exact(vocab_file, monkeypatch):
     """A packed batch's position bias is computed once from token indices (seqio's positions count up by one per
     segment); the logits of real tokens and all gradients equal those of the bias computed per row from the
