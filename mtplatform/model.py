@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from mtplatform import cross_entropy, prepack
+from mtplatform import cross_entropy, prepack, rms_norm
 from mtplatform.model_config import T5Config
 
 # --- building blocks --------------------------------------------------------------------------------------------
@@ -44,7 +44,8 @@ class RMSNorm(nn.Module):
     Under autocast the output is in the autocast dtype: its consumers are linear layers, which would each cast the
     fp32 output themselves (q, k and v three times over, and three gradients cast back); cast here, once: forward
     the same bits, backward the consumers' bf16 gradients summed in bf16 before one cast (one rounding more, 1e-5
-    relative in a T5-small step's gradients), 4% off a bf16 training step on an AMX CPU."""
+    relative in a T5-small step's gradients), 4% off a bf16 training step on an AMX CPU. On a CPU the backward pass
+    is `rms_norm`'s closed form (6 passes over the activations instead of about 10)."""
 
     def __init__(self, d: int, eps: float):
         super().__init__()
@@ -52,8 +53,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
-        return out.to(_computed_dtype(x.device, self.weight.dtype))
+        return rms_norm.rms_norm(x, self.weight, self.eps, _computed_dtype(x.device, self.weight.dtype))
 
 
 def relative_position_bucket(relative_position: Tensor, bidirectional: bool, num_buckets: int,

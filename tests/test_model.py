@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from transformers import T5Config as HFConfig
 from transformers import T5ForConditionalGeneration
 
-from mtplatform import checkpoints, decoding, prepack
+from mtplatform import checkpoints, decoding, prepack, rms_norm
 from mtplatform import huggingface as H
 from mtplatform import model as M
 from mtplatform.accounting import describe, training_flops
@@ -402,10 +402,40 @@ def test_packed_bias_from_token_indices_is_exact(vocab_file, monkeypatch):
     assert torch.equal(M._bias_positions(stretched, allowed, 256, positions.device), stretched)
 
 
-def test_training_attention_and_loss_equal_pytorchs_kernels_with_gradients(vocab_file, monkeypatch):
-    """In fp32 training on a CPU, every attention runs in place (`M.attend`) and the loss goes
-    through log_softmax: on a packed RTE batch, with dropout, the loss (with z-loss) and every gradient equal those
-    of PyTorch's attention kernel and of the loss as logsumexp minus the target's logit."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_on_a_cpu_has_pytorchs_output_and_gradients(vocab_file, dtype):
+    """`rms_norm` on a CPU: the output bit for bit that of `F.rms_norm` cast to the computed dtype, the gradients of
+    input and weight those of `F.rms_norm`'s autograd to fp32's rounding, for fp32 and bf16 output gradients; on
+    the encoder states of real RTE inputs (T5's residual stream, fp32) and a weight away from one."""
+    import tasks  # noqa: F401
+
+    torch.manual_seed(19)
+    model = M.T5(M.T5Config(vocab_size=4000, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4))
+    enc = _converted(_rte_examples(4), False, {"inputs": 128, "targets": 8})["encoder_input_tokens"]
+    with torch.no_grad():
+        states = model.encoder[0](model.embed(enc), M._attention_bias(enc[:, None, :] != 0)) * 3
+    weight = torch.rand(64) + 0.5
+    grad = torch.randn(*states.shape).to(dtype)
+
+    def forward_backward(norm):
+        x, w = states.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = norm(x, w)
+        out.backward(grad)
+        return out, x.grad, w.grad
+
+    ours = forward_backward(lambda x, w: rms_norm.rms_norm(x, w, 1e-6, dtype))
+    reference = forward_backward(lambda x, w: F.rms_norm(x, (64,), w, 1e-6).to(dtype))
+    assert ours[0].dtype == dtype and torch.equal(ours[0], reference[0])
+    for a, b in zip(ours[1:], reference[1:], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert b.abs().max() > 1e-3
+
+
+def test_training_attention_norms_and_loss_equal_pytorchs_kernels_with_gradients(vocab_file, monkeypatch):
+    """In fp32 training on a CPU, every attention runs in place (`M.attend`), the norms' backward is
+    `rms_norm`'s closed form and the loss goes through log_softmax: on a packed RTE batch, with dropout, the loss
+    (with z-loss) and every gradient equal those of PyTorch's attention kernel, of `F.rms_norm`'s autograd and of
+    the loss as logsumexp minus the target's logit."""
     import tasks  # noqa: F401
 
     torch.manual_seed(16)
@@ -438,6 +468,8 @@ def test_training_attention_and_loss_equal_pytorchs_kernels_with_gradients(vocab
     monkeypatch.setattr(M, "attend", lambda q, k, v, bias, dropout=0.0: kernel(
         q, k, v, attn_mask=bias, dropout_p=dropout, scale=1.0))
     monkeypatch.setattr(model, "losses_of", reference_losses)
+    monkeypatch.setattr(rms_norm, "rms_norm", lambda x, weight, eps, dtype: F.rms_norm(
+        x.float(), (x.shape[-1],), weight.float(), eps).to(dtype))
     reference, reference_grads = loss_and_grads()
     torch.testing.assert_close(ours, reference, atol=0, rtol=1e-6)
     for a, b in zip(ours_grads, reference_grads, strict=True):
