@@ -2,8 +2,11 @@
 
 Each benchmark runs as its own process with the arguments below and prints `name=value` lines last; the table gives
 each figure beside its peer, its target, the date, commit and CPU of its run and the command, and the full output
-follows it. Every benchmark's latest run is kept in `benchmarks/latest.json`, so `--only` reruns some and the table
-keeps the others. Only the part between the README's `run_all` markers is rewritten.
+follows it. Every benchmark's latest run on each kind of CPU (its bf16 hardware: AMX, AVX512-BF16 or neither, which
+decides the precision `auto` trains in) is kept in `benchmarks/latest.json`, so `--only` reruns some, the table keeps
+the others, and a run on one kind of CPU does not hide the figures of another. A target stated for one kind of CPU
+(bf16 training's, for AMX) gets no verdict on another. Only the part between the README's `run_all` markers is
+rewritten.
 
     python benchmarks/run_all.py [--full] [--only model_throughput,decode_throughput]
 
@@ -37,6 +40,7 @@ class Figure:
     what: str
     peer: str
     target: str  # a Python comparison against the value, as "> 2.5"; "" where the figure has no target
+    cpu: str = ""  # the bf16 hardware (`harness.cpu_features()`) the target is stated for; "" for every CPU
 
 
 BENCHMARKS: dict[str, tuple[list[str], list[Figure]]] = {
@@ -46,11 +50,11 @@ BENCHMARKS: dict[str, tuple[list[str], list[Figure]]] = {
         Figure("ratio_fp32_same_allocator", "the same, the peer's process keeping its freed memory too",
                "HF as above, freed memory kept", ""),
         Figure("ratio_bf16", "training tokens/s, bf16 autocast (only where bf16 is native)",
-               "HF T5ForConditionalGeneration", ">= 2.5"),
+               "HF T5ForConditionalGeneration", ">= 2.5", cpu="AMX"),
         Figure("ratio_bf16_same_allocator", "the same, the peer's process keeping its freed memory too",
                "HF as above, freed memory kept", ""),
         Figure("mfu", "our model FLOP/s over this CPU's matrix-product peak, in the precision `auto` picks",
-               "the peak measured in the same run", ">= 0.40"),
+               "the peak measured in the same run", ">= 0.40", cpu="AMX"),
     ]),
     "decode_throughput": (["--quick"], [
         Figure("ratio_greedy", "greedy decoding tokens/s, batch 8, inputs 512, 64 new tokens, as many positions "
@@ -136,35 +140,52 @@ def run(script: str, args: list[str]) -> tuple[str, dict[str, str], float]:
     return output, figures, seconds
 
 
-def verdict(value: str | None, target: str) -> str:
+def verdict(value: str | None, figure: Figure, cpu: str) -> str:
+    """Whether `value`, measured on a CPU of bf16 hardware `cpu`, meets `figure`'s target."""
+    target = figure.target
     if value is None:
         return "not measured here"
     if not target:
         return ""
+    if figure.cpu and cpu != figure.cpu:
+        return f"no target here (the target is for {figure.cpu})"
     op, bound = target.split()
     ok = {">=": float(value) >= float(bound), "<": float(value) < float(bound),
           "==": float(value) == float(bound)}[op]
     return "met" if ok else "**not met**"
 
 
-def section(stored: dict[str, dict]) -> str:
-    """The README's table and outputs from every benchmark's latest run (each with its own date, commit, machine)."""
-    lines = [BEGIN, "", "Written by `python benchmarks/run_all.py`; each row is its benchmark's latest run "
-             "(`--only` reruns some and keeps the others, so the date, commit and machine are per benchmark).", "",
+CPU_KINDS = ("AMX", "AVX512-BF16", "neither")  # the table's order: bf16 in hardware first
+
+
+def runs_by_cpu(stored: dict[str, dict]) -> dict[str, dict[str, dict]]:
+    """latest.json's runs as {benchmark: {bf16 hardware: run}}; a file of one run per benchmark (before the runs were
+    kept per kind of CPU) is read as that run's kind's."""
+    return {script: ({runs["bf16"]: runs} if "output" in runs else runs) for script, runs in stored.items()}
+
+
+def _ordered(runs: dict[str, dict]) -> list[dict]:
+    return [runs[kind] for kind in sorted(runs, key=lambda k: CPU_KINDS.index(k) if k in CPU_KINDS else len(CPU_KINDS))]
+
+
+def section(stored: dict[str, dict[str, dict]]) -> str:
+    """The README's table and outputs from every benchmark's latest run on each kind of CPU (each with its own
+    date, commit, machine)."""
+    lines = [BEGIN, "", "Written by `python benchmarks/run_all.py`; each row is its benchmark's latest run on a kind "
+             "of CPU (`--only` reruns some and keeps the others, and a run on one kind of CPU keeps the other kinds' "
+             "runs, so the date, commit and machine are per row).", "",
              "| figure | value | target | verdict | what | peer | run | command |", "|---|---|---|---|---|---|---|---|"]
     for script, (_, wanted) in BENCHMARKS.items():
-        if script not in stored:
-            continue
-        run_ = stored[script]
-        command = "`" + " ".join(["python", f"benchmarks/{script}.py", *run_["args"]]) + "`"
-        when = f"{run_['date']}, {run_['commit']}, {run_['machine']}"
-        for figure in wanted:
-            value = run_["figures"].get(figure.name)
-            lines.append(f"| `{figure.name}` | {value or '-'} | {figure.target or '-'} | "
-                         f"{verdict(value, figure.target)} | {figure.what} | {figure.peer} | {when} | {command} |")
+        for run_ in _ordered(stored.get(script, {})):
+            command = "`" + " ".join(["python", f"benchmarks/{script}.py", *run_["args"]]) + "`"
+            when = f"{run_['date']}, {run_['commit']}, {run_['machine']}"
+            for figure in wanted:
+                value = run_["figures"].get(figure.name)
+                lines.append(f"| `{figure.name}` | {value or '-'} | {figure.target or '-'} | "
+                             f"{verdict(value, figure, run_['bf16'])} | {figure.what} | {figure.peer} | {when} | "
+                             f"{command} |")
     for script in BENCHMARKS:
-        if script in stored:
-            run_ = stored[script]
+        for run_ in _ordered(stored.get(script, {})):
             lines += ["", f"<details><summary>{script}: {run_['seconds']:.0f} s, {run_['date']}, commit "
                       f"{run_['commit']}, {run_['machine']}</summary>", "", "```", run_["output"].strip(), "```", "",
                       "</details>"]
@@ -184,7 +205,7 @@ def main() -> None:
     unknown = sorted(set(names) - set(BENCHMARKS))
     if unknown:
         sys.exit(f"--only: no benchmark named {', '.join(unknown)}; there are {', '.join(BENCHMARKS)}")
-    stored = json.loads(LATEST.read_text()) if LATEST.is_file() else {}
+    stored = runs_by_cpu(json.loads(LATEST.read_text())) if LATEST.is_file() else {}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=HERE).stdout.strip()
     for name in names:
@@ -192,9 +213,10 @@ def main() -> None:
         print(f"running {name} {' '.join(script_args)}", flush=True)
         output, figures, seconds = run(name, script_args)
         print(output, flush=True)
-        stored[name] = {"output": output, "figures": figures, "seconds": seconds, "args": script_args,
-                        "date": str(datetime.date.today()), "commit": commit, "machine": harness.machine(),
-                        "bf16": harness.cpu_features()}
+        stored.setdefault(name, {})[harness.cpu_features()] = {
+            "output": output, "figures": figures, "seconds": seconds, "args": script_args,
+            "date": str(datetime.date.today()), "commit": commit, "machine": harness.machine(),
+            "bf16": harness.cpu_features()}
         LATEST.write_text(json.dumps(stored, indent=1) + "\n")  # as each finishes: a stopped run keeps the rest
     text = README.read_text()
     new = section(stored)
