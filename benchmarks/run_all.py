@@ -30,7 +30,7 @@ import harness  # benchmarks/harness.py: Python puts the script's directory firs
 
 HERE = Path(__file__).resolve().parent
 README = HERE / "README.md"
-LATEST = HERE / "latest.json"  # every benchmark's latest output, figures, date, commit and machine
+LATEST = HERE / "latest.json"  # each benchmark's latest run per kind of CPU: output, figures, date, commit, machine
 BEGIN, END = "<!-- run_all: begin -->", "<!-- run_all: end -->"
 
 
