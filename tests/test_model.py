@@ -533,7 +533,8 @@ def test_bf16_inference_on_a_cpu_without_amx_attends_in_place_as_close_to_fp32_a
     """Without gradients in bf16 on a CPU without AMX (AVX512-BF16), PyTorch's fused attention kernel is several
     times slower than `M.attend`'s batched products, so every attention (the encoder's, a decoding step's against
     the cache, the teacher-forced pass's) runs in place; with AMX the kernel stays. On a packed RTE batch (padding
-    rows: queries masked entirely) and in greedy decoding, the logits are as close to fp32's as the kernel's."""
+    rows: queries masked entirely) and in decoding steps fed the same tokens, the logits are as close to fp32's as
+    the kernel's."""
     import tasks  # noqa: F401
 
     torch.manual_seed(18)
@@ -547,12 +548,13 @@ def test_bf16_inference_on_a_cpu_without_amx_attends_in_place_as_close_to_fp32_a
         kernel_calls.append(True)
         return kernel(*args, **kwargs)
 
+    tokens = model.generate(packed["encoder_input_tokens"], max_length=6)  # fp32: every side steps through these
+
     def logits(amx: bool, autocast: bool = True):
         monkeypatch.setattr(precision, "amx", lambda: amx)
         kernel_calls.clear()
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             forward = model(**packed).float()
-            tokens = model.generate(packed["encoder_input_tokens"], max_length=6)
             memory = model.encode(packed["encoder_input_tokens"])
             cache = decoding.start_cache(model, memory, packed["encoder_input_tokens"], 6)
             steps = torch.stack([decoding.step(model, tokens[:, t - 1] if t else torch.zeros_like(tokens[:, 0]),
