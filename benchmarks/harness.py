@@ -27,11 +27,9 @@ import torch
 
 def cpu_features() -> str:
     """'AMX', 'AVX512-BF16' or 'neither': whether bf16 matrix products run in hardware on this CPU."""
-    if torch.cpu._is_amx_tile_supported():
-        return "AMX"
-    if torch.cpu._is_avx512_bf16_supported():
-        return "AVX512-BF16"
-    return "neither"
+    from mtplatform import precision
+
+    return precision.cpu_bf16_hardware()
 
 
 def machine() -> str:

@@ -140,8 +140,8 @@ def main() -> None:
             continue
         figures[dtype] = compare(args, dtype)
         if dtype == "bf16" and on.type == "cpu" and harness.cpu_features() != "AMX":
-            print("bf16: native here but without AMX (AVX512-BF16's dot products): the bf16 targets (2.5x, MFU 0.40) "
-                  "are stated for AMX CPUs, so these figures are this CPU's, not a verdict on them")
+            print(f"bf16: without AMX here (bf16 hardware: {harness.cpu_features()}): the bf16 targets (2.5x, MFU "
+                  "0.40) are stated for AMX CPUs, so these figures are this CPU's, not a verdict on them")
     for dtype, (ratio, same_allocator, _) in figures.items():
         print(f"ratio_{dtype}={ratio:.3f}")
         print(f"ratio_{dtype}_same_allocator={same_allocator:.3f}")

@@ -33,21 +33,26 @@ def native_bf16(device: torch.device | str = "cpu") -> bool:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
-    except AttributeError:  # older torch: no probe, assume the conservative answer
-        return False
+    return cpu_bf16_hardware() != "neither"
 
 
 @functools.cache
+def cpu_bf16_hardware() -> str:
+    """'AMX', 'AVX512-BF16' or 'neither': how this CPU multiplies bf16 in hardware (an older torch without the
+    probes: 'neither', the conservative answer)."""
+    try:
+        if torch.cpu._is_amx_tile_supported():
+            return "AMX"
+        return "AVX512-BF16" if torch.cpu._is_avx512_bf16_supported() else "neither"
+    except AttributeError:
+        return "neither"
+
+
 def amx() -> bool:
     """True where this CPU multiplies bf16 in AMX tiles. PyTorch's fused bf16 attention kernel decoded at 2.26x
     Hugging Face's there, and is several times slower than plain batched products where bf16 has only AVX512-BF16
     (`model.attend`)."""
-    try:
-        return bool(torch.cpu._is_amx_tile_supported())
-    except AttributeError:  # older torch: no probe
-        return False
+    return cpu_bf16_hardware() == "AMX"
 
 
 def resolve(precision: str, device: torch.device | str = "cpu") -> str:
