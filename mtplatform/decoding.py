@@ -20,7 +20,7 @@ from mtplatform import prepack
 from mtplatform.model import mask_to_bias
 
 if TYPE_CHECKING:
-    from mtplatform.model import T5
+    from mtplatform.model import T5, Attention
 
 Step = Callable[[Tensor, Tensor, dict], Tensor]
 
@@ -51,9 +51,10 @@ def generate(model: T5, encoder_input_tokens: Tensor, max_length: int = 64, num_
 
 def start_cache(model: T5, memory: Tensor, encoder_tokens: Tensor, max_length: int,
                 cross: list[tuple[Tensor, Tensor]] | None = None) -> dict:
-    """What every step reads: per-layer cross-attention keys/values (computed once, or given), self-attention key/value
-    buffers of the full length, and the self-attention bias of every (query, key) position pair with the
-    causal mask folded in. Shapes never change between steps, so a step can be captured as a CUDA graph."""
+    """What every step reads: per-layer cross-attention keys/values (computed once, or given), self-attention
+    key/value buffers of the full length, and the self-attention bias of every (query,
+    key) position pair with the causal mask folded in. Shapes never change between steps, so a step can be captured
+    as a CUDA graph."""
     cfg, device = model.cfg, memory.device
     shape = (memory.shape[0], cfg.num_heads, max_length, cfg.d_kv)
     cross = model.cross_keys_values(memory) if cross is None else cross
@@ -77,13 +78,19 @@ def step(model: T5, token: Tensor, t: Tensor, cache: dict) -> Tensor:
     x = model.embed(token[:, None])
     self_bias = cache["self_bias"].index_select(2, t)
     for i, blk in enumerate(model.decoder_layers()):
-        h = blk.self_attn_norm(x)
-        cache["k"][i].index_copy_(2, t, blk.self_attn.split(blk.self_attn.k(h)))
-        cache["v"][i].index_copy_(2, t, blk.self_attn.split(blk.self_attn.v(h)))
-        x = x + blk.self_attn(h, self_bias, cache=(cache["k"][i], cache["v"][i]))
+        x = x + self_attention(blk.self_attn, blk.self_attn_norm(x), self_bias, cache["k"][i], cache["v"][i], t)
         x = x + blk.cross_attn(blk.cross_attn_norm(x), cache["cross_bias"], cache=cache["cross"][i])
         x = x + blk.ff(blk.ff_norm(x))
     return model.logits(model.decoder_norm(x))[:, 0].float()
+
+
+def self_attention(attn: Attention, h: Tensor, bias: Tensor, keys: Tensor, values: Tensor, t: Tensor) -> Tensor:
+    """`attn` of the normed states `h` (B, 1, d_model) of position `t`, after writing their key and value into the
+    cache: `Attention.forward`, with q, k and v projected in one product (`prepack.linears`)."""
+    q, k, v = (attn.split(p) for p in prepack.linears(h, (attn.q, attn.k, attn.v)))
+    keys.index_copy_(2, t, k)
+    values.index_copy_(2, t, v)
+    return attn.attend_and_project(q, keys, values, bias)
 
 
 def graphed_step(model: T5, cache: dict, batch: int) -> Step:

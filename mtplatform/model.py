@@ -161,8 +161,13 @@ class Attention(nn.Module):
         else:
             src = x if kv is None else kv
             k, v = self.split(self.k(src)), self.split(self.v(src))
+        return self.attend_and_project(q, k, v, bias)
+
+    def attend_and_project(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+        """`attend` of head-split (B, heads, L, d_kv) queries, keys and values, heads joined and projected by `o`:
+        (B, Lq, d_model). Decoding steps call it with the q, k, v they project together."""
         out = attend(q, k, v, bias, self.dropout if self.training else 0.0)
-        return self.o(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+        return self.o(out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1))
 
 
 class FeedForward(nn.Module):
@@ -178,8 +183,9 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.gated:
-            h = F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x)
+        if self.gated:  # wi_0 and wi_1 in one product where a few rows read packed weights (`prepack.linears`)
+            gate, up = prepack.linears(x, (self.wi_0, self.wi_1))
+            h = F.gelu(gate, approximate="tanh") * up
         else:
             h = F.relu(self.wi(x))
         return self.wo(self.dropout(h))

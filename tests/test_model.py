@@ -246,7 +246,7 @@ def test_prepacked_linear_agrees_with_f_linear_only_where_weights_hold_still():
             assert torch.equal(layer(many), F.linear(many, layer.weight))
             assert not prepack._PACKED
             packed = layer(x)
-            assert [hit[0]() for hit in prepack._PACKED.values()] == [layer.weight]  # oneDNN's kernel ran
+            assert [[ref() for ref in hit[0]] for hit in prepack._PACKED.values()] == [[layer.weight]]  # oneDNN ran
             torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
             layer.weight.mul_(-2)
             torch.testing.assert_close(layer(x), -2 * plain, rtol=1e-5, atol=1e-5)
@@ -270,7 +270,7 @@ def test_prepacked_linear_under_bf16_autocast_gives_autocasts_bits():
         want = [F.linear(xi, layer.weight) for layer, xi in zip(layers, x, strict=True)]
         with prepack.inference():
             got = [layer(xi) for layer, xi in zip(layers, x, strict=True)]
-            assert {(hit[0](), hit[2].dtype) for hit in prepack._PACKED.values()} == {
+            assert {(hit[0][0](), hit[2].dtype) for hit in prepack._PACKED.values()} == {
                 (layer.weight, torch.bfloat16) for layer in layers}
             many = torch.randn(prepack.FEW_ROWS + 1, 64)
             assert torch.equal(layers[1](many), F.linear(many, layers[1].weight))
@@ -278,10 +278,41 @@ def test_prepacked_linear_under_bf16_autocast_gives_autocasts_bits():
         assert g.dtype == torch.bfloat16 and torch.equal(g, w)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_prepacked_linears_multiply_layers_of_one_input_in_one_product(precision):
+    """`prepack.linears` inside `prepack.inference()`: three layers reading one input (each too small to pack alone
+    in fp32, large enough together) read one packed copy of their weights stacked, and each output is its layer's
+    (bf16: the same bits as autocast's F.linear; fp32: to float rounding). Outside the scope, or where one layer is
+    not a `prepack.Linear` (an int8 layer, say), each layer runs itself."""
+    if not (prepack.available_bf16() if precision == "bf16" else prepack.available()):
+        pytest.skip(f"oneDNN does not pack {precision} weights on this CPU")
+    torch.manual_seed(19)
+    layers, x = tuple(prepack.Linear(128, 2048) for _ in range(3)), torch.randn(8, 1, 128)
+    assert all(layer.weight.numel() < prepack.LARGE for layer in layers)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        want = [F.linear(x, layer.weight) for layer in layers]
+        assert all(torch.equal(g, w) for g, w in zip(prepack.linears(x, layers), want, strict=True))
+        with prepack.inference():
+            got = prepack.linears(x, layers)
+            assert [[ref() for ref in hit[0]] for hit in prepack._PACKED.values()] == [[w.weight for w in layers]]
+            plain = (torch.nn.Linear(128, 2048, bias=False),) + layers[1:]
+            prepack._PACKED.clear()
+            mixed = prepack.linears(x, plain)
+            assert all(len(refs) == 1 for refs, _, _ in prepack._PACKED.values())  # each layer itself
+        assert torch.equal(mixed[0], F.linear(x, plain[0].weight))
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape == (8, 1, 2048) and g.dtype == w.dtype
+        if precision == "bf16":
+            assert torch.equal(g, w)
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("version,precision", [(v, "fp32") for v in VERSIONS] + [("t5_1_1", "bf16")])
 def test_decoding_real_inputs_with_packed_weights_equals_plain(version, precision, vocab_file, monkeypatch):
     """Greedy and beam decoding of RTE validation inputs read packed weights on CPUs, in fp32 and under bf16
-    autocast; the tokens are the ones F.linear's layers decode, and the logits agree to float rounding."""
+    autocast (there with a step's q, k, v and wi_0, wi_1 stacked, one product each); the tokens are the ones
+    F.linear's layers decode, and the logits agree to float rounding."""
     if not (prepack.available_bf16() if precision == "bf16" else prepack.available()):
         pytest.skip(f"oneDNN does not pack {precision} weights on this CPU")
     enc = _converted(_rte_examples(6), False, {"inputs": 96, "targets": 8})["encoder_input_tokens"]
@@ -290,12 +321,14 @@ def test_decoding_real_inputs_with_packed_weights_equals_plain(version, precisio
     model = M.T5(M.T5Config(vocab_size=32128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
                             feed_forward=proj, tie_word_embeddings=tie)).eval()
     reads, pack = [], prepack.packed
-    monkeypatch.setattr(prepack, "packed", lambda weight, rows, dtype=torch.float32: reads.append(rows) or pack(
-        weight, rows, dtype))
+    monkeypatch.setattr(prepack, "packed", lambda weights, rows, dtype=torch.float32: reads.append(
+        (len(weights), rows)) or pack(weights, rows, dtype))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
     with autocast:
         packed = [model.generate(enc, max_length=8), model.generate(enc, max_length=8, num_beams=3)]
-    assert reads and max(reads) == 6 * 3  # the output layer, at each step's rows (beams x batch at most)
+    assert reads and max(rows for _, rows in reads) == 6 * 3  # each step's rows (beams x batch at most)
+    if precision == "bf16":  # every layer packed; q, k, v stacked, and wi_0, wi_1 (`prepack.linears`)
+        assert {stacked for stacked, _ in reads} == {1, 2, 3}
     monkeypatch.setattr(prepack, "available", lambda: False)
     with autocast:
         plain = [model.generate(enc, max_length=8), model.generate(enc, max_length=8, num_beams=3)]
