@@ -52,9 +52,8 @@ def generate(model: T5, encoder_input_tokens: Tensor, max_length: int = 64, num_
 def start_cache(model: T5, memory: Tensor, encoder_tokens: Tensor, max_length: int,
                 cross: list[tuple[Tensor, Tensor]] | None = None) -> dict:
     """What every step reads: per-layer cross-attention keys/values (computed once, or given), self-attention
-    key/value buffers of the full length, and the self-attention bias of every (query,
-    key) position pair with the causal mask folded in. Shapes never change between steps, so a step can be captured
-    as a CUDA graph."""
+    key/value buffers of the full length, and the self-attention bias of every (query, key) position pair with the
+    causal mask folded in. Shapes never change between steps, so a step can be captured as a CUDA graph."""
     cfg, device = model.cfg, memory.device
     shape = (memory.shape[0], cfg.num_heads, max_length, cfg.d_kv)
     cross = model.cross_keys_values(memory) if cross is None else cross
