@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import gin
@@ -87,11 +87,11 @@ def mixture_search(
     fits = {m: regression.cross_validate(m, draws, losses, w, folds, seed) for m in models}
     chosen = regression.best_model(fits, list(models))
     predictor = regression.fit(chosen, draws, losses, seed)
-    proposal = regression.propose(predictor, w, prior, concentration, candidates, top_k, seed)
-    results = _results(mixture, tasks, evaluated, weights, resolved, draws, losses, fits, chosen, predictor,
-                       proposal, compare, dict(num_runs=num_runs, steps=steps, concentration=concentration,
-                                               seed=seed, eval_num_examples=eval_num_examples, folds=folds,
-                                               candidates=candidates, top_k=top_k))
+    search = _Fitted(draws, losses, fits, chosen, predictor,
+                     regression.propose(predictor, w, prior, concentration, candidates, top_k, seed))
+    results = _results(mixture, resolved, evaluated, weights, search, compare,
+                       dict(num_runs=num_runs, steps=steps, concentration=concentration, seed=seed,
+                            eval_num_examples=eval_num_examples, folds=folds, candidates=candidates, top_k=top_k))
     if validation_dir:
         results["validation"] = _validation(Path(validation_dir), validation_arm, tasks, evaluated, w, predictor)
     _write(root, results)
@@ -196,12 +196,27 @@ def _strategy_shares(resolved: mixing.Resolved, settings: Mapping, name: str) ->
     return np.array([rates[t] / total for t in resolved.rates])
 
 
-def _results(mixture, tasks, evaluated, weights, resolved, draws, losses, fits, chosen, predictor, proposal,
-             compare, settings) -> dict:
+@dataclass(frozen=True)
+class _Fitted:
+    """What a search measured and fitted: the proxies' shares (`draws`) and held-out losses, every model's
+    cross-validated fit, the model chosen, its predictor fitted on all proxies, and the proposed shares."""
+
+    draws: np.ndarray
+    losses: np.ndarray
+    fits: dict[str, dict]
+    chosen: str
+    predictor: regression.Predictor
+    proposal: np.ndarray
+
+
+def _results(mixture: str, resolved: mixing.Resolved, evaluated: list[str], weights: Mapping[str, float],
+             search: _Fitted, compare: Mapping[str, Mapping], settings: dict) -> dict:
     """results.json's content (before any validation)."""
+    tasks = list(resolved.rates)
     w = np.array([weights[t] for t in evaluated])
+    draws, losses, fits, predictor = search.draws, search.losses, search.fits, search.predictor
     measured = regression.target(losses, w)
-    cv = fits[chosen]["predicted"]
+    cv = fits[search.chosen]["predicted"]
     strategies_ = {"prior (the mixture's configured rates)": np.array([resolved.shares[t] for t in tasks]),
                    **{name: _strategy_shares(resolved, s, name) for name, s in compare.items()}}
 
@@ -219,8 +234,8 @@ def _results(mixture, tasks, evaluated, weights, resolved, draws, losses, fits, 
                                                           strict=True))],
         "fits": {m: {"spearman": f["spearman"], "per_task": dict(zip(evaluated, f["per_task"], strict=True))}
                  for m, f in fits.items()},
-        "model": chosen, "spearman": fits[chosen]["spearman"],
-        "proposal": predicted(proposal),
+        "model": search.chosen, "spearman": fits[search.chosen]["spearman"],
+        "proposal": predicted(search.proposal),
         "strategies": {name: predicted(shares) for name, shares in strategies_.items()},
     }
 
