@@ -1,4 +1,5 @@
-"""Decoding with a key/value cache: greedy (replayed as one CUDA graph per step on a GPU) and beam search.
+"""Decoding with a key/value cache: greedy (replayed as one CUDA graph per step on a GPU, compiled by inductor on a
+CPU where asked) and beam search.
 
 `T5.generate` is the entry point; these functions read the network's layers and never change its weights. Each
 step runs `DecoderBlock.forward` for one position against the cached keys and values, so decoding computes what a
@@ -8,6 +9,7 @@ full forward pass over the decoded prefix computes (tests/test_model.py checks i
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -29,7 +31,8 @@ Step = Callable[[Tensor, Tensor, dict], Tensor]
 @prepack.inference()  # the weights hold still while decoding: on CPUs its steps read packed copies
 def generate(model: T5, encoder_input_tokens: Tensor, max_length: int = 64, num_beams: int = 1,
              length_penalty: float = 1.0, cuda_graph: bool = True, until_eos: bool = True,
-             memory: Tensor | None = None, cross: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
+             memory: Tensor | None = None, cross: list[tuple[Tensor, Tensor]] | None = None,
+             compile_steps: bool = False) -> Tensor:
     """Decode (B, ≤max_length) token ids, stopping at EOS (kept), padded with 0 after it.
 
     Greedy for num_beams=1; otherwise beam search scoring finished hypotheses by
@@ -40,12 +43,13 @@ def generate(model: T5, encoder_input_tokens: Tensor, max_length: int = 64, num_
     generated token, whatever it generates (`evaluate.decoding_speed`).
     `memory` (the encoder's output) and `cross` (`T5.cross_keys_values` of it), where the caller has them already:
     evaluation shares them with its teacher-forced scoring of the same inputs.
+    `compile_steps`: on a CPU, greedy steps run `compiled_step` (it pays for long decodes; see there).
     """
     if memory is None:
         memory = model.encode(encoder_input_tokens)
     if num_beams == 1:
         return greedy(model, memory, encoder_input_tokens, max_length, cuda_graph and memory.is_cuda, until_eos,
-                      cross)
+                      cross, compile_steps and not memory.is_cuda)
     return beam_search(model, memory, encoder_input_tokens, max_length, num_beams, length_penalty, cross)
 
 
@@ -92,6 +96,23 @@ def self_attention(attn: Attention, h: Tensor, bias: Tensor, keys: Tensor, value
     return attn.attend_and_project(q, keys, values, bias)
 
 
+@functools.cache  # one compiled function for the process: dynamo keeps its graphs per model and shapes
+def compiled_step() -> Callable[[T5, Tensor, Tensor, dict], Tensor]:
+    """`step` through `torch.compile` (inductor), dynamic in batch and input length; compiled at its first call
+    for a model and maximum length.
+
+    Why: a CPU step of a small model is some 800 operators from Python, about half its time (T5-small's layers at
+    d_model 64 step in 6.7 ms against 14); inductor fuses the norms, residuals, casts and softmaxes between the
+    products. The products are `prepack`'s operator, which reads the packed weights when it runs, so the graph
+    holds no copy of a weight: the same compiled step decodes with the weights as they are at each call (after
+    training steps, a loaded checkpoint). Attention to the cache is `model._attend_one_query`'s fused loops. On the
+    AVX512-BF16 EPYC (2 cores), a greedy decode of T5-small in bf16 (64 steps, batch 8, 512 inputs, the encoder's
+    pass aside) took 0.68-0.75 s against 0.92-0.98 eager, after a compile of some 15-30 s: it pays for decodes of
+    thousands of steps (a generative task's validation set), not for a classification task's few tokens.
+    """
+    return torch.compile(step, dynamic=True)
+
+
 def graphed_step(model: T5, cache: dict, batch: int) -> Step:
     """`step` captured once as a CUDA graph over static token and position buffers and this cache."""
     device = cache["self_bias"].device
@@ -120,13 +141,15 @@ def graphed_step(model: T5, cache: dict, batch: int) -> Step:
 
 
 def greedy(model: T5, memory: Tensor, encoder_tokens: Tensor, max_length: int, cuda_graph: bool,
-           until_eos: bool = True, cross: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
+           until_eos: bool = True, cross: list[tuple[Tensor, Tensor]] | None = None,
+           compiled: bool = False) -> Tensor:
     """The most likely next token at every step, until every row has produced EOS (unless not `until_eos`) or
-    `max_length` tokens."""
+    `max_length` tokens; each step replayed as a CUDA graph (`cuda_graph`) or run by `compiled_step` (`compiled`)."""
     b, cfg = memory.shape[0], model.cfg
     cache = start_cache(model, memory, encoder_tokens, max_length, cross)
+    run = compiled_step() if compiled else step
     next_logits: Step = (graphed_step(model, cache, b) if cuda_graph
-                         else lambda token, t, c: step(model, token, t, c))
+                         else lambda token, t, c: run(model, token, t, c))
     token = torch.full((b,), cfg.decoder_start_id, dtype=torch.long, device=memory.device)
     done = torch.zeros(b, dtype=torch.bool, device=memory.device)
     positions = torch.arange(max_length, device=memory.device)

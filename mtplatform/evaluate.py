@@ -31,11 +31,12 @@ Generate = Callable[..., torch.Tensor]  # (encoder tokens, max_length=, num_beam
 
 def make_predict_fn(model: T5, batch_size: int, max_decode_length: int, num_beams: int = 1,
                     precision: str = "fp32", device: torch.device | str = "cpu", generate: Generate | None = None,
-                    scorer: scoring.Scorer | None = None):
+                    scorer: scoring.Scorer | None = None, compile_decoding: bool = False):
     """seqio `predict_fn`: (index, features) dataset -> [(index, generated token ids)]. `generate` replaces
     `model.generate` (a peer's decoder, timed against ours by benchmarks/eval_throughput.py). `scorer` is fed every
     batch too, with the encoder's output and cross-attention keys and values our decoding computed (a peer's
-    decoder shares nothing: the scorer encodes the batch again)."""
+    decoder shares nothing: the scorer encodes the batch again). `compile_decoding`: greedy steps on a CPU run
+    compiled (`decoding.compiled_step`)."""
 
     @torch.no_grad()
     def predict_fn(ds: tf.data.Dataset, *unused) -> list[tuple[int, list[int]]]:
@@ -46,7 +47,8 @@ def make_predict_fn(model: T5, batch_size: int, max_decode_length: int, num_beam
             for indices, features in without_autotune(ds.batch(batch_size)).as_numpy_iterator():
                 enc = torch.tensor(features["encoder_input_tokens"]).to(device)
                 with precision_lib.autocast(precision, device):
-                    tokens, memory, cross = _decode_batch(model, enc, max_decode_length, num_beams, generate)
+                    tokens, memory, cross = _decode_batch(model, enc, max_decode_length, num_beams, generate,
+                                                          compile_decoding)
                     if scorer is not None:
                         scorer.add(indices, features, memory, cross)
                 # seqio stacks all predictions into one array: give every row the same length (0 = pad after EOS).
@@ -59,14 +61,16 @@ def make_predict_fn(model: T5, batch_size: int, max_decode_length: int, num_beam
     return predict_fn
 
 
-def _decode_batch(model: T5, enc: torch.Tensor, max_length: int, num_beams: int, generate: Generate | None):
+def _decode_batch(model: T5, enc: torch.Tensor, max_length: int, num_beams: int, generate: Generate | None,
+                  compile_steps: bool = False):
     """(generated ids, the encoder's output, its cross-attention keys and values): the last two None where a
     peer's `generate` decoded."""
     if generate is not None:
         return generate(enc, max_length=max_length, num_beams=num_beams), None, None
     memory = model.encode(enc)
     cross = model.cross_keys_values(memory)
-    return decoding.generate(model, enc, max_length, num_beams, memory=memory, cross=cross), memory, cross
+    return (decoding.generate(model, enc, max_length, num_beams, memory=memory, cross=cross,
+                              compile_steps=compile_steps), memory, cross)
 
 
 @dataclass
@@ -92,11 +96,12 @@ def evaluate_tasks(model: T5, mixture_or_task_name: str, *, split: str = "valida
                    batch_size: int = 32, max_decode_length: int = 64, num_beams: int = 1, precision: str = "fp32",
                    device: torch.device | str = "cpu", step: int | None = None,
                    generate: Generate | None = None, replicates: bool = True,
-                   decode: bool = True) -> dict[str, TaskEvaluation]:
+                   decode: bool = True, compile_decoding: bool = False) -> dict[str, TaskEvaluation]:
     """Every task of a mixture that has metrics and `split`: the official metrics of decoded predictions, the
     teacher-forced figures (`mtplatform.scoring`) and, with `replicates`, their bootstrap replicates (`generate`:
     see `make_predict_fn`). `decode=False` gives the teacher-forced figures alone, without decoding (what a
-    mixture search's proxy runs are ranked on, at a fraction of the cost)."""
+    mixture search's proxy runs are ranked on, at a fraction of the cost). `compile_decoding`: see
+    `make_predict_fn`."""
     tasks = seqio.get_subtasks(seqio.get_mixture_or_task(mixture_or_task_name))
     scored = [t for t in tasks if t.metric_fns and split in t.splits]
     results = {}
@@ -125,7 +130,7 @@ def evaluate_tasks(model: T5, mixture_or_task_name: str, *, split: str = "valida
         if decode:  # the scorer rides along with decoding, sharing its encoder pass
             scorer = scoring.Scorer(model, label_ids, gold, device)
             predict_fn = make_predict_fn(model, batch_size, max_decode_length, num_beams, precision, device,
-                                         generate, scorer)
+                                         generate, scorer, compile_decoding)
             future, outputs = evaluator.evaluate(compute_metrics=True, step=step, predict_fn=predict_fn)
             decoded = {k: _scalar(v) for k, v in future.result()[task.name].items()}
             targets = [_postprocessed(task, text, ex, True) for text, ex in zip(texts, examples, strict=True)]
@@ -248,19 +253,23 @@ def evaluate_checkpoint(
     precision: str = "auto",
     decode: bool = True,
     quantize: str | None = None,
+    compile_decoding: bool = False,
 ) -> tuple[dict, Path]:
     """Evaluate a checkpoint; write `metrics.json`, the metrics' bootstrap replicates (`bootstrap.npz`) and
     TensorBoard scalars to `output_dir` (default: `<model dir>/eval_<split>`). Returns (metrics, metrics file).
     `decode=False`: the teacher-forced figures only (`evaluate_tasks`). `quantize="int8"`: the model's linear
-    layers in int8 (`mtplatform.quantize`), on the CPU; metrics.json says so."""
+    layers in int8 (`mtplatform.quantize`), on the CPU; metrics.json says so. `compile_decoding`: greedy steps
+    on a CPU run compiled (`decoding.compiled_step`: some 20% faster a step after a compile of half a minute,
+    for long decodes of many examples)."""
     check_settings("evaluate_checkpoint", mixture_or_task_name, split, num_examples, batch_size, max_decode_length,
-                   num_beams, task_feature_lengths, quantize=quantize, precision=precision)
+                   num_beams, task_feature_lengths, quantize=quantize, precision=precision,
+                   compile_decoding=compile_decoding)
     model, step, ckpt, device = model_from(checkpoint_path, quantize)
     precision = _resolved_precision(model, precision, device)
     results = evaluate_tasks(model, mixture_or_task_name, split=split, task_feature_lengths=task_feature_lengths,
                              num_examples=num_examples, batch_size=batch_size, max_decode_length=max_decode_length,
                              num_beams=num_beams, precision=precision, device=device, step=step,
-                             decode=decode)
+                             decode=decode, compile_decoding=compile_decoding)
     metrics = {task: result.metrics for task, result in results.items()}
     out = Path(output_dir) if output_dir else ckpt.parent / f"eval_{split}"
     write_metrics({"step": step, "checkpoint": str(ckpt), "metrics": metrics,
@@ -291,14 +300,17 @@ def infer(
     num_beams: int = 1,
     precision: str = "auto",
     quantize: str | None = None,
+    compile_decoding: bool = False,
 ) -> Path:
     """Predictions as JSON lines {task, input, target, prediction}: for a task's (or mixture's) split, or for the
     lines of `input_file` (then tokenized with the first task's vocabulary when a task is named, else the
-    configured one). `quantize="int8"`: the model's linear layers in int8, on the CPU."""
+    configured one). `quantize="int8"`: the model's linear layers in int8, on the CPU. `compile_decoding`: as
+    `evaluate_checkpoint`'s."""
     from tqdm import tqdm
 
     check_settings("infer", mixture_or_task_name, split, num_examples, batch_size, max_decode_length, num_beams,
-                   task_feature_lengths, needs_split=not input_file, quantize=quantize, precision=precision)
+                   task_feature_lengths, needs_split=not input_file, quantize=quantize, precision=precision,
+                   compile_decoding=compile_decoding)
     model, _, _, device = model_from(checkpoint_path, quantize)
     precision = _resolved_precision(model, precision, device)
     rows: list[dict] = []
@@ -306,7 +318,8 @@ def infer(
                                          num_examples):
         for start in tqdm(range(0, len(items), batch_size), desc=f"infer {name}", unit="batch"):
             chunk = items[start:start + batch_size]
-            out = _decode([ids for _, ids, _ in chunk], model, max_decode_length, num_beams, precision, device)
+            out = _decode([ids for _, ids, _ in chunk], model, max_decode_length, num_beams, precision, device,
+                          compile_decoding)
             rows.extend({**row, "prediction": vocab.decode(tokens)}
                         for (row, _, vocab), tokens in zip(chunk, out, strict=True))
     path = Path(output_file)
@@ -318,11 +331,12 @@ def infer(
 
 
 def _decode(inputs: list[list[int]], model: T5, max_decode_length: int, num_beams: int, precision: str,
-            device: torch.device) -> list[list[int]]:
+            device: torch.device, compile_steps: bool = False) -> list[list[int]]:
     """Generated ids (EOS and the padding after it included) for a batch of tokenized inputs."""
     enc = _padded(inputs)
     with precision_lib.autocast(precision, device):
-        return model.generate(enc.to(device), max_length=max_decode_length, num_beams=num_beams).cpu().tolist()
+        return model.generate(enc.to(device), max_length=max_decode_length, num_beams=num_beams,
+                              compile_steps=compile_steps).cpu().tolist()
 
 
 def _padded(inputs: list[list[int]]) -> torch.Tensor:
@@ -368,7 +382,7 @@ InferenceInput = tuple[dict, list[int], seqio.Vocabulary]  # (row without its pr
 def check_settings(where: str, mixture_or_task_name: str | None, split: str, num_examples: int | None,
                    batch_size: int, max_decode_length: int, num_beams: int,
                    task_feature_lengths: Mapping[str, int] | None, needs_split: bool = True,
-                   quantize: str | None = None, precision: str = "auto") -> None:
+                   quantize: str | None = None, precision: str = "auto", compile_decoding: bool = False) -> None:
     """`evaluate_checkpoint`'s or `infer`'s settings, checked before the model is loaded: one line naming the
     setting (`where`.<name>), its value and its range; a split no task of the mixture has is named with theirs."""
     from mtplatform import quantize as quantize_lib
@@ -378,6 +392,8 @@ def check_settings(where: str, mixture_or_task_name: str | None, split: str, num
     validation.positive_int(f"{where}.batch_size", batch_size)
     validation.positive_int(f"{where}.max_decode_length", max_decode_length)
     validation.positive_int(f"{where}.num_beams", num_beams)
+    if not isinstance(compile_decoding, bool):
+        raise ValueError(f"{where}.compile_decoding = {compile_decoding!r}: must be True or False")
     if task_feature_lengths is not None:
         validation.check_feature_lengths(task_feature_lengths)
     if mixture_or_task_name is None:

@@ -19,6 +19,11 @@ copy of their weights stacked: one call's fixed cost instead of several.
 
 A packed copy lives as long as the outermost `inference()`: the weights cannot change behind its back (an
 optimizer step, a loaded checkpoint, FSDP gathering a parameter into reused memory).
+
+Under `torch.compile` (a compiled decoding step, `decoding.compiled_step`) the packed product is one opaque operator,
+`mtplatform::packed_product`, that looks its packed copy up when it runs: inductor fuses what lies between the
+products and the weights stay the graph's inputs, never constants, so a compiled step follows the weights as they
+change between scopes (inductor's own `freezing` folds them in and would decode with stale ones).
 """
 
 from __future__ import annotations
@@ -58,25 +63,35 @@ def inference() -> Iterator[None]:
             _PACKED.clear()
 
 
-@functools.cache  # asked at every layer of every step; the build does not change
+@torch.compiler.assume_constant_result  # a compiled step asks while tracing: a constant of its graph
 def available() -> bool:
     """Whether this torch build has oneDNN and the prepacking operators."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    return _builds()[0]
 
 
-@functools.cache
+@torch.compiler.assume_constant_result
 def available_bf16() -> bool:
     """Whether oneDNN packs bf16 weights on this CPU (it needs AVX512BW/VL/DQ or AVX-NE-CONVERT; bf16 autocast on
     an AVX2-only CPU, emulated and slow, keeps F.linear)."""
-    return available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return _builds()[1]
+
+
+@functools.cache  # asked at every layer of every step; the build does not change. Behind the two above: dynamo
+def _builds() -> tuple[bool, bool]:  # would trace into a cached function, and warn
+    """(`available`, `available_bf16`)."""
+    ops = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    return ops, ops and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def applies(x: Tensor, *weights: Tensor) -> bool:
     """Whether `linear(x, weight)` (`linears(x, weights)`) reads a packed weight: inside `inference()`, at most
     `FEW_ROWS` rows, on the CPU, fp32 weights, no gradients; and either bf16 autocast where oneDNN packs bf16 (any
     weight) or no autocast, an fp32 `x` and `LARGE` weights (together)."""
-    if not (_open > 0 and x.numel() <= FEW_ROWS * x.shape[-1] and x.device.type == "cpu"
-            and all(w.dtype == torch.float32 for w in weights) and not torch.is_grad_enabled() and available()):
+    # While tracing a compiled step, `_open` is not read (the trace would depend on its value): the step runs only
+    # inside a scope (`decoding.generate`), and the operator it calls checks again (`_product`).
+    if not ((torch.compiler.is_compiling() or _open > 0) and x.numel() <= FEW_ROWS * x.shape[-1]
+            and x.device.type == "cpu" and all(w.dtype == torch.float32 for w in weights)
+            and not torch.is_grad_enabled() and available()):
         return False
     if torch.is_autocast_enabled("cpu"):
         return torch.get_autocast_dtype("cpu") == torch.bfloat16 and available_bf16()
@@ -122,11 +137,37 @@ def linears(x: Tensor, layers: tuple[nn.Module, ...]) -> list[Tensor]:
 
 
 def _packed_product(x: Tensor, weights: tuple[Tensor, ...]) -> Tensor:
-    """x times the packed stack of `weights`, (..., their output rows summed): where `applies`."""
-    dtype = torch.bfloat16 if torch.is_autocast_enabled("cpu") else torch.float32
+    """x times the packed stack of `weights`, (..., their output rows summed): where `applies`. In bf16 where
+    autocast is on: decided here, as a compiled graph runs without autocast (it traced autocast's casts)."""
+    bf16 = torch.is_autocast_enabled("cpu")
+    if torch.compiler.is_compiling():
+        return torch.ops.mtplatform.packed_product(x, list(weights), bf16)
+    return _product(x, weights, bf16)
+
+
+def _product(x: Tensor, weights: tuple[Tensor, ...], bf16: bool) -> Tensor:
+    """`_packed_product`'s work; outside `inference()` (a compiled step called outside `decoding.generate`),
+    `F.linear` of the weights stacked, in the same dtype."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
     rows = x.reshape(-1, x.shape[-1]).to(dtype)
-    out = torch.ops.mkldnn._linear_pointwise(rows, packed(weights, rows.shape[0], dtype), None, "none", [], "")
+    if _open:
+        out = torch.ops.mkldnn._linear_pointwise(rows, packed(weights, rows.shape[0], dtype), None, "none", [], "")
+    else:
+        out = F.linear(rows, torch.cat(weights).to(dtype))
     return out.view(*x.shape[:-1], out.shape[-1])
+
+
+@torch.library.custom_op("mtplatform::packed_product", mutates_args=())
+def _packed_product_op(x: Tensor, weights: list[Tensor], bf16: bool) -> Tensor:
+    """`_product` as an operator a compiled graph calls without looking inside (packed copies are not tensors
+    that inductor can take as inputs)."""
+    return _product(x, tuple(weights), bf16)
+
+
+@_packed_product_op.register_fake
+def _(x: Tensor, weights: list[Tensor], bf16: bool) -> Tensor:
+    return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights)),
+                       dtype=torch.bfloat16 if bf16 else torch.float32)
 
 
 class Linear(nn.Linear):

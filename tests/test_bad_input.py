@@ -262,6 +262,8 @@ CASES = [
     Case("max_decode_length_zero", _eval("--gin.evaluate_checkpoint.max_decode_length=0"),
          ("evaluate_checkpoint.max_decode_length = 0",)),
     Case("num_beams_zero", _eval("--gin.evaluate_checkpoint.num_beams=0"), ("evaluate_checkpoint.num_beams = 0",)),
+    Case("compile_decoding_not_bool", _eval("--gin.evaluate_checkpoint.compile_decoding='yes'"),
+         ("evaluate_checkpoint.compile_decoding = 'yes'", "True or False")),
     Case("eval_batch_size_zero", _eval("--gin.evaluate_checkpoint.batch_size=0"),
          ("evaluate_checkpoint.batch_size = 0",)),
     Case("infer_input_not_utf8", _infer("in.txt"), ("in.txt:2", "not UTF-8"),

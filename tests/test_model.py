@@ -342,6 +342,87 @@ def test_decoding_real_inputs_with_packed_weights_equals_plain(version, precisio
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # bf16: the same bits
 
 
+def _decoding_model(seed: int) -> M.T5:
+    torch.manual_seed(seed)
+    return M.T5(M.T5Config(vocab_size=32128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)).eval()
+
+
+def test_compiled_decoding_step_is_one_graph(vocab_file):
+    """A greedy step traces into one graph under bf16 autocast, packed products included (its products are
+    `prepack`'s operator, the CPU probes constants): a graph break would run the step piecewise, slower."""
+    enc = _converted(_rte_examples(3), False, {"inputs": 96, "targets": 8})["encoder_input_tokens"]
+    model = _decoding_model(3)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), prepack.inference():
+        cache = decoding.start_cache(model, model.encode(enc), enc, 8)
+        token = torch.full((3,), model.cfg.decoder_start_id)
+        explained = torch._dynamo.explain(decoding.step)(model, token, torch.zeros(1, dtype=torch.long), cache)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    assert explained.graph_count == 1
+    names = {str(n.target) for g in explained.graphs for n in g.graph.nodes}
+    if prepack.available_bf16():
+        assert "mtplatform.packed_product" in names
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_compiled_decoding_follows_weights_changed_between_calls(precision, vocab_file):
+    """`generate(compile_steps=True)` decodes RTE validation inputs as eager steps do (fp32: the same tokens; bf16:
+    the best token at each step to bf16 rounding, the graph rounding its fused operations once), and after the weights
+    change in place (a checkpoint loaded into the model) the same compiled step decodes with the new weights:
+    no weight is a constant of its graph. Another batch size and input length reuse the graph."""
+    examples = _converted(_rte_examples(6), False, {"inputs": 96, "targets": 8})["encoder_input_tokens"]
+    model, other = _decoding_model(4), _decoding_model(5)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    decoded, stats = [], torch._dynamo.utils.counters["stats"]
+    for weights in (None, other.state_dict()):
+        if weights is not None:
+            model.load_state_dict(weights)
+        with autocast:
+            compiled = model.generate(examples, max_length=8, compile_steps=True)
+            eager = model.generate(examples, max_length=8)
+        if weights is None:
+            graphs = stats["unique_graphs"]  # the step's graph, compiled by this first decode
+        if precision == "fp32":
+            assert compiled.tolist() == eager.tolist()
+        else:  # eager bf16 steps round each operation: tokens may differ where logits are close
+            _assert_greedy_within_rounding(model, examples, compiled)
+        decoded.append(compiled)
+    assert decoded[0].tolist() != decoded[1].tolist()  # the new weights decode differently
+    with autocast:
+        fewer = model.generate(examples[:4, :60], max_length=8, compile_steps=True)
+        if precision == "fp32":
+            assert fewer.tolist() == model.generate(examples[:4, :60], max_length=8).tolist()
+    assert stats["unique_graphs"] == graphs  # neither new weights nor new shapes compiled again
+
+
+@pytest.mark.slow
+def test_evaluation_with_compiled_decoding_scores_as_eager(vocab_file, monkeypatch):
+    """`evaluate_tasks(compile_decoding=True)` on real SQuAD validation examples (fp32) decodes through the compiled
+    step and gives the metrics eager decoding gives."""
+    from mtplatform import evaluate
+
+    model = _decoding_model(6)
+    runs, compiled_step = [], decoding.compiled_step
+    monkeypatch.setattr(decoding, "compiled_step", lambda: runs.append(1) or compiled_step())
+    settings = dict(num_examples=16, batch_size=8, max_decode_length=8, replicates=False)
+    got = evaluate.evaluate_tasks(model, "squad_v1_devsplit", compile_decoding=True, **settings)
+    assert len(runs) == 2  # each batch's steps
+    want = evaluate.evaluate_tasks(model, "squad_v1_devsplit", **settings)
+    assert got["squad_v1_devsplit"].metrics == want["squad_v1_devsplit"].metrics
+    assert len(runs) == 2
+
+
+def _assert_greedy_within_rounding(model: M.T5, enc: torch.Tensor, tokens: torch.Tensor) -> None:
+    """Each greedy token, up to its row's EOS, has a logit within bf16 rounding of the best one when a full forward
+    pass scores the decoded prefix."""
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(enc, F.pad(tokens[:, :-1], (1, 0))).float()
+    gap = logits.max(-1).values - logits.gather(-1, tokens[..., None])[..., 0]
+    eos = (tokens == model.cfg.eos_id).int()
+    decoded = eos.cumsum(1) - eos == 0  # positions up to and including the first EOS
+    assert gap[decoded].max().item() <= 0.02 * logits.abs().max().item()
+
+
 # --- packing -----------------------------------------------------------------------------------------------------
 
 
