@@ -61,6 +61,8 @@ BENCHMARKS: dict[str, tuple[list[str], list[Figure]]] = {
                "decoded, in the precision `auto` picks (bf16 where native)", "HF generate", ">= 2"),
         Figure("ratio_greedy_same_allocator", "the same, the peer's process keeping its freed memory too",
                "HF generate, freed memory kept", ""),
+        Figure("ratio_greedy_compiled", "the same, ours with compiled steps on a CPU (`compile_steps=True`, "
+               "`evaluate_checkpoint.compile_decoding`), its compile not timed (printed)", "HF generate", ">= 2"),
     ]),
     "quantize": (["--quick"], [
         Figure("size_ratio", "weights on disk, int8 linear layers (dynamic quantization) over fp32, T5 1.1 small",
