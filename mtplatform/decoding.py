@@ -43,14 +43,15 @@ def generate(model: T5, encoder_input_tokens: Tensor, max_length: int = 64, num_
     generated token, whatever it generates (`evaluate.decoding_speed`).
     `memory` (the encoder's output) and `cross` (`T5.cross_keys_values` of it), where the caller has them already:
     evaluation shares them with its teacher-forced scoring of the same inputs.
-    `compile_steps`: on a CPU, greedy steps run `compiled_step` (it pays for long decodes; see there).
+    `compile_steps`: on a CPU, steps run `compiled_step` (it pays for long decodes; see there).
     """
     if memory is None:
         memory = model.encode(encoder_input_tokens)
     if num_beams == 1:
         return greedy(model, memory, encoder_input_tokens, max_length, cuda_graph and memory.is_cuda, until_eos,
                       cross, compile_steps and not memory.is_cuda)
-    return beam_search(model, memory, encoder_input_tokens, max_length, num_beams, length_penalty, cross)
+    return beam_search(model, memory, encoder_input_tokens, max_length, num_beams, length_penalty, cross,
+                       compile_steps and not memory.is_cuda)
 
 
 def start_cache(model: T5, memory: Tensor, encoder_tokens: Tensor, max_length: int,
@@ -165,13 +166,16 @@ def greedy(model: T5, memory: Tensor, encoder_tokens: Tensor, max_length: int, c
 
 
 def beam_search(model: T5, memory: Tensor, encoder_tokens: Tensor, max_length: int, num_beams: int,
-                length_penalty: float, cross: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
-    """The best of `num_beams` hypotheses per row by sum log-prob / length**length_penalty."""
+                length_penalty: float, cross: list[tuple[Tensor, Tensor]] | None = None,
+                compiled: bool = False) -> Tensor:
+    """The best of `num_beams` hypotheses per row by sum log-prob / length**length_penalty; each step run by
+    `compiled_step` where `compiled`."""
     b, k, eos, pad = memory.shape[0], num_beams, model.cfg.eos_id, model.cfg.pad_id
     memory = memory.repeat_interleave(k, 0)
     if cross is not None:
         cross = [(keys.repeat_interleave(k, 0), values.repeat_interleave(k, 0)) for keys, values in cross]
     cache = start_cache(model, memory, encoder_tokens.repeat_interleave(k, 0), max_length, cross)
+    run = compiled_step() if compiled else step
     device = memory.device
     seqs = torch.zeros(b * k, 0, dtype=torch.long, device=device)
     scores = torch.full((b, k), -math.inf, device=device)
@@ -180,7 +184,7 @@ def beam_search(model: T5, memory: Tensor, encoder_tokens: Tensor, max_length: i
     finished: list[list[tuple[float, Tensor]]] = [[] for _ in range(b)]
     positions = torch.arange(max_length, device=device)
     for t in range(max_length):
-        logp = F.log_softmax(step(model, token, positions[t : t + 1], cache), -1).view(b, k, -1)
+        logp = F.log_softmax(run(model, token, positions[t : t + 1], cache), -1).view(b, k, -1)
         vocab = logp.shape[-1]
         cand = (scores[:, :, None] + logp).view(b, -1)
         top_scores, top_idx = cand.topk(2 * k, dim=1)

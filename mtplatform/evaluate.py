@@ -35,7 +35,7 @@ def make_predict_fn(model: T5, batch_size: int, max_decode_length: int, num_beam
     """seqio `predict_fn`: (index, features) dataset -> [(index, generated token ids)]. `generate` replaces
     `model.generate` (a peer's decoder, timed against ours by benchmarks/eval_throughput.py). `scorer` is fed every
     batch too, with the encoder's output and cross-attention keys and values our decoding computed (a peer's
-    decoder shares nothing: the scorer encodes the batch again). `compile_decoding`: greedy steps on a CPU run
+    decoder shares nothing: the scorer encodes the batch again). `compile_decoding`: decoding steps on a CPU run
     compiled (`decoding.compiled_step`)."""
 
     @torch.no_grad()
@@ -258,7 +258,7 @@ def evaluate_checkpoint(
     """Evaluate a checkpoint; write `metrics.json`, the metrics' bootstrap replicates (`bootstrap.npz`) and
     TensorBoard scalars to `output_dir` (default: `<model dir>/eval_<split>`). Returns (metrics, metrics file).
     `decode=False`: the teacher-forced figures only (`evaluate_tasks`). `quantize="int8"`: the model's linear
-    layers in int8 (`mtplatform.quantize`), on the CPU; metrics.json says so. `compile_decoding`: greedy steps
+    layers in int8 (`mtplatform.quantize`), on the CPU; metrics.json says so. `compile_decoding`: decoding steps
     on a CPU run compiled (`decoding.compiled_step`: some 20% faster a step after a compile of half a minute,
     for long decodes of many examples)."""
     check_settings("evaluate_checkpoint", mixture_or_task_name, split, num_examples, batch_size, max_decode_length,

@@ -366,10 +366,11 @@ def test_compiled_decoding_step_is_one_graph(vocab_file):
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_compiled_decoding_follows_weights_changed_between_calls(precision, vocab_file):
-    """`generate(compile_steps=True)` decodes RTE validation inputs as eager steps do (fp32: the same tokens; bf16:
-    the best token at each step to bf16 rounding, the graph rounding its fused operations once), and after the weights
-    change in place (a checkpoint loaded into the model) the same compiled step decodes with the new weights:
-    no weight is a constant of its graph. Another batch size and input length reuse the graph."""
+    """`generate(compile_steps=True)` decodes RTE validation inputs as eager steps do (fp32: the same tokens, beam
+    search's too; bf16: the best token at each step to bf16 rounding, the graph rounding its fused operations
+    once), and after the weights change in place (a checkpoint loaded into the model) the same compiled step
+    decodes with the new weights: no weight is a constant of its graph. Other batch sizes (beams) and input lengths
+    reuse the graph."""
     examples = _converted(_rte_examples(6), False, {"inputs": 96, "targets": 8})["encoder_input_tokens"]
     model, other = _decoding_model(4), _decoding_model(5)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -384,6 +385,9 @@ def test_compiled_decoding_follows_weights_changed_between_calls(precision, voca
             graphs = stats["unique_graphs"]  # the step's graph, compiled by this first decode
         if precision == "fp32":
             assert compiled.tolist() == eager.tolist()
+            beams = [model.generate(examples, max_length=8, num_beams=3, compile_steps=compile_steps)
+                     for compile_steps in (True, False)]
+            assert beams[0].tolist() == beams[1].tolist()
         else:  # eager bf16 steps round each operation: tokens may differ where logits are close
             _assert_greedy_within_rounding(model, examples, compiled)
         decoded.append(compiled)
