@@ -114,6 +114,18 @@ def compiled_step() -> Callable[[T5, Tensor, Tensor, dict], Tensor]:
     return torch.compile(step, dynamic=True)
 
 
+def check_can_compile(setting: str) -> None:
+    """A one-line error naming `setting` where this machine cannot compile steps: inductor's CPU code is C++, and
+    without a compiler the first compiled step would fail deep inside torch."""
+    from torch._inductor import cpp_builder, exc
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        raise ValueError(f"{setting} = True: compiled steps need a C++ compiler (inductor's CPU code is C++) and "
+                         "none was found: install g++ or set CXX, or leave the setting False") from None
+
+
 def graphed_step(model: T5, cache: dict, batch: int) -> Step:
     """`step` captured once as a CUDA graph over static token and position buffers and this cache."""
     device = cache["self_bias"].device

@@ -394,6 +394,8 @@ def check_settings(where: str, mixture_or_task_name: str | None, split: str, num
     validation.positive_int(f"{where}.num_beams", num_beams)
     if not isinstance(compile_decoding, bool):
         raise ValueError(f"{where}.compile_decoding = {compile_decoding!r}: must be True or False")
+    if compile_decoding and not torch.cuda.is_available():
+        decoding.check_can_compile(f"{where}.compile_decoding")
     if task_feature_lengths is not None:
         validation.check_feature_lengths(task_feature_lengths)
     if mixture_or_task_name is None:

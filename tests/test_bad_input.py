@@ -362,6 +362,22 @@ def test_bad_input_is_one_line_naming_the_culprit(case: Case, tmp_path, vocab_fi
         assert part in message, message
 
 
+def test_compiled_decoding_without_a_compiler_is_one_line(tmp_path, capfd, monkeypatch):
+    """`compile_decoding = True` where inductor finds no C++ compiler: one line naming the setting, before the
+    checkpoint is read (CXX is read when torch imports inductor's config, so the search is set here)."""
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor.cpp, "cxx", ("/no/such/c++",))
+    monkeypatch.chdir(REPO)
+    gin.clear_config()
+    try:
+        code = cli.main(_eval("--gin.evaluate_checkpoint.compile_decoding=True")(tmp_path))
+    finally:
+        gin.clear_config()
+    message = capfd.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "evaluate_checkpoint.compile_decoding = True" in message and "C++ compiler" in message
+
+
 def test_at_least_thirty_cases():
     assert len(CASES) >= 30
 
