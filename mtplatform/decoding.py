@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mtplatform import prepack
+from mtplatform import precision, prepack
 from mtplatform.model import mask_to_bias
 
 if TYPE_CHECKING:
@@ -97,6 +97,11 @@ def self_attention(attn: Attention, h: Tensor, bias: Tensor, keys: Tensor, value
     return attn.attend_and_project(q, keys, values, bias)
 
 
+# What a step asks of the machine: constants of its trace (no graph break at them). Marked when steps are first
+# compiled, not at import: the marking loads torch._dynamo, some 1.4 s.
+_PROBES = (precision.cpu_bf16_hardware, prepack.available, prepack.available_bf16)
+
+
 @functools.cache  # one compiled function for the process: dynamo keeps its graphs per model and shapes
 def compiled_step() -> Callable[[T5, Tensor, Tensor, dict], Tensor]:
     """`step` through `torch.compile` (inductor), dynamic in batch and input length; compiled at its first call
@@ -111,6 +116,8 @@ def compiled_step() -> Callable[[T5, Tensor, Tensor, dict], Tensor]:
     pass aside) took 0.68-0.75 s against 0.92-0.98 eager, after a compile of some 15-30 s: it pays for decodes of
     thousands of steps (a generative task's validation set), not for a classification task's few tokens.
     """
+    for probe in _PROBES:
+        torch.compiler.assume_constant_result(probe)  # marks the function itself
     return torch.compile(step, dynamic=True)
 
 

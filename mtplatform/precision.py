@@ -36,15 +36,14 @@ def native_bf16(device: torch.device | str = "cpu") -> bool:
     return cpu_bf16_hardware() != "neither"
 
 
-@torch.compiler.assume_constant_result  # a compiled decoding step asks while tracing: a constant of its graph
 def cpu_bf16_hardware() -> str:
     """'AMX', 'AVX512-BF16' or 'neither': how this CPU multiplies bf16 in hardware (an older torch without the
     probes: 'neither', the conservative answer)."""
     return _probe_cpu()
 
 
-@functools.cache  # behind `cpu_bf16_hardware`: dynamo would trace into a cached function, and warn
-def _probe_cpu() -> str:
+@functools.cache  # behind `cpu_bf16_hardware`, a constant of compiled steps (`decoding.compiled_step`): dynamo
+def _probe_cpu() -> str:  # would trace into a cached function, and warn
     try:
         if torch.cpu._is_amx_tile_supported():
             return "AMX"

@@ -63,21 +63,19 @@ def inference() -> Iterator[None]:
             _PACKED.clear()
 
 
-@torch.compiler.assume_constant_result  # a compiled step asks while tracing: a constant of its graph
 def available() -> bool:
     """Whether this torch build has oneDNN and the prepacking operators."""
     return _builds()[0]
 
 
-@torch.compiler.assume_constant_result
 def available_bf16() -> bool:
     """Whether oneDNN packs bf16 weights on this CPU (it needs AVX512BW/VL/DQ or AVX-NE-CONVERT; bf16 autocast on
     an AVX2-only CPU, emulated and slow, keeps F.linear)."""
     return _builds()[1]
 
 
-@functools.cache  # asked at every layer of every step; the build does not change. Behind the two above: dynamo
-def _builds() -> tuple[bool, bool]:  # would trace into a cached function, and warn
+@functools.cache  # asked at every layer of every step; the build does not change. Behind the two above,
+def _builds() -> tuple[bool, bool]:  # constants of compiled steps: dynamo would trace into a cached function
     """(`available`, `available_bf16`)."""
     ops = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
     return ops, ops and torch.ops.mkldnn._is_mkldnn_bf16_supported()

@@ -352,6 +352,7 @@ def test_compiled_decoding_step_is_one_graph(vocab_file):
     `prepack`'s operator, the CPU probes constants): a graph break would run the step piecewise, slower."""
     enc = _converted(_rte_examples(3), False, {"inputs": 96, "targets": 8})["encoder_input_tokens"]
     model = _decoding_model(3)
+    decoding.compiled_step()  # marks the CPU probes as constants of the trace
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), prepack.inference():
         cache = decoding.start_cache(model, model.encode(enc), enc, 8)
         token = torch.full((3,), model.cfg.decoder_start_id)
