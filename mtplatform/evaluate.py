@@ -259,8 +259,8 @@ def evaluate_checkpoint(
     TensorBoard scalars to `output_dir` (default: `<model dir>/eval_<split>`). Returns (metrics, metrics file).
     `decode=False`: the teacher-forced figures only (`evaluate_tasks`). `quantize="int8"`: the model's linear
     layers in int8 (`mtplatform.quantize`), on the CPU; metrics.json says so. `compile_decoding`: decoding steps
-    on a CPU run compiled (`decoding.compiled_step`: some 20% faster a step after a compile of half a minute,
-    for long decodes of many examples)."""
+    on a CPU run compiled (`decoding.compiled_step`: a step in about three quarters of the time, after a compile
+    of 15-30 s; for long decodes of many examples)."""
     check_settings("evaluate_checkpoint", mixture_or_task_name, split, num_examples, batch_size, max_decode_length,
                    num_beams, task_feature_lengths, quantize=quantize, precision=precision,
                    compile_decoding=compile_decoding)

@@ -27,5 +27,5 @@ run_pytest "$@" || exit $?
 if [[ $# -eq 0 ]]; then
   run_pytest -m slow tests/test_faults.py tests/test_train.py tests/test_cache.py tests/test_mixture_search.py \
     tests/test_online_mixing.py tests/test_experiment.py tests/test_tasks.py tests/test_mixing.py \
-    tests/test_distill.py || exit $?
+    tests/test_distill.py tests/test_model.py || exit $?
 fi

@@ -28,3 +28,17 @@ def test_nightly_aliases_write_no_module():
 def test_pip_check_clean():
     out = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_every_file_with_slow_tests_is_in_the_slow_step():
+    """scripts/test.sh runs slow tests file by file: a file with slow tests that its slow step does not name would
+    never run in CI."""
+    import re
+
+    from conftest import REPO
+
+    script = (REPO / "scripts" / "test.sh").read_text()
+    named = set(re.findall(r"tests/(test_\w+\.py)", script[script.index("-m slow"):]))
+    marked = {path.name for path in (REPO / "tests").glob("test_*.py")
+              if re.search(r"^@pytest\.mark\.slow", path.read_text(), flags=re.M)}
+    assert marked and marked - named == set()
