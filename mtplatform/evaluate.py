@@ -260,7 +260,8 @@ def evaluate_checkpoint(
     `decode=False`: the teacher-forced figures only (`evaluate_tasks`). `quantize="int8"`: the model's linear
     layers in int8 (`mtplatform.quantize`), on the CPU; metrics.json says so. `compile_decoding`: decoding steps
     on a CPU run compiled (`decoding.compiled_step`: a step in about three quarters of the time, after a compile
-    of 15-30 s; for long decodes of many examples)."""
+    of 15-30 s; for long decodes of many examples); metrics.json says so, as in bf16 its fused operations round
+    differently, and a prediction can differ from eager decoding's where two tokens' logits nearly tie."""
     check_settings("evaluate_checkpoint", mixture_or_task_name, split, num_examples, batch_size, max_decode_length,
                    num_beams, task_feature_lengths, quantize=quantize, precision=precision,
                    compile_decoding=compile_decoding)
@@ -274,7 +275,8 @@ def evaluate_checkpoint(
     out = Path(output_dir) if output_dir else ckpt.parent / f"eval_{split}"
     write_metrics({"step": step, "checkpoint": str(ckpt), "metrics": metrics,
                    "num_examples": {task: result.num_examples for task, result in results.items()},
-                   **({"quantize": quantize} if quantize else {})}, out / checkpoints.EVAL_METRICS)
+                   **({"quantize": quantize} if quantize else {}),
+                   **({"compile_decoding": True} if compile_decoding else {})}, out / checkpoints.EVAL_METRICS)
     checkpoints.write_replicates({task: result.replicates for task, result in results.items()},
                                  out / checkpoints.REPLICATES)
     from torch.utils.tensorboard import SummaryWriter

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import re
 
@@ -401,20 +402,28 @@ def test_compiled_decoding_follows_weights_changed_between_calls(precision, voca
 
 
 @pytest.mark.slow
-def test_evaluation_with_compiled_decoding_scores_as_eager(vocab_file, monkeypatch):
-    """`evaluate_tasks(compile_decoding=True)` on real SQuAD validation examples (fp32) decodes through the compiled
-    step and gives the metrics eager decoding gives."""
+def test_evaluation_with_compiled_decoding_scores_as_eager(vocab_file, monkeypatch, tmp_path):
+    """`evaluate_checkpoint(compile_decoding=True)` on real SQuAD validation examples (fp32) decodes through the
+    compiled step and gives the metrics eager decoding gives; metrics.json says how it decoded."""
     from mtplatform import evaluate
 
     model = _decoding_model(6)
+    directory = checkpoints.checkpoint_dir(tmp_path / "run", 1)
+    directory.mkdir(parents=True)
+    checkpoints.save_model(model, directory / checkpoints.MODEL)
+    checkpoints.write_meta(directory, 1, 1, None, True)
     runs, compiled_step = [], decoding.compiled_step
     monkeypatch.setattr(decoding, "compiled_step", lambda: runs.append(1) or compiled_step())
-    settings = dict(num_examples=16, batch_size=8, max_decode_length=8, replicates=False)
-    got = evaluate.evaluate_tasks(model, "squad_v1_devsplit", compile_decoding=True, **settings)
-    assert len(runs) == 2  # each batch's steps
-    want = evaluate.evaluate_tasks(model, "squad_v1_devsplit", **settings)
-    assert got["squad_v1_devsplit"].metrics == want["squad_v1_devsplit"].metrics
-    assert len(runs) == 2
+    results = {}
+    for compiled in (True, False):
+        metrics, path = evaluate.evaluate_checkpoint(
+            checkpoint_path=str(tmp_path / "run"), mixture_or_task_name="squad_v1_devsplit", num_examples=16,
+            batch_size=8, max_decode_length=8, precision="fp32", output_dir=str(tmp_path / str(compiled)),
+            compile_decoding=compiled)
+        results[compiled] = (metrics["squad_v1_devsplit"], json.loads(path.read_text()))
+        assert len(runs) == 2  # each batch's steps, compiled; none eager
+    assert results[True][0] == results[False][0]
+    assert results[True][1]["compile_decoding"] is True and "compile_decoding" not in results[False][1]
 
 
 def _assert_greedy_within_rounding(model: M.T5, enc: torch.Tensor, tokens: torch.Tensor) -> None:
