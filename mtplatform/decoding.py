@@ -47,11 +47,11 @@ def generate(model: T5, encoder_input_tokens: Tensor, max_length: int = 64, num_
     """
     if memory is None:
         memory = model.encode(encoder_input_tokens)
+    compiled = compile_steps and not memory.is_cuda
     if num_beams == 1:
         return greedy(model, memory, encoder_input_tokens, max_length, cuda_graph and memory.is_cuda, until_eos,
-                      cross, compile_steps and not memory.is_cuda)
-    return beam_search(model, memory, encoder_input_tokens, max_length, num_beams, length_penalty, cross,
-                       compile_steps and not memory.is_cuda)
+                      cross, compiled)
+    return beam_search(model, memory, encoder_input_tokens, max_length, num_beams, length_penalty, cross, compiled)
 
 
 def start_cache(model: T5, memory: Tensor, encoder_tokens: Tensor, max_length: int,

@@ -226,13 +226,18 @@ def write_metrics(metrics: Mapping[str, Mapping[str, float]], path: Path) -> Non
     checkpoints.replace_text(path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
 
 
+def _device(quantize: str | None) -> torch.device:
+    """Where an evaluation or inference runs: the GPU where there is one, the CPU for an int8 model."""
+    return torch.device("cuda" if torch.cuda.is_available() and not quantize else "cpu")
+
+
 def model_from(checkpoint_path: str | Path, quantize: str | None) -> tuple[T5, int, Path, torch.device]:
     """(model in eval mode, its step, its checkpoint directory, the device it runs on): the GPU where there is one,
     the CPU for an int8 model (`quantize`)."""
     from mtplatform import quantize as quantize_lib
 
     weights, step = checkpoints.verified_weights(checkpoint_path, "CHECKPOINT_PATH")
-    device = torch.device("cuda" if torch.cuda.is_available() and not quantize else "cpu")
+    device = _device(quantize)
     model = checkpoints.load_model(weights).to(device).eval()
     if quantize == "int8":
         model = quantize_lib.int8(model)
@@ -396,7 +401,7 @@ def check_settings(where: str, mixture_or_task_name: str | None, split: str, num
     validation.positive_int(f"{where}.num_beams", num_beams)
     if not isinstance(compile_decoding, bool):
         raise ValueError(f"{where}.compile_decoding = {compile_decoding!r}: must be True or False")
-    if compile_decoding and not torch.cuda.is_available():
+    if compile_decoding and _device(quantize).type == "cpu":  # a GPU replays CUDA graphs instead
         decoding.check_can_compile(f"{where}.compile_decoding")
     if task_feature_lengths is not None:
         validation.check_feature_lengths(task_feature_lengths)

@@ -364,14 +364,15 @@ def test_bad_input_is_one_line_naming_the_culprit(case: Case, tmp_path, vocab_fi
 
 def test_compiled_decoding_without_a_compiler_is_one_line(tmp_path, capfd, monkeypatch):
     """`compile_decoding = True` where inductor finds no C++ compiler: one line naming the setting, before the
-    checkpoint is read (CXX is read when torch imports inductor's config, so the search is set here)."""
+    checkpoint is read (CXX is read when torch imports inductor's config, so the search is set here, through the
+    config's own `patch`: monkeypatch's undo deletes the setting, and later compiles in this process would fail)."""
     import torch._inductor.config as inductor
 
-    monkeypatch.setattr(inductor.cpp, "cxx", ("/no/such/c++",))
     monkeypatch.chdir(REPO)
     gin.clear_config()
     try:
-        code = cli.main(_eval("--gin.evaluate_checkpoint.compile_decoding=True")(tmp_path))
+        with inductor.patch({"cpp.cxx": ("/no/such/c++",)}):
+            code = cli.main(_eval("--gin.evaluate_checkpoint.compile_decoding=True")(tmp_path))
     finally:
         gin.clear_config()
     message = capfd.readouterr().err.strip().splitlines()[-1]
