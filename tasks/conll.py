@@ -19,9 +19,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import seqio
 import tensorflow as tf
 
+from mtplatform import stats
 from tasks.common import OUTPUT_FEATURES, tokenized_and_cached
 from tasks.sources import NER_TYPES, FileSource, Row, read_conll
 
@@ -99,17 +101,33 @@ def ner_postprocessor(output: Any, example: dict | None = None, is_target: bool 
 
 def span_f1(targets: Sequence[dict], predictions: Sequence[dict]) -> dict[str, float]:
     """Entity-level micro precision, recall and F1 (in percent, like the GLUE metrics)."""
-    tp = fp = fn = 0
+    return {key: float(value) for key, value in _span_scores(span_counts(targets, predictions).sum(axis=0)).items()}
+
+
+def span_counts(targets: Sequence[dict], predictions: Sequence[dict]) -> np.ndarray:
+    """(n, 3) each example's true positive, false positive and false negative entities (an invalid item of a
+    prediction is a false positive)."""
+    counts = []
     for gold, pred in zip(targets, predictions, strict=True):
         gold_spans, pred_spans = set(gold["spans"]), set(pred["spans"])
         hits = len(gold_spans & pred_spans)
-        tp += hits
-        fp += len(pred_spans) - hits + pred["invalid"]
-        fn += len(gold_spans) - hits
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        counts.append((hits, len(pred_spans) - hits + pred["invalid"], len(gold_spans) - hits))
+    return np.array(counts, dtype=np.float64).reshape(-1, 3)
+
+
+def _span_scores(sums: np.ndarray) -> dict[str, np.ndarray]:
+    """Precision, recall and F1 of (..., 3) summed counts; 0 where undefined."""
+    tp, fp, fn = np.moveaxis(np.asarray(sums, dtype=np.float64), -1, 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(tp + fp > 0, tp / (tp + fp), 0.0)
+        recall = np.where(tp + fn > 0, tp / (tp + fn), 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
     return {"ner_precision": 100 * precision, "ner_recall": 100 * recall, "ner_f1": 100 * f1}
+
+
+# All 1,000 bootstrap resamples at once: the counts summed per resample (`stats.register_replicates`).
+stats.register_replicates(span_f1, lambda targets, predictions, indices: _span_scores(
+    stats.resampled_sums(span_counts(targets, predictions), indices)))
 
 
 def _text(value: Any) -> str:

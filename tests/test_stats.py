@@ -41,17 +41,24 @@ def test_accuracy_interval_matches_the_binomial_standard_error(data_dir, vocab_f
 
 
 def test_replicates_equal_the_metric_recomputed_on_each_resample(data_dir, vocab_file):
-    """Per-example resampling (accuracy, SQuAD's EM/F1) and recomputation (MRPC's F1, STS-B's correlations) both
-    give the metric of the resampled examples."""
+    """Per-example resampling (accuracy, SQuAD's EM/F1) and the vectorized corpus-level metrics (MRPC's F1 with
+    invalid predictions, STS-B's correlations, CoLA's Matthews correlation, CoNLL's entity F1) all give the metric
+    recomputed on the resampled examples."""
     rng = np.random.default_rng(0)
-    for name in ("glue_mrpc", "glue_stsb", "squad_v1_devsplit"):
+    for name in ("glue_mrpc", "glue_stsb", "glue_cola", "squad_v1_devsplit", "conll2003_ner"):
         task, targets, _ = _validation(name, 120)
         if name == "squad_v1_devsplit":
             predictions = [t[0] if rng.random() < 0.5 else "the" for t in targets]
         elif name == "glue_stsb":
             predictions = [round(float(t) + rng.normal(0, 1.5), 1) for t in targets]
-        else:
-            predictions = [t if rng.random() < 0.7 else 1 - t for t in targets]
+        elif name == "conll2003_ner":
+            predictions = [{"spans": [s for s in t["spans"] if rng.random() < 0.7], "invalid": int(rng.random() < 0.2)}
+                           for t in targets]
+        else:  # a tenth of them invalid (t5's postprocessor gives -1 for a label it does not know)
+            predictions = [-1 if rng.random() < 0.1 else t if rng.random() < 0.7 else 1 - t for t in targets]
+        corpus_level = [fn for fn in task.metric_fns if fn in stats._VECTORIZED]
+        assert corpus_level or name in ("squad_v1_devsplit",), name
+        assert all(stats._agrees(fn, stats._VECTORIZED[fn], targets, predictions) for fn in corpus_level), name
         indices = stats.resample_indices(name, len(targets), samples=20)
         reps = stats.replicates(task.metric_fns, targets, predictions, indices)
         for b in (0, 7, 19):
@@ -60,6 +67,26 @@ def test_replicates_equal_the_metric_recomputed_on_each_resample(data_dir, vocab
                 direct.update(fn([targets[i] for i in indices[b]], [predictions[i] for i in indices[b]]))
             for key, value in direct.items():
                 assert reps[key][b] == pytest.approx(float(value), abs=1e-9), (name, key)
+
+
+def test_a_vectorized_form_that_disagrees_with_its_metric_is_not_used(capsys):
+    """A registered vectorized form is checked against the metric before use; a wrong one is reported and the
+    metric recomputed on each resample instead."""
+
+    def share_of_ones(targets, predictions):
+        return {"ones": 100.0 * sum(p == 1 for p in predictions) / len(predictions) + 0.0 * len(set(targets))}
+
+    stats.register_replicates(share_of_ones, lambda targets, predictions, indices: {
+        "ones": 50.0 + 0.0 * indices.sum(axis=1)})
+    try:
+        predictions = [1, 0, 0, 1, 1, 1, 0, 1]
+        indices = stats.resample_indices("share_of_ones", len(predictions), samples=5)
+        reps = stats.replicates([share_of_ones], [0] * 8, predictions, indices)["ones"]
+    finally:
+        del stats._VECTORIZED[share_of_ones]
+    assert reps == pytest.approx([100.0 * np.mean([predictions[i] == 1 for i in idx]) for idx in indices])
+    err = capsys.readouterr().err
+    assert "vectorized bootstrap of metric" in err and "share_of_ones" in err and "ones = 50.0" in err
 
 
 def test_identical_arms_differ_by_nothing_and_a_real_gap_is_significant(data_dir, vocab_file):
