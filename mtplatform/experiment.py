@@ -279,10 +279,11 @@ def experiment(
     tasks = sorted({task for arm in arms for stage in arm.stages for task in stage.evaluate})
     if parallel == 1:
         write_baselines(root, tasks, eval_num_examples)
-        for seed in seeds:
-            done: dict[str, dict] = {}
-            for name in stages:
-                done[name] = run(name, seed, done)
+        with evaluate.reusing_evaluators():  # every stage evaluates the same tasks' examples
+            for seed in seeds:
+                done: dict[str, dict] = {}
+                for name in stages:
+                    done[name] = run(name, seed, done)
     else:  # the baselines while the first stage processes load
         _run_in_parallel(root, stages, seeds, parallel, measure_models,
                          meanwhile=lambda: write_baselines(root, tasks, eval_num_examples))

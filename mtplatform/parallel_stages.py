@@ -45,6 +45,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 LOG = "log.txt"
 _gin_sources: dict | None = None
@@ -258,12 +259,22 @@ def main() -> int:
     if code != 0:
         return code
     console = os.dup(2)
+    from mtplatform import evaluate
+
+    with evaluate.reusing_evaluators():  # the process's stages evaluate the same tasks' examples
+        return _serve(answers, console, setup["verbose"])
+
+
+def _serve(answers: TextIO, console: int, verbose: bool) -> int:
+    """Run each job read from stdin, its output in its log; answer its exit code; stop at the first that fails."""
+    from mtplatform import cli
+
     for line in sys.stdin:
         job = json.loads(line)
         with open(job["log"], "ab") as log:
             sys.stdout.flush(), sys.stderr.flush()
             os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
-            code = cli.guarded(lambda job=job: _run_job(job), verbose=setup["verbose"])
+            code = cli.guarded(lambda job=job: _run_job(job), verbose=verbose)
             sys.stdout.flush(), sys.stderr.flush()
             os.dup2(console, 1), os.dup2(console, 2)
         answers.write(f"{code}\n")

@@ -736,7 +736,8 @@ def train(config: RunConfig | None = None, /, **fields: Any) -> dict:
             run.wrapped, run.compiling = torch.compile(run.wrapped), True
         logger = Logger(model_dir, ctx.main, resumed_at=run.step)
         try:
-            with interrupts.StopRequests() as stops:  # from here a signal checkpoints first
+            # from here a signal checkpoints first; evaluations reuse the tasks' examples
+            with interrupts.StopRequests() as stops, evaluate.reusing_evaluators():
                 last = _loop(run, logger, stops)
         finally:
             logger.close()

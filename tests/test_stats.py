@@ -178,3 +178,31 @@ def test_target_nll_is_the_per_token_loss_of_the_targets(data_dir, vocab_file):
                                  if k in ("target_nll", "label_accuracy", "gold_label_logprob")}
     assert set(undecoded.replicates) == {"target_nll", "label_accuracy", "gold_label_logprob"}
     assert np.array_equal(undecoded.replicates["target_nll"], result.replicates["target_nll"])
+
+
+def test_evaluations_reusing_seqio_evaluators_score_as_fresh_ones(data_dir, vocab_file, monkeypatch):
+    """Within `reusing_evaluators` (an experiment's stages, a training run) each task's seqio Evaluator is built
+    once and reused for every later checkpoint: the same metrics and replicates as a fresh Evaluator each time,
+    for two different models, decoded and teacher-forced alone."""
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(model_lib.T5(model_lib.T5Config(vocab_size=4096, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                                      num_decoder_layers=1, num_heads=4)).eval())
+    settings = {"num_examples": 24, "max_decode_length": 4, "batch_size": 8}
+    fresh = [evaluate.evaluate_tasks(m, "glue_cola", **settings)["glue_cola"] for m in models]
+    fresh_nll = evaluate.evaluate_tasks(models[1], "glue_cola", decode=False, **settings)["glue_cola"]
+    built = []
+    evaluator = seqio.Evaluator
+    monkeypatch.setattr(seqio, "Evaluator", lambda *a, **k: built.append(1) or evaluator(*a, **k))
+    with evaluate.reusing_evaluators():
+        reused = [evaluate.evaluate_tasks(m, "glue_cola", **settings)["glue_cola"] for m in models]
+        reused_nll = evaluate.evaluate_tasks(models[1], "glue_cola", decode=False, **settings)["glue_cola"]
+        evaluate.evaluate_tasks(models[0], "glue_cola", **(settings | {"num_examples": 16}))
+    assert len(built) == 2  # one for 24 examples, one for 16: other settings are another evaluator
+    assert fresh[0].metrics != fresh[1].metrics  # the two models differ, so a stale reuse would show
+    for a, b in zip(fresh + [fresh_nll], reused + [reused_nll], strict=True):
+        assert a.metrics == b.metrics and a.num_examples == b.num_examples == 24
+        assert a.replicates.keys() == b.replicates.keys()
+        assert all(np.array_equal(a.replicates[k], b.replicates[k], equal_nan=True) for k in a.replicates)
+    assert evaluate._kept_evaluators is None  # nothing is kept outside the scope
