@@ -156,11 +156,14 @@ def f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Pearson's r of each row of (samples, n) x and y, as scipy's `pearsonr` computes it (NaN for a constant row)."""
+    """Pearson's r of each row of (samples, n) x and y, as scipy's `pearsonr` computes it: NaN where either row is
+    constant (tested by equality, as there: the mean of a constant row of 2.6s is not exactly 2.6, and the
+    deviations' rounding would give an r of about 1e-14)."""
     xm = x - x.mean(axis=1, keepdims=True)
     ym = y - y.mean(axis=1, keepdims=True)
-    r = (xm * ym).sum(axis=1) / (np.linalg.norm(xm, axis=1) * np.linalg.norm(ym, axis=1))
-    return np.clip(r, -1.0, 1.0)
+    r = np.clip((xm * ym).sum(axis=1) / (np.linalg.norm(xm, axis=1) * np.linalg.norm(ym, axis=1)), -1.0, 1.0)
+    constant = (x == x[:, :1]).all(axis=1) | (y == y[:, :1]).all(axis=1)
+    return np.where(constant, np.nan, r)
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -69,6 +69,34 @@ def test_replicates_equal_the_metric_recomputed_on_each_resample(data_dir, vocab
                 assert reps[key][b] == pytest.approx(float(value), abs=1e-9), (name, key)
 
 
+@pytest.mark.parametrize("name", ["glue_cola", "glue_mrpc", "glue_stsb", "conll2003_ner"])
+def test_vectorized_replicates_equal_recomputing_on_all_resamples(name, data_dir, vocab_file, monkeypatch):
+    """On all 1,000 resamples, a registered vectorized form gives what recomputing the metric on each gives,
+    NaN where it is NaN: predictions of a near-constant model (a few resamples constant) and of a noisy one."""
+    task, targets, _ = _validation(name, 100)
+    rng = np.random.default_rng(1)
+    if name == "glue_stsb":  # rounded to 0.2 as t5's postprocessor does; constant resamples give NaN correlations
+        cases = [[2.6 if i % 40 else 3.0 for i in range(100)],
+                 [round(float(t) + rng.normal(0, 1.5), 1) for t in targets]]
+    elif name == "conll2003_ner":
+        cases = [[{"spans": [], "invalid": int(i % 30 == 0)} for i in range(100)],
+                 [{"spans": [s for s in t["spans"] if rng.random() < 0.7], "invalid": int(rng.random() < 0.2)}
+                  for t in targets]]
+    else:
+        cases = [[1 if i % 40 else 0 for i in range(100)],
+                 [-1 if rng.random() < 0.1 else t if rng.random() < 0.7 else 1 - t for t in targets]]
+    indices = stats.resample_indices(name, 100)
+    for predictions in cases:
+        fast = stats.replicates(task.metric_fns, targets, predictions, indices)
+        with monkeypatch.context() as m:
+            m.setattr(stats, "_VECTORIZED", {})
+            slow = stats.replicates(task.metric_fns, targets, predictions, indices)
+        assert fast.keys() == slow.keys()
+        for key in fast:
+            assert np.array_equal(np.isnan(fast[key]), np.isnan(slow[key])), key
+            assert np.allclose(fast[key], slow[key], rtol=0, atol=1e-9, equal_nan=True), key
+
+
 def test_a_vectorized_form_that_disagrees_with_its_metric_is_not_used(capsys):
     """A registered vectorized form is checked against the metric before use; a wrong one is reported and the
     metric recomputed on each resample instead."""
