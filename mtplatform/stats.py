@@ -15,11 +15,12 @@ experiment evaluates every task of every stage.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import warnings
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -39,9 +40,16 @@ def resample_indices(key: str, n: int, samples: int = SAMPLES) -> np.ndarray:
     return rng.integers(0, n, size=(samples, n))
 
 
-def _values(fn: MetricFn, targets: Sequence, predictions: Sequence) -> dict[str, float]:
+@contextlib.contextmanager
+def _silenced() -> Iterator[None]:
+    """Undefined metrics of tiny or degenerate resamples (F1, correlations) warn, then give 0 or NaN: no warning."""
     with warnings.catch_warnings(), np.errstate(all="ignore"):
-        warnings.simplefilter("ignore")  # undefined metrics of tiny resamples (F1, correlations) warn, then give 0/NaN
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _values(fn: MetricFn, targets: Sequence, predictions: Sequence) -> dict[str, float]:
+    with _silenced():
         return {k: float(getattr(v, "value", v)) for k, v in fn(list(targets), list(predictions)).items()}
 
 
@@ -92,8 +100,7 @@ def replicates(metric_fns: Sequence[MetricFn], targets: Sequence, predictions: S
 
 def _quiet(vectorized: VectorizedFn, targets: Sequence, predictions: Sequence,
            indices: np.ndarray) -> Mapping[str, np.ndarray]:
-    with warnings.catch_warnings(), np.errstate(all="ignore"):
-        warnings.simplefilter("ignore")  # as `_values`: undefined figures of degenerate resamples give 0 or NaN
+    with _silenced():
         return vectorized(targets, predictions, indices)
 
 
@@ -145,14 +152,21 @@ def matthews_corrcoef(confusion: np.ndarray) -> np.ndarray:
     correct, total = np.trace(confusion, axis1=1, axis2=2), p_sum.sum(axis=1)
     cov_tp = correct * total - (t_sum * p_sum).sum(axis=1)
     cov_pp_tt = (total**2 - (p_sum**2).sum(axis=1)) * (total**2 - (t_sum**2).sum(axis=1))
-    return np.where(cov_pp_tt == 0, 0.0, cov_tp / np.sqrt(np.where(cov_pp_tt == 0, 1.0, cov_pp_tt)))
+    return divide_or_zero(cov_tp, np.sqrt(cov_pp_tt))
 
 
 def f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
     """F1 from true positives, false positives and false negatives: 0 where it is undefined (scikit-learn's
     `zero_division` default)."""
-    denominator = 2 * tp + fp + fn
-    return np.where(denominator == 0, 0.0, 2 * tp / np.where(denominator == 0, 1.0, denominator))
+    return divide_or_zero(2 * tp, 2 * tp + fp + fn)
+
+
+def divide_or_zero(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """numerator / denominator elementwise, 0 where the denominator is 0 (an undefined precision, recall, F1 or
+    correlation, as scikit-learn's `zero_division` default gives)."""
+    numerator, denominator = np.broadcast_arrays(np.asarray(numerator, dtype=np.float64),
+                                                 np.asarray(denominator, dtype=np.float64))
+    return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator != 0)
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:

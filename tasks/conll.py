@@ -118,10 +118,8 @@ def span_counts(targets: Sequence[dict], predictions: Sequence[dict]) -> np.ndar
 def _span_scores(sums: np.ndarray) -> dict[str, np.ndarray]:
     """Precision, recall and F1 of (..., 3) summed counts; 0 where undefined."""
     tp, fp, fn = np.moveaxis(np.asarray(sums, dtype=np.float64), -1, 0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        precision = np.where(tp + fp > 0, tp / (tp + fp), 0.0)
-        recall = np.where(tp + fn > 0, tp / (tp + fn), 0.0)
-        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    precision, recall = stats.divide_or_zero(tp, tp + fp), stats.divide_or_zero(tp, tp + fn)
+    f1 = stats.divide_or_zero(2 * precision * recall, precision + recall)
     return {"ner_precision": 100 * precision, "ner_recall": 100 * recall, "ner_f1": 100 * f1}
 
 
