@@ -146,7 +146,7 @@ def _packed_product(x: Tensor, weights: tuple[Tensor, ...]) -> Tensor:
 def _product(x: Tensor, weights: tuple[Tensor, ...], bf16: bool) -> Tensor:
     """`_packed_product`'s work; outside `inference()` (a compiled step called outside `decoding.generate`),
     `F.linear` of the weights stacked, in the same dtype."""
-    dtype = torch.bfloat16 if bf16 else torch.float32
+    dtype = _dtype(bf16)
     rows = x.reshape(-1, x.shape[-1]).to(dtype)
     if _open:
         out = torch.ops.mkldnn._linear_pointwise(rows, packed(weights, rows.shape[0], dtype), None, "none", [], "")
@@ -164,8 +164,12 @@ def _packed_product_op(x: Tensor, weights: list[Tensor], bf16: bool) -> Tensor:
 
 @_packed_product_op.register_fake
 def _(x: Tensor, weights: list[Tensor], bf16: bool) -> Tensor:
-    return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights)),
-                       dtype=torch.bfloat16 if bf16 else torch.float32)
+    return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights)), dtype=_dtype(bf16))
+
+
+def _dtype(bf16: bool) -> torch.dtype:
+    """The dtype of `_product`'s output: the operator and its fake (what a compiled graph plans with) must agree."""
+    return torch.bfloat16 if bf16 else torch.float32
 
 
 class Linear(nn.Linear):
