@@ -22,7 +22,7 @@ import seqio
 import tensorflow as tf
 import torch
 
-from mtplatform import cache, checkpoints, decoding, prepack, scoring, stats, validation
+from mtplatform import cache, checkpoints, decoding, length_batches, prepack, scoring, stats, validation
 from mtplatform import precision as precision_lib
 from mtplatform.model import T5
 from mtplatform.tf_setup import without_autotune
@@ -32,12 +32,14 @@ Generate = Callable[..., torch.Tensor]  # (encoder tokens, max_length=, num_beam
 
 def make_predict_fn(model: T5, batch_size: int, max_decode_length: int, num_beams: int = 1,
                     precision: str = "fp32", device: torch.device | str = "cpu", generate: Generate | None = None,
-                    scorer: scoring.Scorer | None = None, compile_decoding: bool = False):
+                    scorer: scoring.Scorer | None = None, compile_decoding: bool = False,
+                    by_length: bool = True):
     """seqio `predict_fn`: (index, features) dataset -> [(index, generated token ids)]. `generate` replaces
     `model.generate` (a peer's decoder, timed against ours by benchmarks/eval_throughput.py). `scorer` is fed every
     batch too, with the encoder's output and cross-attention keys and values our decoding computed (a peer's
     decoder shares nothing: the scorer encodes the batch again). `compile_decoding`: decoding steps on a CPU run
-    compiled (`decoding.compiled_step`)."""
+    compiled (`decoding.compiled_step`). `by_length`: batches of similar input length, trimmed to their longest
+    row (`length_batches`); else seqio's order and padding."""
 
     @torch.no_grad()
     def predict_fn(ds: tf.data.Dataset, *unused) -> list[tuple[int, list[int]]]:
@@ -45,7 +47,7 @@ def make_predict_fn(model: T5, batch_size: int, max_decode_length: int, num_beam
         model.eval()
         out: list[tuple[int, list[int]]] = []
         try:
-            for indices, features in without_autotune(ds.batch(batch_size)).as_numpy_iterator():
+            for indices, features in length_batches.batches(ds, batch_size, by_length):
                 enc = torch.tensor(features["encoder_input_tokens"]).to(device)
                 with precision_lib.autocast(precision, device):
                     tokens, memory, cross = _decode_batch(model, enc, max_decode_length, num_beams, generate,
@@ -97,11 +99,12 @@ def evaluate_tasks(model: T5, mixture_or_task_name: str, *, split: str = "valida
                    batch_size: int = 32, max_decode_length: int = 64, num_beams: int = 1, precision: str = "fp32",
                    device: torch.device | str = "cpu", step: int | None = None,
                    generate: Generate | None = None, replicates: bool = True,
-                   decode: bool = True, compile_decoding: bool = False) -> dict[str, TaskEvaluation]:
+                   decode: bool = True, compile_decoding: bool = False,
+                   by_length: bool = True) -> dict[str, TaskEvaluation]:
     """Every task of a mixture that has metrics and `split`: the official metrics of decoded predictions, the
     teacher-forced figures (`mtplatform.scoring`) and, with `replicates`, their bootstrap replicates (`generate`:
     see `make_predict_fn`). `decode=False` gives the teacher-forced figures alone, without decoding (what a
-    mixture search's proxy runs are ranked on, at a fraction of the cost). `compile_decoding`: see
+    mixture search's proxy runs are ranked on, at a fraction of the cost). `compile_decoding`, `by_length`: see
     `make_predict_fn`."""
     tasks = seqio.get_subtasks(seqio.get_mixture_or_task(mixture_or_task_name))
     scored = [t for t in tasks if t.metric_fns and split in t.splits]
@@ -118,7 +121,7 @@ def evaluate_tasks(model: T5, mixture_or_task_name: str, *, split: str = "valida
         if decode:  # the scorer rides along with decoding, sharing its encoder pass
             scorer = scoring.Scorer(model, label_ids, gold, device)
             predict_fn = make_predict_fn(model, batch_size, max_decode_length, num_beams, precision, device,
-                                         generate, scorer, compile_decoding)
+                                         generate, scorer, compile_decoding, by_length)
             future, outputs = evaluator.evaluate(compute_metrics=True, step=step, predict_fn=predict_fn)
             decoded = {k: _scalar(v) for k, v in future.result()[task.name].items()}
             targets = [_postprocessed(task, text, ex, True) for text, ex in zip(texts, examples, strict=True)]
@@ -127,7 +130,7 @@ def evaluate_tasks(model: T5, mixture_or_task_name: str, *, split: str = "valida
             scores = scorer.result()
         else:
             scores = scoring.score(model, evaluator.cached_model_datasets[task.name], batch_size, label_ids, gold,
-                                   precision, device)
+                                   precision, device, by_length)
         results[task.name] = TaskEvaluation(
             decoded | scores.metrics(), _replicates(task, targets, predictions, scores) if replicates else {},
             len(examples))
@@ -358,12 +361,14 @@ def infer(
     rows: list[dict] = []
     for name, items in _inference_inputs(mixture_or_task_name, input_file, split, task_feature_lengths,
                                          num_examples):
-        for start in tqdm(range(0, len(items), batch_size), desc=f"infer {name}", unit="batch"):
-            chunk = items[start:start + batch_size]
-            out = _decode([ids for _, ids, _ in chunk], model, max_decode_length, num_beams, precision, device,
+        order = sorted(range(len(items)), key=lambda i: -len(items[i][1]))  # batched by length: `length_batches`
+        predictions: dict[int, list[int]] = {}
+        for start in tqdm(range(0, len(order), batch_size), desc=f"infer {name}", unit="batch"):
+            chunk = order[start:start + batch_size]
+            out = _decode([items[i][1] for i in chunk], model, max_decode_length, num_beams, precision, device,
                           compile_decoding)
-            rows.extend({**row, "prediction": vocab.decode(tokens)}
-                        for (row, _, vocab), tokens in zip(chunk, out, strict=True))
+            predictions.update(zip(chunk, out, strict=True))
+        rows.extend({**row, "prediction": vocab.decode(predictions[i])} for i, (row, _, vocab) in enumerate(items))
     path = Path(output_file)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:

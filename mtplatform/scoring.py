@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mtplatform import length_batches
 from mtplatform import precision as precision_lib
-from mtplatform.tf_setup import without_autotune
 
 LABELS: dict[str, tuple[str, ...]] = {}
 """Task name -> its closed label set (the target texts a prediction can be), for rank classification."""
@@ -141,14 +141,15 @@ class Scorer:
 @torch.no_grad()
 def score(model, dataset, batch_size: int, label_ids: Sequence[Sequence[int]] | None = None,
           gold: Sequence[int] | None = None, precision: str = "fp32",
-          device: torch.device | str = "cpu") -> Scores:
+          device: torch.device | str = "cpu", by_length: bool = True) -> Scores:
     """Teacher-forced figures of `model` on a seqio evaluation dataset of (index, EncDecFeatureConverter features),
-    as `seqio.Evaluator.cached_model_datasets` holds it, where nothing is decoded (see `Scorer`)."""
+    as `seqio.Evaluator.cached_model_datasets` holds it, where nothing is decoded (see `Scorer`); in batches by
+    length where `by_length` (`length_batches`)."""
     scorer = Scorer(model, label_ids, gold, device)
     was_training = model.training
     model.eval()
     try:
-        for indices, features in without_autotune(dataset.batch(batch_size)).as_numpy_iterator():
+        for indices, features in length_batches.batches(dataset, batch_size, by_length):
             with precision_lib.autocast(precision, device):
                 scorer.add(indices, features)
     finally:

@@ -200,8 +200,9 @@ def test_target_nll_is_the_per_token_loss_of_the_targets(data_dir, vocab_file):
     assert scoring._label_of(targets, torch.tensor([[7, 1], [5, 1]])).tolist() == [1, 0]
     assert scoring._label_of(targets, torch.tensor([[7, 1, 0], [6, 1, 0]])) is None  # 5 is no label: its own pass
     # Without decoding (a mixture search's proxies): the same teacher-forced figures and their replicates, and no
-    # decoded metric.
-    undecoded = evaluate.evaluate_tasks(model, "glue_mrpc", num_examples=16, decode=False)["glue_mrpc"]
+    # decoded metric (the same batches: batches by length are trimmed to their longest row, so others round
+    # otherwise).
+    undecoded = evaluate.evaluate_tasks(model, "glue_mrpc", num_examples=16, decode=False, batch_size=8)["glue_mrpc"]
     assert undecoded.metrics == {k: v for k, v in result.metrics.items()
                                  if k in ("target_nll", "label_accuracy", "gold_label_logprob")}
     assert set(undecoded.replicates) == {"target_nll", "label_accuracy", "gold_label_logprob"}
@@ -234,3 +235,34 @@ def test_evaluations_reusing_seqio_evaluators_score_as_fresh_ones(data_dir, voca
         assert a.replicates.keys() == b.replicates.keys()
         assert all(np.array_equal(a.replicates[k], b.replicates[k], equal_nan=True) for k in a.replicates)
     assert evaluate._kept_evaluators is None  # nothing is kept outside the scope
+
+
+def test_evaluation_batched_by_length_scores_as_seqio_order_on_fewer_columns(data_dir, vocab_file):
+    """Batches sorted by input length and trimmed to their longest row (`length_batches`) give the same
+    predictions and figures (to float rounding) as seqio's order and padding, on real SQuAD contexts (inputs of
+    very different lengths), decoded and teacher-forced alone; the encoder sees each batch's own longest row."""
+    torch.manual_seed(0)
+    model = model_lib.T5(model_lib.T5Config(vocab_size=4096, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                            num_decoder_layers=1, num_heads=4)).eval()
+    encode, widths = model.encode, []
+    model.encode = lambda tokens, *a, **k: widths.append(tokens.shape[1]) or encode(tokens, *a, **k)
+    settings = {"num_examples": 40, "max_decode_length": 6, "batch_size": 8}
+    results = {}
+    for by_length in (False, True):
+        widths.clear()
+        decoded = evaluate.evaluate_tasks(model, "squad_v1_devsplit", by_length=by_length, **settings)
+        alone = evaluate.evaluate_tasks(model, "squad_v1_devsplit", by_length=by_length, decode=False, **settings)
+        results[by_length] = (decoded["squad_v1_devsplit"], alone["squad_v1_devsplit"], list(widths))
+    (seqio_order, seqio_alone, padded), (by_length, by_length_alone, trimmed) = results[False], results[True]
+    ds = evaluate._evaluator(seqio.get_mixture_or_task("squad_v1_devsplit"), "validation", None, 40)[0]
+    inputs = [ex["encoder_input_tokens"] for _, ex in ds.cached_model_datasets["squad_v1_devsplit"]
+              .as_numpy_iterator()]
+    longest_first = sorted((int(np.count_nonzero(row)) for row in inputs), reverse=True)
+    assert padded == [len(inputs[0])] * 5 * 2  # seqio pads every batch to the split's longest, decoded and alone
+    assert trimmed == [longest_first[k] for k in range(0, 40, 8)] * 2
+    assert sum(trimmed) < 0.8 * sum(padded)
+    for a, b in ((seqio_order, by_length), (seqio_alone, by_length_alone)):
+        assert a.metrics.keys() == b.metrics.keys() and a.num_examples == b.num_examples == 40
+        for name, value in a.metrics.items():
+            assert b.metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+            assert np.allclose(a.replicates[name], b.replicates[name], rtol=1e-5, atol=1e-6, equal_nan=True), name
