@@ -88,7 +88,8 @@ BENCHMARKS: dict[str, tuple[list[str], list[Figure]]] = {
     ]),
     "eval_throughput": (["--quick"], [
         Figure("ratio_eval", "evaluating SST-2's whole validation set (872): seqio pipeline, decoding, metrics; "
-               "mini model, random weights, 8 positions", "the same seqio Evaluator decoding with HF generate", ""),
+               "mini model, random weights, 8 positions; ours batched by input length since c26c71d",
+               "the same seqio Evaluator decoding with HF generate, in seqio's order", ""),
         Figure("length_batching_speedup", "the same evaluation, ours batched by input length (each batch trimmed "
                "to its longest row) over ours in seqio's order and padding", "ours in seqio's order", ""),
         Figure("target_nll_over_decoding", "seconds of the teacher-forced scoring (target NLL, label figures, on "
