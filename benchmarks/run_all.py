@@ -123,6 +123,10 @@ BENCHMARKS: dict[str, tuple[list[str], list[Figure]]] = {
         Figure("import_torch_s", "seconds for `python -c 'import torch'`: the floor of any command that loads "
                "torch (export does not: numpy arrays)", "none (absolute)", ""),
         Figure("tasks_list_s", "seconds for `mtp tasks list`, which reads data (TensorFlow, seqio)", "none", ""),
+        Figure("train_exit_s", "seconds from the last line of a 5-step `mtp train` (tiny, RTE) to its exit",
+               "none (absolute)", ""),
+        Figure("exit_saved_s", "seconds that ending without the interpreter's last garbage collection saves at "
+               "that exit", "the same command with that collection", ""),
     ]),
     "resume_time": ([], [
         Figure("resume_ratio", "seconds to resume (restore, one step, save) after 400 steps over after 10",

@@ -10,9 +10,12 @@ time). Measured:
 - `mtp report` of a copy of a committed report (`results/objectives`: 14 arms, 2 seeds, 6 plots) from start to end;
 - `mtp export` of a mini model's checkpoint (random weights) to a Hugging Face directory, from start to end;
 - `mtp tasks list`, a command that does read data, for comparison (TensorFlow and seqio load);
+- the end of a command that loaded TensorFlow and torch: a 5-step `mtp train` of the tiny model on RTE, seconds from
+  its last line to its exit, against the same command with the interpreter's last garbage collection kept
+  (`cli.skip_the_last_collection` undone: what every command paid before it);
 - the peers: `python -c "import torch"` (what any command that loads torch pays at least; export reads and writes
   the weights as numpy arrays and does not) and `python -c pass`.
-Needs MTP_DATA_DIR (for `tasks list`) and MTP_VOCAB or --vocab (for export).
+Needs MTP_DATA_DIR (for `tasks list` and the training) and MTP_VOCAB or --vocab (for export and the training).
 """
 
 from __future__ import annotations
@@ -42,6 +45,29 @@ def fastest(command: list[str], rounds: int, ok: tuple[int, ...] = (0,)) -> floa
         if done.returncode not in ok:
             sys.exit(f"{' '.join(command)} exited {done.returncode}: {done.stderr.strip()[-400:]}")
     return min(times)
+
+
+TRAIN = ["train", "--gin_file=gin/models/tiny.gin", "--gin_file=gin/runs/pretrain.gin",
+         "--gin.MIXTURE_OR_TASK_NAME='glue_rte'", "--gin.BATCH_SIZE=4",
+         "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 8}", "--gin.train.precision='fp32'",
+         "--gin.TRAIN_STEPS=5"]
+WITH_LAST_COLLECTION = [sys.executable, "-c", "import sys; from mtplatform import cli; "
+                        "cli.skip_the_last_collection = lambda: None; sys.exit(cli.main())"]
+
+
+def exit_seconds(command: list[str], model_dir: Path, vocab: str) -> float:
+    """Seconds from the last line of a fresh `command` training into `model_dir` to the end of its process."""
+    shutil.rmtree(model_dir, ignore_errors=True)
+    process = subprocess.Popen([*command, *TRAIN, f"--gin.MODEL_DIR='{model_dir}'"], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, cwd=ROOT, env={**os.environ, "MTP_VOCAB": vocab})
+    last = time.perf_counter()
+    output = []
+    for line in process.stdout:  # tqdm's bar redraws with \r: only the summary ends with a newline of its own
+        last = time.perf_counter()
+        output.append(line)
+    if process.wait() != 0:
+        sys.exit(f"{' '.join(command)} train exited {process.returncode}: {''.join(output)[-400:]}")
+    return time.perf_counter() - last
 
 
 def mini_checkpoint(directory: Path, vocab: Path) -> Path:
@@ -85,10 +111,16 @@ def main() -> None:
                                        f"--vocab={args.vocab}", "--overwrite"], args.rounds),
             "tasks_list_s": fastest([*MTP, "tasks", "list"], args.rounds),
         }
+        ours, kept = [], []
+        for _ in range(args.rounds):  # alternating, so that a slower spell of the machine slows both
+            ours.append(exit_seconds(MTP, tmp / "train", args.vocab))
+            kept.append(exit_seconds(WITH_LAST_COLLECTION, tmp / "train", args.vocab))
+        figures["train_exit_s"], figures["train_exit_with_last_collection_s"] = min(ours), min(kept)
     for name, value in figures.items():
         print(f"{name}={value:.2f}")
     print(f"startup_s={max(figures['help_s'], figures['report_start_s'], figures['export_whole_s']):.2f}")
     print(f"export_over_torch={figures['export_whole_s'] / figures['import_torch_s']:.2f}")
+    print(f"exit_saved_s={figures['train_exit_with_last_collection_s'] - figures['train_exit_s']:.2f}")
 
 
 if __name__ == "__main__":

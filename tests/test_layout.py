@@ -100,3 +100,24 @@ print(json.dumps(loaded))
     huggingface.export_hf(model, tmp_path / "in_memory")
     for name in ("model.safetensors", "config.json"):
         assert (tmp_path / "hf" / name).read_bytes() == (tmp_path / "in_memory" / name).read_bytes(), name
+
+
+def test_a_command_ends_without_the_last_garbage_collection(tmp_path):
+    """`mtp` freezes the collector's objects after every exit handler the command registered, so the interpreter's
+    last collection (2-3 s after a command that loaded TensorFlow and torch) visits none of them: a handler
+    registered before the command runs after that freeze and finds them frozen; the command's own result is as
+    before (here `mtp report`'s one-line error on a directory that is not an experiment, exit 2)."""
+    import subprocess
+    import sys
+
+    script = f"""
+import atexit, gc, sys
+atexit.register(lambda: print("frozen at exit:", gc.get_freeze_count() > 0, flush=True))
+from mtplatform import cli
+print("frozen before:", gc.get_freeze_count() > 0, flush=True)
+sys.exit(cli.main(["report", {str(tmp_path)!r}]))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["frozen before: False", "frozen at exit: True"]
+    assert done.stderr.startswith("mtp: error: ") and done.stderr.count("\n") == 1, done.stderr
