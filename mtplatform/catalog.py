@@ -1,6 +1,7 @@
 """Looking into registered tasks and mixtures: their splits, sizes, metrics, raw text and examples.
 
-Used by `mtp tasks` and `mtp vocab`; it knows seqio, not torch.
+Used by `mtp tasks` and `mtp vocab`; it knows seqio, not torch. It holds the label sets that tasks declare
+(`register_labels`), so that registering a task loads no torch (3 s of `mtp tasks`, `mtp vocab` and `mtp cache`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,17 @@ import seqio
 
 user_modules: list[str] = []
 """The `--module`s imported so far, in order: what an experiment's stage processes import again."""
+
+LABELS: dict[str, tuple[str, ...]] = {}
+"""Task name -> its closed label set (the target texts a prediction can be), for rank classification."""
+
+
+def register_labels(task_name: str, labels: Sequence[str]) -> None:
+    """Declare that `task_name`'s targets are one of `labels` (at least two distinct texts)."""
+    labels = tuple(labels)
+    if len(set(labels)) < 2 or len(set(labels)) != len(labels):
+        raise ValueError(f"task {task_name}: a label set needs two or more distinct labels, got {list(labels)}")
+    LABELS[task_name] = labels
 
 
 def import_modules(modules: Sequence[str]) -> None:

@@ -22,7 +22,7 @@ import seqio
 import tensorflow as tf
 import torch
 
-from mtplatform import cache, checkpoints, decoding, length_batches, prepack, scoring, stats, validation
+from mtplatform import cache, catalog, checkpoints, decoding, length_batches, prepack, scoring, stats, validation
 from mtplatform import precision as precision_lib
 from mtplatform.model import T5
 from mtplatform.tf_setup import without_autotune
@@ -194,7 +194,7 @@ def _postprocessed(task: seqio.Task, text: str, example: dict, is_target: bool):
 def _label_set(task: seqio.Task, targets: list[str]) -> tuple[str, ...] | None:
     """The task's registered labels, when every evaluated target text is one of them (else rank classification is
     undefined for the task, and it is said)."""
-    labels = scoring.LABELS.get(task.name)
+    labels = catalog.LABELS.get(task.name)
     if not labels:
         return None
     stray = next((text for text in targets if text not in labels), None)
@@ -232,8 +232,6 @@ def constant_baseline(task_name: str, split: str = "validation", max_train_examp
     """
     from collections import Counter
 
-    from mtplatform import catalog
-
     task = seqio.get_mixture_or_task(task_name)
     counts = Counter(ex["targets"].decode("utf-8") for ex in catalog.pretokenized(task, "train", max_train_examples))
     constant = counts.most_common(1)[0][0]
@@ -248,7 +246,7 @@ def constant_baseline(task_name: str, split: str = "validation", max_train_examp
     metrics: dict[str, float] = {}
     for fn in task.metric_fns:
         metrics.update({k: _scalar(v) for k, v in fn(targets, predictions).items()})
-    if constant in scoring.LABELS.get(task_name, ()):  # what rank classification scores for a constant predictor
+    if constant in catalog.LABELS.get(task_name, ()):  # what rank classification scores for a constant predictor
         texts = [ex["targets_pretokenized"].decode("utf-8") for ex in examples]
         metrics["label_accuracy"] = 100.0 * sum(text == constant for text in texts) / len(texts)
     return constant, metrics

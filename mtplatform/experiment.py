@@ -22,7 +22,7 @@ from pathlib import Path
 import gin
 import torch
 
-from mtplatform import checkpoints, distill, evaluate, mixing, quantize, report, scoring, strategies, validation
+from mtplatform import catalog, checkpoints, distill, evaluate, mixing, quantize, report, strategies, validation
 from mtplatform import train as train_lib
 
 NOT_STAGE_SETTINGS = ("experiment", "mixture_search", *strategies.STRATEGIES)
@@ -295,7 +295,7 @@ def _run_in_parallel(root: Path, stages: dict[str, strategies.Stage], seeds: Seq
                      measure_models: bool, meanwhile: Callable[[], None]) -> None:
     """Every stage of every seed through `parallel_stages`; a finished stage is checked (unchanged) and skipped
     (unless its model is yet to be measured). `meanwhile()` runs here once the first stages are handed out."""
-    from mtplatform import catalog, parallel_stages, tf_setup
+    from mtplatform import parallel_stages, tf_setup
 
     def finished(job: parallel_stages.Job) -> bool:
         stage = stages[job.stage]
@@ -338,7 +338,7 @@ def write_baselines(root: Path, tasks: Sequence[str], num_examples: int | None) 
     for task in tasks:
         known = baselines.get(task, {})
         if known.get("num_examples", "unset") != num_examples or (
-                task in scoring.LABELS and "label_accuracy" not in known["metrics"]):  # from before label figures
+                task in catalog.LABELS and "label_accuracy" not in known["metrics"]):  # from before label figures
             prediction, metrics = evaluate.constant_baseline(task, num_examples=num_examples)
             baselines[task] = {"prediction": prediction, "metrics": metrics, "num_examples": num_examples}
     write_json(path, baselines)

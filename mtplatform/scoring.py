@@ -4,7 +4,7 @@ closed label set. No decoding.
 Small models sit at the constant-prediction baseline on decoded scores long before their loss stops moving; work
 that ranks mixtures and strategies with small runs (RegMix, Data Mixing Laws, DataDecide) ranks on held-out loss.
 `target_nll` is the mean negative log-likelihood per target token (nats, EOS included, as training counts it).
-For a task registered with its labels (`register_labels`: GLUE's classes, NSP's), every label is scored as the
+For a task registered with its labels (`catalog.register_labels`: GLUE's classes, NSP's), every label is scored as the
 target of every example, as T5's rank classification does: `label_accuracy` is how often the gold label is the
 most likely, `gold_label_logprob` the gold label's log-probability renormalised over the label set (the rank
 classifier's negative cross-entropy: 0 is certain and right, log(1/K) is chance for K labels).
@@ -21,17 +21,6 @@ import torch.nn.functional as F
 
 from mtplatform import length_batches
 from mtplatform import precision as precision_lib
-
-LABELS: dict[str, tuple[str, ...]] = {}
-"""Task name -> its closed label set (the target texts a prediction can be), for rank classification."""
-
-
-def register_labels(task_name: str, labels: Sequence[str]) -> None:
-    """Declare that `task_name`'s targets are one of `labels` (at least two distinct texts)."""
-    labels = tuple(labels)
-    if len(set(labels)) < 2 or len(set(labels)) != len(labels):
-        raise ValueError(f"task {task_name}: a label set needs two or more distinct labels, got {list(labels)}")
-    LABELS[task_name] = labels
 
 
 @dataclass

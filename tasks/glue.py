@@ -18,7 +18,7 @@ import tensorflow_datasets as tfds
 from t5.data import glue_utils
 from t5.evaluation import metrics as t5_metrics
 
-from mtplatform import scoring, stats
+from mtplatform import catalog, stats
 from tasks.common import OUTPUT_FEATURES, tokenized_and_cached
 from tasks.sources import DataFormatError, FileSource, Row, read_tsv
 
@@ -167,7 +167,7 @@ def _register(spec: GlueSpec) -> None:
         output_features=OUTPUT_FEATURES,
     )
     if config.label_classes:  # the targets are the class names (t5's preprocessor): rank classification applies
-        scoring.register_labels(f"glue_{spec.config}", config.label_classes)
+        catalog.register_labels(f"glue_{spec.config}", config.label_classes)
 
 
 for _spec in SPECS.values():

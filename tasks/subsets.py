@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import seqio
 
-from mtplatform import scoring
+from mtplatform import catalog
 from tasks.sources import FileSource, Row, TextSource
 
 SUBSET_SPLIT = "train"
@@ -57,6 +57,6 @@ def register_subset(task_name: str, size: int | None) -> str:
     seqio.TaskRegistry.add(name, source=SubsetSource(name, source, size), preprocessors=task.preprocessors,
                            output_features=task.output_features, postprocess_fn=task.postprocess_fn,
                            metric_fns=task.metric_fns)
-    if task_name in scoring.LABELS:
-        scoring.register_labels(name, scoring.LABELS[task_name])
+    if task_name in catalog.LABELS:
+        catalog.register_labels(name, catalog.LABELS[task_name])
     return name

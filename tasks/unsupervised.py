@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import seqio
 
-from mtplatform import mixing, scoring
+from mtplatform import catalog, mixing
 from tasks import objectives
 from tasks.common import OUTPUT_FEATURES
 from tasks.sources import TextSource
@@ -61,7 +61,7 @@ def register_text_tasks(prefix: str, patterns: Sequence[str]) -> list[str]:
             metric_fns=[],
         )
         if objective in LABELS:
-            scoring.register_labels(name, LABELS[objective])
+            catalog.register_labels(name, LABELS[objective])
         mixing.UNSUPERVISED_TASKS.add(name)  # its size is arbitrary: mixing rates use an artificial one
         names.append(name)
     return names

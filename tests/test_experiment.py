@@ -309,7 +309,7 @@ def test_low_resource_subsets_are_fixed_and_its_arms_ration_only_the_task(data_d
     the task's validation split, metrics and labels; the experiment file makes its arms."""
     import seqio
 
-    from mtplatform import cli, scoring
+    from mtplatform import catalog, cli
     from tasks import subsets
 
     name = subsets.register_subset("glue_sst2", 256)
@@ -323,7 +323,7 @@ def test_low_resource_subsets_are_fixed_and_its_arms_ration_only_the_task(data_d
     assert set(first) <= set(everything) and first != everything[:256]  # drawn from the whole file, not its head
     assert task.num_input_examples("train") == 256
     assert task.num_input_examples("validation") == full.num_input_examples("validation")
-    assert scoring.LABELS[name] == scoring.LABELS["glue_sst2"] and task.metric_fns == full.metric_fns
+    assert catalog.LABELS[name] == catalog.LABELS["glue_sst2"] and task.metric_fns == full.metric_fns
     with pytest.raises(ValueError, match="span_corruption: only a task read from files"):
         subsets.register_subset("span_corruption", 256)
     with pytest.raises(ValueError, match="positive integer size, got 0"):

@@ -12,7 +12,7 @@ import tensorflow as tf
 import torch
 
 import tasks  # noqa: F401  (registers the tasks)
-from mtplatform import evaluate, report, scoring, stats
+from mtplatform import catalog, evaluate, report, scoring, stats
 from mtplatform import model as model_lib
 
 
@@ -158,7 +158,7 @@ def test_a_constant_predictors_label_accuracy_is_its_accuracy(data_dir, vocab_fi
         vocab = task.output_features["targets"].vocabulary
         model = _constant_label_model(vocab.encode(majority) + [1], vocab.vocab_size)
         result = evaluate.evaluate_tasks(model, name, num_examples=64, max_decode_length=4)[name]
-        assert scoring.LABELS[name] and result.num_examples == 64
+        assert catalog.LABELS[name] and result.num_examples == 64
         assert result.metrics["label_accuracy"] == pytest.approx(baseline["accuracy"])
         assert baseline["label_accuracy"] == pytest.approx(baseline["accuracy"])
         assert result.metrics["gold_label_logprob"] < 0 and result.metrics["target_nll"] > 0
@@ -190,7 +190,7 @@ def test_target_nll_is_the_per_token_loss_of_the_targets(data_dir, vocab_file):
     assert result.metrics["target_nll"] == pytest.approx(total / tokens, rel=1e-4)
     # MRPC's targets are its labels: their pass gives the target NLL, with or without the label set at hand.
     vocab = task.output_features["targets"].vocabulary
-    label_ids = [vocab.encode(label) + [1] for label in scoring.LABELS["glue_mrpc"]]
+    label_ids = [vocab.encode(label) + [1] for label in catalog.LABELS["glue_mrpc"]]
     indexed = tf.data.Dataset.zip((tf.data.Dataset.range(16), converted))
     with_labels = scoring.score(model, indexed, 8, label_ids=label_ids, gold=[0] * 16)
     alone = scoring.score(model, indexed, 8)
