@@ -121,3 +121,25 @@ sys.exit(cli.main(["report", {str(tmp_path)!r}]))
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stdout.splitlines() == ["frozen before: False", "frozen at exit: True"]
     assert done.stderr.startswith("mtp: error: ") and done.stderr.count("\n") == 1, done.stderr
+
+
+def test_registering_the_catalogue_loads_no_torch(data_dir):
+    """The tasks declare their label sets in `mtplatform.catalog` (seqio, no torch), so the commands that only read
+    data (`mtp tasks`, `mtp vocab`, `mtp cache` and its Beam workers) do not pay torch's import: in a fresh process
+    the whole catalogue registers, GLUE's and the subsets' labels included, and torch stays unloaded."""
+    import subprocess
+    import sys
+
+    script = """
+import json, sys
+from mtplatform import catalog
+catalog.import_modules([])
+from tasks import subsets
+name = subsets.register_subset("glue_rte", 64)
+print(json.dumps(["torch" in sys.modules, catalog.LABELS["glue_rte"], catalog.LABELS[name]]))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    torch_loaded, rte, subset = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not torch_loaded
+    assert rte == subset == ["entailment", "not_entailment"]
