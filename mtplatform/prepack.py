@@ -155,14 +155,23 @@ def _product(x: Tensor, weights: tuple[Tensor, ...], bf16: bool) -> Tensor:
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
-@torch.library.custom_op("mtplatform::packed_product", mutates_args=())
+# The operator is defined through `torch.library.Library`, not `torch.library.custom_op`: custom_op wraps every call
+# in its own Python autograd and dispatch layers, some 50 us a call, and a compiled T5-small step makes 25 of them
+# (37.4 against 35.6 ms a step on the AVX2 EPYC). It has no gradient; `applies` never takes it with gradients on.
+_LIBRARY = torch.library.Library("mtplatform", "DEF")
+_LIBRARY.define("packed_product(Tensor x, Tensor[] weights, bool bf16) -> Tensor")
+
+
 def _packed_product_op(x: Tensor, weights: list[Tensor], bf16: bool) -> Tensor:
     """`_product` as an operator a compiled graph calls without looking inside (packed copies are not tensors
     that inductor can take as inputs)."""
     return _product(x, tuple(weights), bf16)
 
 
-@_packed_product_op.register_fake
+_LIBRARY.impl("packed_product", _packed_product_op, "CPU")
+
+
+@torch.library.register_fake("mtplatform::packed_product")
 def _(x: Tensor, weights: list[Tensor], bf16: bool) -> Tensor:
     return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights)), dtype=_dtype(bf16))
 
