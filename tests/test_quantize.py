@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import mtp
+from conftest import mtp_here
 
 import tasks  # noqa: F401  (registers the tasks)
 from mtplatform import checkpoints, evaluate, quantize
@@ -61,17 +61,17 @@ def test_an_int8_evaluation_scores_a_checkpoint_as_fp32_does_within_a_percent(tm
 
 def test_cli_eval_and_infer_take_quantize(tmp_path, vocab_file):
     _checkpoint(tmp_path / "run", "glue_rte")
-    out = mtp("eval", "--gin_file=gin/runs/eval.gin", "--quantize=int8", f"--gin.CHECKPOINT_PATH='{tmp_path / 'run'}'",
-              "--gin.MIXTURE_OR_TASK_NAME='glue_rte'", "--gin.evaluate_checkpoint.num_examples=8",
-              "--gin.evaluate_checkpoint.max_decode_length=4")
-    assert out.returncode == 0, out.stderr[-2000:]
+    code = mtp_here("eval", "--gin_file=gin/runs/eval.gin", "--quantize=int8",
+                    f"--gin.CHECKPOINT_PATH='{tmp_path / 'run'}'", "--gin.MIXTURE_OR_TASK_NAME='glue_rte'",
+                    "--gin.evaluate_checkpoint.num_examples=8", "--gin.evaluate_checkpoint.max_decode_length=4")
+    assert code == 0
     record = json.loads((tmp_path / "run" / "eval_validation" / "metrics.json").read_text())
     assert record["quantize"] == "int8" and record["num_examples"] == {"glue_rte": 8}
-    out = mtp("infer", "--gin_file=gin/runs/infer.gin", "--quantize=int8",
-              f"--gin.CHECKPOINT_PATH='{tmp_path / 'run'}'", "--gin.MIXTURE_OR_TASK_NAME='glue_rte'",
-              f"--gin.OUTPUT_FILE='{tmp_path / 'p.jsonl'}'", "--gin.infer.num_examples=3",
-              "--gin.infer.max_decode_length=4")
-    assert out.returncode == 0, out.stderr[-2000:]
+    code = mtp_here("infer", "--gin_file=gin/runs/infer.gin", "--quantize=int8",
+                    f"--gin.CHECKPOINT_PATH='{tmp_path / 'run'}'", "--gin.MIXTURE_OR_TASK_NAME='glue_rte'",
+                    f"--gin.OUTPUT_FILE='{tmp_path / 'p.jsonl'}'", "--gin.infer.num_examples=3",
+                    "--gin.infer.max_decode_length=4")
+    assert code == 0
     rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all("prediction" in row for row in rows)
 

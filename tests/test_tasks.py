@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import seqio
 import tensorflow as tf
-from conftest import mtp
+from conftest import mtp, mtp_here
 from t5.data import preprocessors as t5p
 
 import tasks  # noqa: F401
@@ -271,10 +271,12 @@ def test_cli_vocab_train_then_show(tmp_path, data_dir):
     assert "targets text:   not_entailment" in out.stdout
 
 
-def test_cli_bad_data_dir_is_explained(tmp_path):
-    out = mtp("tasks", "show", "--mixture_or_task=glue_rte", env_extra={"MTP_DATA_DIR": str(tmp_path / "nowhere")})
-    assert out.returncode == 2
-    assert "MTP_DATA_DIR" in out.stderr and "Traceback" not in out.stderr
+def test_cli_bad_data_dir_is_explained(tmp_path, capsys):
+    code = mtp_here("tasks", "show", "--mixture_or_task=glue_rte",
+                    env_extra={"MTP_DATA_DIR": str(tmp_path / "nowhere")})
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "MTP_DATA_DIR" in err and "Traceback" not in err
 
 
 def _sst2_rows(data_dir, split: str, n: int) -> list[dict]:
