@@ -25,32 +25,26 @@ def mtp(*args: str, cwd: Path | str = REPO, env_extra: dict[str, str] | None = N
                           env={**os.environ, **(env_extra or {})}, timeout=timeout)
 
 
-def mtp_here(*args: str, env_extra: dict[str, str] | None = None) -> int:
+def mtp_here(*args: str) -> int:
     """`mtp ARGS` through the command's own `cli.main` in this process, from the repository root, gin's
     configuration cleared before and after: the exit code (argparse's included). What it prints is read with
-    pytest's capsys or capfd. For commands whose test is their output and exit code, not a process of their own:
-    each `mtp` process pays some 15 s of TensorFlow and seqio start-up on a slow CPU."""
+    pytest's capsys or capfd, its environment set with monkeypatch. For commands whose test is their output and
+    exit code, not a process of their own: each `mtp` process pays some 15 s of TensorFlow and seqio start-up on a
+    slow CPU."""
     import gin
 
     from mtplatform import cli
 
-    saved = {key: os.environ.get(key) for key in env_extra or {}}
-    os.environ.update(env_extra or {})
     cwd = os.getcwd()
     os.chdir(REPO)
     gin.clear_config()
     try:
         return cli.main(list(args))
-    except SystemExit as e:
+    except SystemExit as e:  # argparse's own errors: usage, then one line naming the flag
         return e.code
     finally:
         gin.clear_config()
         os.chdir(cwd)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def train_tiny(model_dir: Path, steps: int, mixture: str, lengths: dict[str, int], bindings: tuple[str, ...] = (),

@@ -1,23 +1,19 @@
 """Bad input of every kind, through the `mtp` command: each case must end with exit code 2 and one line on stderr
 that names the culprit (the setting, the file and line, the task), with no traceback. Run in this process (the
-command's own `cli.main`) so that forty cases cost seconds, not forty TensorFlow start-ups."""
+command's own `cli.main`, `conftest.mtp_here`) so that forty cases cost seconds, not forty TensorFlow start-ups."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import gin
 import pytest
+from conftest import mtp_here
 
 import tasks  # noqa: F401
-from mtplatform import cli
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _train_args(model_dir: Path, *overrides: str, command: str = "train") -> list[str]:
@@ -93,9 +89,7 @@ def _file(name: str, content: str) -> Callable[[Path, Path], dict[str, str]]:
 def _checkpoint(edit: Callable[[Path], None] | None = None) -> Callable[[Path, Path], dict[str, str]]:
     """A real one-step tiny checkpoint in tmp/run, then `edit` applied to it."""
     def prepare(tmp: Path, data: Path) -> dict[str, str]:
-        gin.clear_config()
-        assert cli.main(_train_args(tmp / "run")) == 0
-        gin.clear_config()
+        assert mtp_here(*_train_args(tmp / "run")) == 0
         if edit:
             edit(tmp / "run" / "checkpoint_1")
         return {}
@@ -343,16 +337,7 @@ def test_bad_input_is_one_line_naming_the_culprit(case: Case, tmp_path, vocab_fi
         else:
             monkeypatch.setenv(key, value)
     capfd.readouterr()
-    gin.clear_config()
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    try:
-        code = cli.main(case.args(tmp_path))
-    except SystemExit as e:  # argparse's own errors: usage, then one line naming the flag
-        code = e.code
-    finally:
-        os.chdir(cwd)
-        gin.clear_config()
+    code = mtp_here(*case.args(tmp_path))
     err = capfd.readouterr().err
     assert code == 2, err[-2000:]
     assert "Traceback" not in err
@@ -368,13 +353,8 @@ def test_compiled_decoding_without_a_compiler_is_one_line(tmp_path, capfd, monke
     config's own `patch`: monkeypatch's undo deletes the setting, and later compiles in this process would fail)."""
     import torch._inductor.config as inductor
 
-    monkeypatch.chdir(REPO)
-    gin.clear_config()
-    try:
-        with inductor.patch({"cpp.cxx": ("/no/such/c++",)}):
-            code = cli.main(_eval("--gin.evaluate_checkpoint.compile_decoding=True")(tmp_path))
-    finally:
-        gin.clear_config()
+    with inductor.patch({"cpp.cxx": ("/no/such/c++",)}):
+        code = mtp_here(*_eval("--gin.evaluate_checkpoint.compile_decoding=True")(tmp_path))
     message = capfd.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and "evaluate_checkpoint.compile_decoding = True" in message and "C++ compiler" in message
 
@@ -384,12 +364,8 @@ def test_at_least_thirty_cases():
 
 
 def test_debug_prints_the_traceback(tmp_path, vocab_file):
-    gin.clear_config()
-    try:
-        with pytest.raises(ValueError, match="TRAIN_STEPS"):
-            cli.main(["--debug", *_train_args(tmp_path / "run", "--gin.TRAIN_STEPS=0")])
-    finally:
-        gin.clear_config()
+    with pytest.raises(ValueError, match="TRAIN_STEPS"):
+        mtp_here("--debug", *_train_args(tmp_path / "run", "--gin.TRAIN_STEPS=0"))
 
 
 NOISED = ["span_corruption", "iid_denoising", "drop_corrupted_tokens", "bert_mlm", "bert_mlm_wwm", "spanbert",
@@ -412,10 +388,6 @@ def test_every_objective_refuses_a_noise_density_outside_zero_to_one(objective, 
 def test_infer_says_which_input_lines_it_cut(tmp_path, vocab_file, capfd):
     _checkpoint()(tmp_path, Path())
     (tmp_path / "in.txt").write_text("a short line\n" + "word " * 400_000 + "\n")  # 2 MB
-    gin.clear_config()
-    try:
-        assert cli.main(_infer("in.txt")(tmp_path)) == 0
-    finally:
-        gin.clear_config()
+    assert mtp_here(*_infer("in.txt")(tmp_path)) == 0
     assert "in.txt: 1 of 2 input line(s) cut to 512 tokens" in capfd.readouterr().err
     assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 2

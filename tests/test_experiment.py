@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import gin
 import pytest
 import torch
-from conftest import REPO, mtp
+from conftest import REPO, mtp, mtp_here
 
 import tasks  # noqa: F401  (registers the tasks the strategies name)
 from mtplatform import checkpoints, report, strategies
@@ -27,16 +26,7 @@ SMOKE = ("--gin_file=gin/experiments/demo.gin", "--gin_file=gin/models/tiny.gin"
 
 def _in_process(capfd, *args: str) -> tuple[int, str]:
     """`mtp ...` in this process (the command's own code, without another TensorFlow start): (exit code, stderr)."""
-    from mtplatform import cli
-
-    gin.clear_config()
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    try:
-        code = cli.main(list(args))
-    finally:
-        os.chdir(cwd)
-        gin.clear_config()
+    code = mtp_here(*args)
     return code, capfd.readouterr().err
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import gin
 import pytest
 import torch
+from conftest import mtp_here
 from safetensors.torch import load_file
 
 import tasks  # noqa: F401
@@ -298,14 +299,8 @@ def test_a_signal_during_set_up_exits_at_once_with_one_line(tmp_path, vocab_file
 
 
 def test_an_error_line_starts_on_its_own_line_after_the_progress_bar(tmp_path, vocab_file, monkeypatch, capfd):
-    from mtplatform import cli
-
     _inject_nan_loss(monkeypatch, at_call=2)
-    gin.clear_config()
-    try:
-        assert cli.main(["train", *CLI_RUN, "--gin.TRAIN_STEPS=4", f"--gin.MODEL_DIR='{tmp_path / 'run'}'"]) == 3
-    finally:
-        gin.clear_config()
+    assert mtp_here("train", *CLI_RUN, "--gin.TRAIN_STEPS=4", f"--gin.MODEL_DIR='{tmp_path / 'run'}'") == 3
     lines = capfd.readouterr().err.rstrip("\n").split("\n")  # the bar redraws with \r: only \n ends a line
     assert lines[-1].startswith("mtp: error: training diverged at step 2"), lines[-3:]
     assert "train:" in lines[-2]  # the bar, closed on a line of its own

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import seqio
 import torch
-from conftest import REPO, mtp
+from conftest import REPO, mtp, mtp_here
 
 import tasks  # noqa: F401
 from mtplatform import data, mixing, mixture_view
@@ -357,10 +357,7 @@ def _rows(stdout: str) -> dict[str, list[str]]:
 
 def _show(capsys, *args: str) -> tuple[int, str, str]:
     """`mtp mixture show ...` in this process (the same code as the command, without a second TensorFlow start)."""
-    from mtplatform import cli
-
-    gin.clear_config()
-    code = cli.main(["mixture", "show", *args])
+    code = mtp_here("mixture", "show", *args)
     out = capsys.readouterr()
     return code, out.out, out.err
 

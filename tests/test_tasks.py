@@ -271,9 +271,9 @@ def test_cli_vocab_train_then_show(tmp_path, data_dir):
     assert "targets text:   not_entailment" in out.stdout
 
 
-def test_cli_bad_data_dir_is_explained(tmp_path, capsys):
-    code = mtp_here("tasks", "show", "--mixture_or_task=glue_rte",
-                    env_extra={"MTP_DATA_DIR": str(tmp_path / "nowhere")})
+def test_cli_bad_data_dir_is_explained(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MTP_DATA_DIR", str(tmp_path / "nowhere"))
+    code = mtp_here("tasks", "show", "--mixture_or_task=glue_rte")
     err = capsys.readouterr().err
     assert code == 2
     assert "MTP_DATA_DIR" in err and "Traceback" not in err
