@@ -59,19 +59,19 @@ def test_an_int8_evaluation_scores_a_checkpoint_as_fp32_does_within_a_percent(tm
     assert abs(int8["accuracy"] - fp32["accuracy"]) <= 100 * 4 / 64
 
 
-def test_cli_eval_and_infer_take_quantize(tmp_path, vocab_file):
+def test_cli_eval_and_infer_take_quantize(tmp_path, vocab_file, capfd):
     _checkpoint(tmp_path / "run", "glue_rte")
     code = mtp_here("eval", "--gin_file=gin/runs/eval.gin", "--quantize=int8",
                     f"--gin.CHECKPOINT_PATH='{tmp_path / 'run'}'", "--gin.MIXTURE_OR_TASK_NAME='glue_rte'",
                     "--gin.evaluate_checkpoint.num_examples=8", "--gin.evaluate_checkpoint.max_decode_length=4")
-    assert code == 0
+    assert code == 0, capfd.readouterr().err[-2000:]
     record = json.loads((tmp_path / "run" / "eval_validation" / "metrics.json").read_text())
     assert record["quantize"] == "int8" and record["num_examples"] == {"glue_rte": 8}
     code = mtp_here("infer", "--gin_file=gin/runs/infer.gin", "--quantize=int8",
                     f"--gin.CHECKPOINT_PATH='{tmp_path / 'run'}'", "--gin.MIXTURE_OR_TASK_NAME='glue_rte'",
                     f"--gin.OUTPUT_FILE='{tmp_path / 'p.jsonl'}'", "--gin.infer.num_examples=3",
                     "--gin.infer.max_decode_length=4")
-    assert code == 0
+    assert code == 0, capfd.readouterr().err[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all("prediction" in row for row in rows)
 
