@@ -12,6 +12,7 @@ predictions back in its order by it.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 
 import numpy as np
@@ -28,7 +29,8 @@ Batch = tuple[np.ndarray, dict[str, np.ndarray]]  # (seqio indices, FEATURES as 
 def batches(dataset: tf.data.Dataset, batch_size: int, by_length: bool = True) -> Iterator[Batch]:
     """`dataset`'s (index, features) examples in batches of `batch_size`: by input length, longest first (a split's
     peak memory comes with its first batch), each feature trimmed to the batch's longest row; or, where not
-    `by_length`, in seqio's order and padded as seqio padded them (what a seqio predict function sees)."""
+    `by_length`, in seqio's order and padded as seqio padded them (what a seqio predict function sees). A dataset
+    is read once while it lives (`_materialized`): an evaluation split, the same examples every time."""
     indices, features = _materialized(dataset, batch_size)
     order = (np.argsort(-lengths(features[FEATURES[0]]), kind="stable") if by_length
              else np.arange(len(indices)))
@@ -49,9 +51,24 @@ def _trimmed(tokens: np.ndarray) -> np.ndarray:
     return tokens[:, :max(1, int(lengths(tokens).max(initial=0)))]
 
 
-def _materialized(dataset: tf.data.Dataset, batch_size: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+_READ: weakref.WeakKeyDictionary[tf.data.Dataset, Batch] = weakref.WeakKeyDictionary()
+"""Each evaluation dataset's examples, read once while the dataset lives."""
+
+
+def _materialized(dataset: tf.data.Dataset, batch_size: int) -> Batch:
     """All of `dataset` as numpy: (indices, {feature: (rows, width)}); a validation split fits in memory (SQuAD's
-    10,570 examples at 512 input tokens are some 20 MiB)."""
+    10,570 examples at 512 input tokens are some 20 MiB).
+
+    Read once per dataset object: seqio's Evaluator hands the same cached, unshuffled split to the decoding and
+    scoring of every checkpoint it evaluates, and making its iterator took about 0.2 s a task each time (17 s of
+    an experiment of 12 stages evaluating 7 tasks). Callers index the arrays, which copies; nothing writes them.
+    """
+    if dataset not in _READ:
+        _READ[dataset] = _read(dataset, batch_size)
+    return _READ[dataset]
+
+
+def _read(dataset: tf.data.Dataset, batch_size: int) -> Batch:
     parts = list(without_autotune(dataset.batch(batch_size)).as_numpy_iterator())
     if not parts:
         return np.zeros(0, dtype=np.int64), {name: np.zeros((0, 1), dtype=np.int32) for name in FEATURES}

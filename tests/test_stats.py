@@ -12,7 +12,7 @@ import tensorflow as tf
 import torch
 
 import tasks  # noqa: F401  (registers the tasks)
-from mtplatform import catalog, evaluate, report, scoring, stats
+from mtplatform import catalog, evaluate, length_batches, report, scoring, stats
 from mtplatform import model as model_lib
 
 
@@ -215,7 +215,8 @@ def test_target_nll_is_the_per_token_loss_of_the_targets(data_dir, vocab_file):
 def test_evaluations_reusing_seqio_evaluators_score_as_fresh_ones(data_dir, vocab_file, monkeypatch):
     """Within `reusing_evaluators` (an experiment's stages, a training run) each task's seqio Evaluator is built
     once and reused for every later checkpoint: the same metrics and replicates as a fresh Evaluator each time,
-    for two different models, decoded and teacher-forced alone."""
+    for two different models, decoded and teacher-forced alone; and each Evaluator's split is read from
+    TensorFlow once (`length_batches._materialized`), not once per model and way of evaluating."""
     models = []
     for seed in (0, 1):
         torch.manual_seed(seed)
@@ -227,11 +228,14 @@ def test_evaluations_reusing_seqio_evaluators_score_as_fresh_ones(data_dir, voca
     built = []
     evaluator = seqio.Evaluator
     monkeypatch.setattr(seqio, "Evaluator", lambda *a, **k: built.append(1) or evaluator(*a, **k))
+    reads, read = [], length_batches._read
+    monkeypatch.setattr(length_batches, "_read", lambda *a: reads.append(1) or read(*a))
     with evaluate.reusing_evaluators():
         reused = [evaluate.evaluate_tasks(m, "glue_cola", **settings)["glue_cola"] for m in models]
         reused_nll = evaluate.evaluate_tasks(models[1], "glue_cola", decode=False, **settings)["glue_cola"]
         evaluate.evaluate_tasks(models[0], "glue_cola", **(settings | {"num_examples": 16}))
     assert len(built) == 2  # one for 24 examples, one for 16: other settings are another evaluator
+    assert len(reads) == 2  # each evaluator's split, for both models, decoded and scored alone
     assert fresh[0].metrics != fresh[1].metrics  # the two models differ, so a stale reuse would show
     for a, b in zip(fresh + [fresh_nll], reused + [reused_nll], strict=True):
         assert a.metrics == b.metrics and a.num_examples == b.num_examples == 24

@@ -10,7 +10,7 @@ from t5.data import preprocessors as t5p
 
 import tasks  # noqa: F401
 from mtplatform import catalog
-from tasks import glue
+from tasks import glue, sources
 from tasks.sources import DataFormatError, FileSource
 
 OFFICIAL_SIZES = {
@@ -171,6 +171,37 @@ def test_malformed_rows_name_file_and_line(tmp_path, monkeypatch):
     conll.write_text("-DOCSTART- -X- O O\n\nEU NNP I-NP I-ORG\nrejects VBZ\n")
     with pytest.raises(DataFormatError, match=rf"{conll}:4: expected 4 space-separated fields"):
         seqio.get_mixture_or_task("conll2003_ner").source.read_rows("validation")
+
+
+def test_a_split_is_parsed_once_per_version_of_its_files(tmp_path, monkeypatch):
+    """A task's pipeline built again (an experiment's next stage) reuses the columns its files were parsed into,
+    until a file changes: then the new rows are served."""
+    monkeypatch.setenv("MTP_DATA_DIR", str(tmp_path))
+    header = "index\tsentence1\tsentence2\tlabel"
+    _write_glue(tmp_path, "RTE", "dev.tsv", [header, "0\ta\tb\tentailment", "1\tc\td\tnot_entailment"])
+    source = seqio.get_mixture_or_task("glue_rte").source
+
+    def premises() -> list[bytes]:
+        return [ex["sentence1"] for ex in source.get_dataset("validation", shuffle=False).as_numpy_iterator()]
+
+    assert premises() == [b"a", b"c"]
+    parsed = source._columns("validation")
+    assert premises() == [b"a", b"c"] and source._columns("validation") is parsed
+    _write_glue(tmp_path, "RTE", "dev.tsv", [header, "0\te\tf\tentailment", "1\tg\th\tentailment",
+                                             "2\ti\tj\tnot_entailment"])
+    assert premises() == [b"e", b"g", b"i"] and source._columns("validation") is not parsed
+
+
+def test_conll_columns_equal_tf_ragged_constant(data_dir):
+    """CoNLL's token and tag lists become the ragged tensors `tf.ragged.constant` makes of them (built from flat
+    values and row lengths instead, some 20 times as fast)."""
+    rows = seqio.get_mixture_or_task("conll2003_ner").source.read_rows("validation")
+    columns = sources._as_columns(rows)
+    for key in ("tokens", "tags"):
+        expected = tf.ragged.constant([row[key] for row in rows], dtype=tf.string)
+        assert columns[key].row_splits.dtype == expected.row_splits.dtype == tf.int64
+        assert columns[key].to_list() == expected.to_list()
+    assert len(rows) == 3250 and columns["tokens"].flat_values.shape[0] > 50_000
 
 
 def test_unknown_split_and_task_are_named():
