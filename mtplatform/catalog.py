@@ -83,9 +83,14 @@ def _is_tokenizer(fn) -> bool:
     return fn in (seqio.preprocessors.tokenize, seqio.preprocessors.tokenize_and_append_eos)
 
 
+READ_BATCH = 1024  # examples tf.data hands over at once (`pretokenized`)
+
+
 def pretokenized(task: seqio.Task, split: str, max_examples: int | None = None) -> Iterator[dict]:
     """Examples of a task after its preprocessors up to the tokenizer: text as the model will read it (with
-    prefixes such as `sst2 sentence:` and label words), in file order."""
+    prefixes such as `sst2 sentence:` and label words), in file order; their scalar features (`inputs`,
+    `targets`, ids), read READ_BATCH at a time: tf.data's iterator costs about 0.35 ms a step, so one example at a
+    time 20,000 of SST-2's took 7.3 s against 1.0 (every experiment's constant baselines read them)."""
     steps = list(task.preprocessors)
     cut = next((i for i, p in enumerate(steps) if _is_tokenizer(p)), len(steps))
     ds = task.source.get_dataset(split=split, shuffle=False)
@@ -93,7 +98,10 @@ def pretokenized(task: seqio.Task, split: str, max_examples: int | None = None) 
         ds = seqio.utils.add_kwargs_to_transform(step, sequence_length=None, output_features=task.output_features)(ds)
     if max_examples is not None:
         ds = ds.take(max_examples)
-    return ds.as_numpy_iterator()
+    scalars = ds.map(lambda ex: {k: v for k, v in ex.items() if v.shape.rank == 0})
+    for batch in scalars.batch(READ_BATCH).as_numpy_iterator():
+        for i in range(len(batch["targets"])):
+            yield {k: v[i] for k, v in batch.items()}
 
 
 def raw_texts(task: seqio.Task, split: str, max_examples: int | None = None) -> Iterator[str]:

@@ -173,6 +173,19 @@ def test_malformed_rows_name_file_and_line(tmp_path, monkeypatch):
         seqio.get_mixture_or_task("conll2003_ner").source.read_rows("validation")
 
 
+def test_pretokenized_reads_in_batches_in_file_order(data_dir):
+    """`catalog.pretokenized` takes READ_BATCH examples from tf.data at a time and hands them over one by one in
+    file order: SST-2's first 2,500 training texts, across two batch boundaries, are its rows' sentences and
+    labels, with their ids."""
+    task = seqio.get_mixture_or_task("glue_sst2")
+    rows = task.source.read_rows("train")[:2500]
+    got = list(catalog.pretokenized(task, "train", 2500))
+    assert len(got) == 2500 > 2 * catalog.READ_BATCH
+    assert [ex["inputs"].decode() for ex in got] == [f"sst2 sentence: {row['sentence']}" for row in rows]
+    assert [ex["targets"].decode() for ex in got] == [("negative", "positive")[row["label"]] for row in rows]
+    assert [int(ex["idx"]) for ex in got] == list(range(2500))
+
+
 def test_a_split_is_parsed_once_per_version_of_its_files(tmp_path, monkeypatch):
     """A task's pipeline built again (an experiment's next stage) reuses the columns its files were parsed into,
     until a file changes: then the new rows are served."""
